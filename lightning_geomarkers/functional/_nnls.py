@@ -1,0 +1,213 @@
+"""Batched exact non-negative least squares for the GLUE dual.
+
+For every probe q the GLUE dual is
+
+    lambda_q = argmin_{lambda >= 0} || G_q^T lambda - t_q ||^2,     G_q = diag(sigma_q) X_b,
+
+where X_b (T, N) stacks the points of problem group b, and sigma_q in {+1, -1}^T repeats the probe's
+dichotomy over the points of each manifold (0 marks padding). The Gram matrix of G_q is
+D_sigma (X X^T) D_sigma, so ONE Gram K_b = X_b X_b^T serves every probe and dichotomy of a group, and
+the reduced system on a passive set F,
+
+    (G_F G_F^T) lambda_F = G_F t   <=>   K_FF (sigma_F * lambda_F) = (X t)_F,
+
+does not depend on the signs at all: the dichotomy enters only through the feasibility tests.
+
+Why an active-set method: the supports are tiny (a handful of touching points per manifold) while the
+number of points T is hundreds, so iterating on small F x F systems is far cheaper than first-order
+sweeps over T x T, and the answer is exact (Lawson-Hanson terminates at a KKT point) instead of
+approximate. All probes advance together; each iteration gathers the padded F x F blocks of the
+probes still running and solves them with one batched Cholesky in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NNLSSolution", "batched_nnls"]
+
+
+@dataclass
+class NNLSSolution:
+    """Solution of a batch of NNLS problems.
+
+    Attributes:
+        lam: (Q, T) non-negative multipliers, exactly zero off the passive set.
+        proj_norm2: (Q,) squared norm of the cone projection ||G^T lambda||^2.
+        kkt_violation: (Q,) largest violation of the KKT conditions, relative to ||t|| * max ||x||.
+        iterations: number of batched iterations run.
+        converged: (Q,) True where the KKT conditions were certified.
+    """
+
+    lam: torch.Tensor
+    proj_norm2: torch.Tensor
+    kkt_violation: torch.Tensor
+    iterations: int
+    converged: torch.Tensor
+
+
+def _gather_blocks(gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(Q, s, s) blocks gram[group[q]][idx[q]][:, idx[q]]."""
+    return gram[group[:, None, None], idx[:, :, None], idx[:, None, :]]
+
+
+def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Solve batched SPD systems; fall back to an absolute-cut-off pseudo-inverse where Cholesky fails."""
+    chol, info = torch.linalg.cholesky_ex(blocks)
+    sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        evals, evecs = torch.linalg.eigh(blocks[bad])
+        inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+        coef = (evecs.transpose(-1, -2) @ rhs[bad].unsqueeze(-1)).squeeze(-1) * inv
+        sol[bad] = (evecs @ coef.unsqueeze(-1)).squeeze(-1)
+    return sol
+
+
+def _padded_support(passive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the passive set of each row, padded to the largest size, and the validity mask."""
+    counts = passive.sum(1)
+    s_max = max(int(counts.max()), 1)
+    # A stable sort puts the True positions first, in index order.
+    order = torch.sort((~passive).to(torch.int8), dim=1, stable=True).indices[:, :s_max]
+    valid = torch.arange(s_max, device=passive.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _dual(
+    gram: torch.Tensor,
+    group: torch.Tensor,
+    idx: torch.Tensor,
+    valid: torch.Tensor,
+    u: torch.Tensor,
+    h: torch.Tensor,
+    sigma: torch.Tensor,
+) -> torch.Tensor:
+    """w = sigma * (X t - K (sigma * lambda)): the negative gradient, with u = sigma_F * lambda_F padded."""
+    u = u * valid
+    rows = gram[group[:, None], idx]  # (Q, s, T): rows of K on the passive set (K is symmetric)
+    return sigma * (h - torch.einsum("qs,qst->qt", u, rows))
+
+
+def batched_nnls(
+    gram: torch.Tensor,
+    group: torch.Tensor,
+    h: torch.Tensor,
+    sigma: torch.Tensor,
+    t_norm: torch.Tensor,
+    *,
+    point_scale: float = 1.0,
+    max_iter: int | None = None,
+    tol: float = 1e-10,
+    cutoff: float = 1e-12,
+) -> NNLSSolution:
+    """Solve Q NNLS problems that share B Gram matrices, exactly (batched Lawson-Hanson).
+
+    Args:
+        gram: (B, T, T) Gram matrices X_b X_b^T (float64; padding rows/cols are zero).
+        group: (Q,) int64 index of each problem's Gram matrix.
+        h: (Q, T) the products X_b t_q.
+        sigma: (Q, T) point signs in {+1, -1}, 0 on padding (padding never enters the passive set).
+        t_norm: (Q,) ||t_q||, used to make the tolerances scale free.
+        point_scale: largest point norm, for the same reason.
+        max_iter: cap on batched iterations (default 3 T + 30, far above what LH needs in practice).
+        tol: relative dual-feasibility tolerance: a point enters while its w_i > tol ||t|| max||x||.
+        cutoff: eigenvalue cut-off of the fallback pseudo-inverse for singular passive blocks.
+
+    Returns:
+        An :class:`NNLSSolution`.
+    """
+    n_probs, n_points = h.shape
+    device, dtype = h.device, h.dtype
+    if max_iter is None:
+        max_iter = 3 * n_points + 30
+    scale = t_norm * point_scale  # (Q,)
+    w_tol = tol * scale
+    lam = torch.zeros((n_probs, n_points), dtype=dtype, device=device)
+    passive = torch.zeros((n_probs, n_points), dtype=torch.bool, device=device)
+    eligible = sigma != 0
+    w = sigma * h  # gradient at lambda = 0
+    done = torch.zeros(n_probs, dtype=torch.bool, device=device)
+    pending = torch.zeros(n_probs, dtype=torch.bool, device=device)  # inside LH's inner loop
+    # A point whose addition could not raise its multiplier (round-off) is blocked until the next move.
+    blocked = torch.zeros_like(passive)
+    iterations = 0
+    while iterations < max_iter:
+        act = (~done).nonzero().squeeze(1)
+        if act.numel() == 0:
+            break
+        iterations += 1
+        p_act, l_act, w_act = passive[act], lam[act], w[act]
+        pend = pending[act]
+        # Outer step of LH for the probes not inside an inner loop: add the most violating point.
+        cand = torch.where(eligible[act] & ~p_act & ~blocked[act], w_act, torch.full_like(w_act, -torch.inf))
+        best, j = cand.max(1)
+        adding = ~pend & (best > w_tol[act])
+        finished = ~pend & ~adding
+        if bool(finished.any()):
+            done[act[finished]] = True
+        keep = ~finished
+        if not bool(keep.any()):
+            continue
+        act, p_act, l_act, j, adding = act[keep], p_act[keep], l_act[keep], j[keep], adding[keep]
+        p_act[adding, j[adding]] = True
+        # Unconstrained least squares on the passive set: K_FF u = h_F, lambda_F = sigma_F u.
+        idx, valid = _padded_support(p_act)
+        grp = group[act]
+        blocks = _gather_blocks(gram, grp, idx)
+        eye = torch.eye(idx.shape[1], dtype=dtype, device=device)
+        pad2 = ~(valid[:, :, None] & valid[:, None, :])
+        blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
+        sig_f = torch.gather(sigma[act], 1, idx) * valid
+        rhs = torch.gather(h[act], 1, idx) * valid
+        u = _solve_spd(blocks, rhs, cutoff)
+        z = sig_f * u  # candidate multipliers on the passive set
+        x_f = torch.gather(l_act, 1, idx)
+        infeasible = valid & (z <= 0)
+        all_pos = ~infeasible.any(1)
+        # Probes whose newest point got a non-positive multiplier from round-off: block that point.
+        j_pos = (idx == j[:, None]) & valid
+        newest_bad = adding & (infeasible & j_pos).any(1)
+        if bool(newest_bad.any()):
+            rows = act[newest_bad]
+            blocked[rows, j[newest_bad]] = True
+            p_act[newest_bad, j[newest_bad]] = False
+        moved = ~newest_bad
+        # Feasible: accept. Infeasible: step back towards the old point until a multiplier hits zero.
+        ratio = torch.where(infeasible, x_f / (x_f - z).clamp_min(torch.finfo(dtype).tiny), torch.inf)
+        alpha = torch.where(all_pos, torch.ones_like(ratio[:, 0]), ratio.min(1).values.clamp(0, 1))
+        new_x = torch.where(all_pos[:, None], z, x_f + alpha[:, None] * (z - x_f))
+        hit = (~all_pos)[:, None] & infeasible & (ratio <= alpha[:, None])
+        x_tol = 1e-14 * new_x.abs().amax(1, keepdim=True).clamp_min(1.0)
+        drop = valid & (hit | (new_x <= x_tol))
+        new_x = torch.where(drop | ~valid, torch.zeros_like(new_x), new_x)
+        new_x = torch.where(moved[:, None], new_x, x_f)
+        # Padding slots scatter into a spare last column, never onto a real point.
+        spare = torch.full_like(idx, n_points)
+        l_new = l_act.new_zeros((l_act.shape[0], n_points + 1))
+        l_new.scatter_(1, torch.where(valid, idx, spare), new_x)
+        l_new = l_new[:, :n_points]
+        p_new = torch.cat([p_act, torch.zeros_like(p_act[:, :1])], 1)
+        p_new.scatter_(1, torch.where(drop & moved[:, None], idx, spare), False)
+        p_new = p_new[:, :n_points]
+        lam[act], passive[act] = l_new, p_new
+        pending[act] = moved & ~all_pos
+        blocked[act[moved]] = False
+        # Fresh dual for the probes back at the outer loop.
+        idx2, valid2 = _padded_support(p_new)
+        u2 = torch.gather(l_new, 1, idx2) * torch.gather(sigma[act], 1, idx2)
+        w[act] = _dual(gram, grp, idx2, valid2, u2, h[act], sigma[act])
+    converged = done.clone()
+    # Certificate: dual feasibility off the support, stationarity on it, primal feasibility.
+    idx, valid = _padded_support(passive)
+    u = torch.gather(lam, 1, idx) * torch.gather(sigma, 1, idx)
+    w = _dual(gram, group, idx, valid, u, h, sigma)
+    off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
+    on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
+    kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)
+    proj_norm2 = (u * torch.gather(h, 1, idx) * valid).sum(1)
+    return NNLSSolution(
+        lam=lam, proj_norm2=proj_norm2, kkt_violation=kkt, iterations=iterations, converged=converged
+    )

@@ -1,0 +1,185 @@
+"""Input validation at the boundary of the functional layer.
+
+Every public function funnels its arguments through these helpers so that bad input fails early with a
+message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "as_tensor",
+    "check_finite",
+    "check_features_labels",
+    "as_manifolds",
+    "as_generator",
+    "check_positive_int",
+]
+
+
+def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Convert array-likes (tensor, ndarray, nested lists) to a tensor; reject anything else clearly."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"`{name}` could not be converted to a tensor ({err}); pass a torch.Tensor.") from err
+    else:
+        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array, got {type(x).__name__}.")
+    if t.is_complex():
+        raise TypeError(f"`{name}` is complex; geometry markers need real-valued features.")
+    if dtype is not None:
+        t = t.to(dtype)
+    elif not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    return t
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise if ``t`` holds NaN or Inf (they would silently poison every marker)."""
+    if not torch.isfinite(t).all():
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"`{name}` contains {n_bad} NaN/Inf value(s); geometry markers are undefined for them. "
+            "Remove or impute the affected rows (e.g. features of a diverged model) before calling."
+        )
+
+
+def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """Validate an integer argument (bools rejected) and return it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def check_features_labels(
+    features: Any, labels: Any, *, min_classes: int = 1, min_per_class: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a (S, N) feature matrix and its (S,) integer labels.
+
+    Returns the features as a floating tensor and the labels as int64 on the features' device.
+    """
+    x = as_tensor(features, "features")
+    if x.ndim != 2:
+        raise ValueError(
+            f"`features` must be 2-D (samples, feature_dim), got shape {tuple(x.shape)}. "
+            "Flatten or pool spatial/token dimensions first."
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"`features` is empty (shape {tuple(x.shape)}).")
+    check_finite(x, "features")
+    y = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if y.ndim != 1:
+        raise ValueError(f"`labels` must be 1-D (samples,), got shape {tuple(y.shape)}.")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"`features` has {x.shape[0]} rows but `labels` has {y.shape[0]} entries; they must match."
+        )
+    if y.is_floating_point():
+        if not torch.equal(y, y.round()):
+            raise ValueError("`labels` must be integer class indices, got non-integer floats.")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"`labels` must be integer class indices, got dtype {y.dtype}.")
+    y = y.to(device=x.device, dtype=torch.long)
+    classes, counts = torch.unique(y, return_counts=True)
+    if classes.numel() < min_classes:
+        raise ValueError(
+            f"Need at least {min_classes} classes, found {classes.numel()} "
+            f"({classes.tolist()}). Pass features from more classes."
+        )
+    if min_per_class > 1 and bool((counts < min_per_class).any()):
+        small = {int(c): int(n) for c, n in zip(classes, counts) if n < min_per_class}
+        raise ValueError(
+            f"Classes {small} (class: count) have fewer than {min_per_class} samples. "
+            "Pass more samples for them or drop those classes."
+        )
+    return x, y
+
+
+def as_manifolds(
+    manifolds: Any, *, min_manifolds: int = 2, min_points: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise manifold input to a padded stack.
+
+    Accepts a (P, M, N) tensor/array or a sequence of P tensors of shape (M_mu, N) (unequal M allowed).
+    Returns ``points`` (P, M_max, N) with zero rows as padding and ``mask`` (P, M_max) bool, True on real
+    points. The dtype is floating; the device is that of the input.
+    """
+    if isinstance(manifolds, (torch.Tensor, np.ndarray)):
+        stack = as_tensor(manifolds, "manifolds")
+        if stack.ndim != 3:
+            raise ValueError(
+                f"`manifolds` must have shape (P, M, N) (classes, points, features), got "
+                f"{tuple(stack.shape)}. For unequal point counts pass a list of (M_mu, N) tensors."
+            )
+        parts = list(stack.unbind(0))
+    elif isinstance(manifolds, Sequence) and not isinstance(manifolds, (str, bytes)):
+        parts = [as_tensor(m, f"manifolds[{i}]") for i, m in enumerate(manifolds)]
+        for i, m in enumerate(parts):
+            if m.ndim != 2:
+                raise ValueError(f"`manifolds[{i}]` must be 2-D (points, features), got shape {tuple(m.shape)}.")
+    else:
+        raise TypeError(
+            "`manifolds` must be a (P, M, N) tensor or a sequence of (M_mu, N) tensors, got "
+            f"{type(manifolds).__name__}."
+        )
+    if len(parts) < min_manifolds:
+        raise ValueError(
+            f"Need at least {min_manifolds} manifolds (classes), got {len(parts)}. Geometry of separating "
+            "classes is undefined for a single class."
+        )
+    dims = {m.shape[1] for m in parts}
+    if len(dims) != 1:
+        raise ValueError(f"All manifolds must share the feature dimension N, got {sorted(dims)}.")
+    n_features = dims.pop()
+    if n_features == 0:
+        raise ValueError("Manifolds have feature dimension 0.")
+    for i, m in enumerate(parts):
+        if m.shape[0] < min_points:
+            raise ValueError(
+                f"Manifold {i} has {m.shape[0]} point(s); at least {min_points} needed. "
+                "Pass more samples for that class or drop it."
+            )
+        check_finite(m, f"manifolds[{i}]")
+    devices = {m.device for m in parts}
+    if len(devices) != 1:
+        raise ValueError(f"All manifolds must be on one device, got {sorted(map(str, devices))}.")
+    dtype = torch.promote_types(parts[0].dtype, torch.float32)
+    for m in parts[1:]:
+        dtype = torch.promote_types(dtype, m.dtype)
+    m_max = max(m.shape[0] for m in parts)
+    points = parts[0].new_zeros((len(parts), m_max, n_features), dtype=dtype)
+    mask = torch.zeros((len(parts), m_max), dtype=torch.bool, device=parts[0].device)
+    for i, m in enumerate(parts):
+        points[i, : m.shape[0]] = m.to(dtype)
+        mask[i, : m.shape[0]] = True
+    return points, mask
+
+
+def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A CPU generator from a seed, an existing generator, or (None) the global torch RNG.
+
+    Random draws are made on the CPU and then moved, so results do not depend on the compute device.
+    """
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError("Pass a CPU torch.Generator (draws are made on the CPU for reproducibility).")
+        return generator
+    if generator is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    elif isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        seed = int(generator)
+    else:
+        raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {generator!r}.")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,385 @@
+"""GLUE (Geometry Linked to Untangling Efficiency) markers at margin kappa = 0.
+
+Spec: ``shared/markers-spec.md`` section 1; the project's choices are documented in ``docs/markers.md``.
+For each probe k, with t_k ~ N(0, I_N) and a dichotomy y_k in {+1, -1}^P,
+
+    lambda = argmin_{lambda >= 0} || G^T lambda - t_k ||^2,     rows of G: y_k[mu] x for every point x,
+
+anchors s^mu = sum_i lambda_{mu,i} x_i / sum_i lambda_{mu,i} (manifolds with zero total weight are
+inactive for the probe), centers s0^mu = mean anchor over active probes, axis parts s1 = s - s0, and
+
+    a = (S t)^T (S S^T)^+ (S t),   b = (S1 t)^T (S1 S1^T)^+ (S1 t),   c = (S1 t)^T (S0 S0^T + S1 S1^T)^+ (S1 t)
+
+    capacity = P / E[a],  dimension = E[b] / P,  radius = sqrt(E[c] / E[b - c]),  utility = E[c] / E[a].
+
+(The dichotomy signs cancel in a, b and c, so they are computed on unsigned anchors.)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_geomarkers.errors import NonSeparableWarning, SolverWarning
+from lightning_geomarkers.functional._nnls import batched_nnls
+from lightning_geomarkers.functional._validation import (
+    as_generator,
+    as_manifolds,
+    as_tensor,
+    check_finite,
+    check_positive_int,
+)
+
+__all__ = ["GlueResult", "glue", "make_dichotomies", "GLUE_MARKERS"]
+
+#: The scalar GLUE markers, in the order they are reported.
+GLUE_MARKERS = (
+    "capacity",
+    "dimension",
+    "radius",
+    "utility",
+    "center_alignment",
+    "axis_alignment",
+    "center_axis_alignment",
+)
+
+DICHOTOMY_KINDS = ("random", "balanced", "one_vs_rest")
+#: A probe is degenerate when its cone projection keeps all but this fraction of ||t||^2 (t in the cone).
+_DEGENERATE_RTOL = 1e-9
+
+
+@dataclass
+class GlueResult:
+    """GLUE markers of one set of P manifolds, plus solver diagnostics.
+
+    Every marker is a 0-dim float64 tensor (``float(result.capacity)`` works). ``a``, ``b``, ``c`` are the
+    per-probe quantities of the spec (shape (n_t,)), ``active`` the (n_t, P) mask of manifolds with
+    positive weight, ``anchors`` the (n_t, P, N) anchor points (only with ``return_anchors=True``; in the
+    input's units).
+    """
+
+    capacity: torch.Tensor
+    dimension: torch.Tensor
+    radius: torch.Tensor
+    utility: torch.Tensor
+    center_alignment: torch.Tensor
+    axis_alignment: torch.Tensor
+    center_axis_alignment: torch.Tensor
+    n_probes: int
+    n_degenerate: int
+    iterations: int
+    kkt_violation: float
+    converged: bool
+    a: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    active: torch.Tensor
+    anchors: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        """The seven markers and the scalar diagnostics as plain Python numbers."""
+        out: dict[str, float] = {name: float(getattr(self, name)) for name in GLUE_MARKERS}
+        out.update(
+            n_probes=self.n_probes,
+            n_degenerate=self.n_degenerate,
+            iterations=self.iterations,
+            kkt_violation=self.kkt_violation,
+        )
+        return out
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.to_dict().items())
+        return f"GlueResult({shown})"
+
+
+def make_dichotomies(
+    kind: str | Any, n_t: int, n_manifolds: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(n_t, P) float64 tensor of +-1 labels: "random" (i.i.d. signs), "balanced" (half +1, random
+    sign for odd P), "one_vs_rest" (+1 on one class, cycling through a random order), or an explicit
+    (n_t, P) array of +-1 (any numeric dtype)."""
+    if isinstance(kind, str):
+        if kind not in DICHOTOMY_KINDS:
+            raise ValueError(f"Unknown dichotomies={kind!r}; use one of {DICHOTOMY_KINDS} or an (n_t, P) tensor.")
+        if kind == "random":
+            return torch.randint(0, 2, (n_t, n_manifolds), generator=generator).double() * 2 - 1
+        if kind == "balanced":
+            base = torch.ones(n_manifolds, dtype=torch.float64)
+            base[n_manifolds // 2 :] = -1
+            perms = torch.argsort(torch.rand((n_t, n_manifolds), generator=generator), dim=1)
+            y = base[perms]
+            if n_manifolds % 2:  # keep the ensemble symmetric under y -> -y
+                y = y * (torch.randint(0, 2, (n_t, 1), generator=generator).double() * 2 - 1)
+            return y
+        order = torch.randperm(n_manifolds, generator=generator)
+        y = -torch.ones((n_t, n_manifolds), dtype=torch.float64)
+        y[torch.arange(n_t), order[torch.arange(n_t) % n_manifolds]] = 1
+        return y
+    y = as_tensor(kind, "dichotomies").double().cpu()
+    if y.ndim != 2 or y.shape[1] != n_manifolds:
+        raise ValueError(
+            f"Explicit `dichotomies` must have shape (n_t, P) = (n_t, {n_manifolds}), got {tuple(y.shape)}."
+        )
+    if not bool(((y == 1) | (y == -1)).all()):
+        raise ValueError("Explicit `dichotomies` must contain only +1 and -1.")
+    return y
+
+
+def _quad_pinv(gram: torch.Tensor, vec: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """v^T G^+ v for batched symmetric PSD G, with an ABSOLUTE eigenvalue cut-off.
+
+    An absolute cut-off (tied to the data scale) keeps round-off from being counted as dimensions;
+    zero rows of inactive manifolds fall below it and drop out exactly as if left out.
+    """
+    evals, evecs = torch.linalg.eigh(gram)
+    proj = (evecs.transpose(-1, -2) @ vec.unsqueeze(-1)).squeeze(-1)
+    inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+    return (proj.square() * inv).sum(-1)
+
+
+def _mean_abs_cos(u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, floor: float) -> torch.Tensor:
+    """|cos| of every ordered pair (mu, nu), mu != nu, averaged over the leading (probe) axis where valid.
+
+    u, v: (..., K, P, N); valid: (..., K, P, P). Returns (..., P, P) means (NaN where never valid) and
+    ignores vectors shorter than ``floor`` (a zero axis part has no direction).
+    """
+    nu, nv = u.norm(dim=-1), v.norm(dim=-1)
+    dots = u @ v.transpose(-1, -2)
+    ok = valid & (nu[..., :, None] > floor) & (nv[..., None, :] > floor)
+    eye = torch.eye(u.shape[-2], dtype=torch.bool, device=u.device)
+    ok = ok & ~eye
+    cos = (dots / (nu[..., :, None] * nv[..., None, :]).clamp_min(floor * floor)).abs()
+    num = torch.where(ok, cos, torch.zeros_like(cos)).sum(-3)
+    cnt = ok.sum(-3)
+    return torch.where(cnt > 0, num / cnt.clamp_min(1), torch.full_like(num, math.nan))
+
+
+def _nanmean_pairs(per_pair: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid (non-NaN) ordered pairs of the last two axes."""
+    flat = per_pair.flatten(-2)
+    return torch.nanmean(flat, dim=-1)
+
+
+def _glue_markers(
+    points: torch.Tensor,
+    mask: torch.Tensor,
+    probes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eigen_cutoff: float,
+    max_iter: int | None,
+) -> dict[str, Any]:
+    """GLUE on B independent problem groups at once (the engine behind :func:`glue` and the protocols).
+
+    Args:
+        points: (B, P, M, N) float64, scaled so the mean squared point norm is 1; zero rows as padding.
+        mask: (B, P, M) bool, True on real points.
+        probes: (B, n_t, N) float64 Gaussian probes.
+        labels: (B, n_t, P) float64 +-1 dichotomies.
+    Returns:
+        A dict of (B,)-shaped marker tensors, per-probe tensors (B, n_t) and diagnostics.
+    """
+    n_groups, n_man, m_max, n_feat = points.shape
+    n_t = probes.shape[1]
+    flat = points.reshape(n_groups, n_man * m_max, n_feat)
+    gram = flat @ flat.transpose(1, 2)  # (B, T, T): one Gram serves every probe and dichotomy
+    h = torch.einsum("btn,bqn->bqt", flat, probes).reshape(n_groups * n_t, -1)
+    sigma = (labels[..., None] * mask[:, None].to(labels.dtype)).reshape(n_groups * n_t, -1)
+    group = torch.arange(n_groups, device=points.device).repeat_interleave(n_t)
+    t_norm = probes.norm(dim=-1).reshape(-1)
+    point_scale = float(flat.norm(dim=-1).max())
+    sol = batched_nnls(gram, group, h, sigma, t_norm, point_scale=point_scale, max_iter=max_iter)
+
+    lam = sol.lam.reshape(n_groups, n_t, n_man, m_max)
+    weight = lam.sum(-1)  # (B, n_t, P)
+    active = weight > 0
+    coef = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
+    anchors = torch.einsum("bkpm,bpmn->bkpn", coef, points)  # (B, n_t, P, N), inactive rows are 0
+    n_active = active.sum(1)  # (B, P)
+    centers = anchors.sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, N)
+    act = active[..., None].to(anchors.dtype)
+    axes = (anchors - centers[:, None]) * act
+    centers_k = centers[:, None] * act
+
+    s_t = torch.einsum("bkpn,bkn->bkp", anchors, probes)
+    s1_t = torch.einsum("bkpn,bkn->bkp", axes, probes)
+    gram_s = anchors @ anchors.transpose(-1, -2)
+    gram_s1 = axes @ axes.transpose(-1, -2)
+    gram_c = centers_k @ centers_k.transpose(-1, -2) + gram_s1
+    # Points have mean squared norm 1 here, so the cut-off is absolute in the data's own scale.
+    a = _quad_pinv(gram_s, s_t, eigen_cutoff)
+    b = _quad_pinv(gram_s1, s1_t, eigen_cutoff)
+    c = _quad_pinv(gram_c, s1_t, eigen_cutoff)
+
+    ea, eb, ec = a.mean(1), b.mean(1), c.mean(1)
+    capacity = n_man / ea
+    dimension = eb / n_man
+    spread = (eb - ec).clamp_min(0)
+    # radius: 0/0 (point manifolds have no axis part) is 0, not NaN.
+    radius = torch.where(ec > 0, (ec / spread).sqrt(), torch.zeros_like(ec))
+    utility = torch.where(ea > 0, ec / ea, torch.zeros_like(ea))
+
+    floor = math.sqrt(eigen_cutoff)
+    both = active[..., :, None] & active[..., None, :]  # (B, n_t, P, P)
+    center_al = _mean_abs_cos(centers[:, None], centers[:, None], torch.ones_like(both[:, :1]), floor)
+    axis_al = _mean_abs_cos(axes, axes, both, floor)
+    center_axis_al = _mean_abs_cos(centers_k, axes, both, floor)
+
+    proj = sol.proj_norm2.reshape(n_groups, n_t)
+    degenerate = proj >= (1 - _DEGENERATE_RTOL) * t_norm.reshape(n_groups, n_t).square()
+    return {
+        "capacity": capacity,
+        "dimension": dimension,
+        "radius": radius,
+        "utility": utility,
+        "center_alignment": _nanmean_pairs(center_al),
+        "axis_alignment": _nanmean_pairs(axis_al),
+        "center_axis_alignment": _nanmean_pairs(center_axis_al),
+        "a": a,
+        "b": b,
+        "c": c,
+        "active": active,
+        "anchors": anchors,
+        "n_degenerate": degenerate.sum(1),
+        "iterations": sol.iterations,
+        "kkt_violation": sol.kkt_violation.reshape(n_groups, n_t).amax(1),
+        "converged": sol.converged.reshape(n_groups, n_t).all(1),
+    }
+
+
+def _normalise(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each group so its mean squared point norm is 1 (every marker is scale invariant; this makes
+    the solver's tolerances and the eigenvalue cut-off absolute in the data's own units)."""
+    sq = (points.square().sum(-1) * mask).sum((-1, -2)) / mask.sum((-1, -2)).clamp_min(1)
+    scale = sq.sqrt()
+    if bool((scale == 0).any()):
+        raise ValueError(
+            "All points of a manifold set are zero; GLUE is undefined. Check that the features are not "
+            "constant (e.g. dead ReLUs) and do not center data with a single point per class."
+        )
+    shape = (-1,) + (1,) * (points.ndim - 1)
+    return points / scale.reshape(shape), scale
+
+
+def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: float, where: str = "") -> None:
+    """Turn solver diagnostics into warnings that say what happened and what to do."""
+    if n_degenerate:
+        warnings.warn(
+            f"GLUE{where}: {n_degenerate} of {n_probes} probes were degenerate (the probe lay inside the cone of "
+            "the manifolds: the data are not linearly separable for that dichotomy), so dimension, radius and "
+            "utility are unreliable. Use fewer points per class or fewer classes, or a larger feature "
+            "dimension (roughly P * M <= 2 N is needed for generic points).",
+            NonSeparableWarning,
+            stacklevel=3,
+        )
+    if not converged:
+        warnings.warn(
+            f"GLUE{where}: the NNLS solver hit its iteration cap before certifying every probe "
+            f"(largest relative KKT violation {kkt:.2e}). Raise `max_iter`.",
+            SolverWarning,
+            stacklevel=3,
+        )
+
+
+def _prepare_probes(
+    probes: Any, dichotomies: Any, n_t: int, n_man: int, n_feat: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit or drawn probes (n_t, N) and dichotomies (n_t, P), float64 on the CPU.
+
+    Probes and dichotomies come from two independent streams seeded from ``generator``.
+    """
+    seeds = torch.randint(0, 2**62, (2,), generator=generator)
+    g_t, g_y = torch.Generator().manual_seed(int(seeds[0])), torch.Generator().manual_seed(int(seeds[1]))
+    if probes is None:
+        t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64)
+    else:
+        t = as_tensor(probes, "probes").double().cpu()
+        if t.ndim != 2 or t.shape[1] != n_feat:
+            raise ValueError(f"`probes` must have shape (n_t, N) = (n_t, {n_feat}), got {tuple(t.shape)}.")
+        check_finite(t, "probes")
+        n_t = t.shape[0]
+    y = make_dichotomies(dichotomies, n_t, n_man, g_y)
+    if y.shape[0] != t.shape[0]:
+        raise ValueError(f"`dichotomies` has {y.shape[0]} rows but there are {t.shape[0]} probes.")
+    return t, y
+
+
+def glue(
+    manifolds: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    n_t: int = 200,
+    dichotomies: str | torch.Tensor = "random",
+    probes: torch.Tensor | None = None,
+    generator: torch.Generator | int | None = None,
+    eigen_cutoff: float = 1e-9,
+    max_iter: int | None = None,
+    return_anchors: bool = False,
+    warn: bool = True,
+) -> GlueResult:
+    """GLUE capacity, effective dimension, radius, utility and alignments of P manifolds.
+
+    Args:
+        manifolds: (P, M, N) tensor or a sequence of P tensors of shape (M_mu, N); rows are points.
+            No preprocessing is applied (see :func:`center` and :func:`random_projection`).
+        n_t: number of probes (ignored when ``probes`` is given).
+        dichotomies: "random", "balanced", "one_vs_rest", or an explicit (n_t, P) tensor of +-1.
+        probes: optional explicit (n_t, N) probe vectors t_k; with explicit dichotomies the result is
+            deterministic.
+        generator: CPU ``torch.Generator`` or int seed for the probes and dichotomies.
+        eigen_cutoff: absolute eigenvalue cut-off of the pseudo-inverses, in units of the mean squared
+            point norm.
+        max_iter: cap on the solver's batched iterations.
+        return_anchors: keep the (n_t, P, N) anchors in the result.
+        warn: emit ``NonSeparableWarning``/``SolverWarning`` for degenerate probes / non-convergence.
+
+    Returns:
+        :class:`GlueResult`. Computation runs in float64 on the manifolds' device.
+
+    Example:
+        >>> import torch
+        >>> from lightning_geomarkers.functional import glue
+        >>> g = torch.Generator().manual_seed(0)
+        >>> clouds = torch.randn(4, 1, 64, generator=g)  # 4 isolated points in 64 dimensions
+        >>> res = glue(clouds, n_t=400, generator=0)
+        >>> 1.6 < float(res.capacity) < 2.4 and float(res.dimension) == 0.0
+        True
+    """
+    n_t = check_positive_int(n_t, "n_t")
+    if not (isinstance(eigen_cutoff, float | int) and eigen_cutoff > 0):
+        raise ValueError(f"`eigen_cutoff` must be a positive number, got {eigen_cutoff!r}.")
+    points, mask = as_manifolds(manifolds)
+    n_man, _, n_feat = points.shape
+    gen = as_generator(generator)
+    t, y = _prepare_probes(probes, dichotomies, n_t, n_man, n_feat, gen)
+    device = points.device
+    pts, scale = _normalise(points.double()[None], mask[None])
+    out = _glue_markers(
+        pts,
+        mask[None],
+        t.to(device)[None],
+        y.to(device)[None],
+        eigen_cutoff=float(eigen_cutoff),
+        max_iter=max_iter,
+    )
+    res = GlueResult(
+        **{name: out[name][0] for name in GLUE_MARKERS},
+        n_probes=t.shape[0],
+        n_degenerate=int(out["n_degenerate"][0]),
+        iterations=out["iterations"],
+        kkt_violation=float(out["kkt_violation"][0]),
+        converged=bool(out["converged"][0]),
+        a=out["a"][0],
+        b=out["b"][0],
+        c=out["c"][0],
+        active=out["active"][0],
+        anchors=out["anchors"][0] * scale[0] if return_anchors else None,
+    )
+    if warn:
+        warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation)
+    return res
+
