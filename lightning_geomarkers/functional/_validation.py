@@ -97,7 +97,7 @@ def check_features_labels(
             f"({classes.tolist()}). Pass features from more classes."
         )
     if min_per_class > 1 and bool((counts < min_per_class).any()):
-        small = {int(c): int(n) for c, n in zip(classes, counts) if n < min_per_class}
+        small = {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n < min_per_class}
         raise ValueError(
             f"Classes {small} (class: count) have fewer than {min_per_class} samples. "
             "Pass more samples for them or drop those classes."

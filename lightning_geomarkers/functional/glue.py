@@ -130,39 +130,60 @@ def make_dichotomies(
     return y
 
 
-def _quad_pinv(gram: torch.Tensor, vec: torch.Tensor, cutoff: float) -> torch.Tensor:
+def _quad_pinv(
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """v^T G^+ v for batched symmetric PSD G, with an ABSOLUTE eigenvalue cut-off.
 
     An absolute cut-off (tied to the data scale) keeps round-off from being counted as dimensions;
-    zero rows of inactive manifolds fall below it and drop out exactly as if left out.
+    zero rows of inactive manifolds fall below it and drop out exactly as if left out. With
+    ``return_kept`` also returns v projected on the retained eigenvectors.
     """
     evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > cutoff
     proj = (evecs.transpose(-1, -2) @ vec.unsqueeze(-1)).squeeze(-1)
-    inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-    return (proj.square() * inv).sum(-1)
+    inv = torch.where(keep, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+    value = (proj.square() * inv).sum(-1)
+    if not return_kept:
+        return value
+    kept = (evecs @ (proj * keep).unsqueeze(-1)).squeeze(-1)
+    return value, kept
 
 
-def _mean_abs_cos(u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, floor: float) -> torch.Tensor:
-    """|cos| of every ordered pair (mu, nu), mu != nu, averaged over the leading (probe) axis where valid.
+def _mean_abs_cos(
+    dots: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor, valid: torch.Tensor, cutoff: float
+) -> torch.Tensor:
+    """Mean |cos(u_mu, v_nu)| over ordered pairs mu != nu, from inner products.
 
-    u, v: (..., K, P, N); valid: (..., K, P, P). Returns (..., P, P) means (NaN where never valid) and
-    ignores vectors shorter than ``floor`` (a zero axis part has no direction).
+    dots: (B, K, P, P) inner products u_mu . v_nu; sq_u, sq_v: (B, K, P) squared norms; valid:
+    (B, K, P, P). Per pair the mean is over the K (probe) axis where valid; vectors with squared norm
+    below ``cutoff`` have no direction and are skipped. Returns (B,): the mean over pairs that were
+    valid at least once (NaN if none).
     """
-    nu, nv = u.norm(dim=-1), v.norm(dim=-1)
-    dots = u @ v.transpose(-1, -2)
-    ok = valid & (nu[..., :, None] > floor) & (nv[..., None, :] > floor)
-    eye = torch.eye(u.shape[-2], dtype=torch.bool, device=u.device)
-    ok = ok & ~eye
-    cos = (dots / (nu[..., :, None] * nv[..., None, :]).clamp_min(floor * floor)).abs()
-    num = torch.where(ok, cos, torch.zeros_like(cos)).sum(-3)
-    cnt = ok.sum(-3)
-    return torch.where(cnt > 0, num / cnt.clamp_min(1), torch.full_like(num, math.nan))
+    ok = valid & (sq_u[..., :, None] > cutoff) & (sq_v[..., None, :] > cutoff)
+    ok = ok & ~torch.eye(dots.shape[-1], dtype=torch.bool, device=dots.device)
+    cos = dots.abs() / (sq_u[..., :, None] * sq_v[..., None, :]).clamp_min(cutoff * cutoff).sqrt()
+    num = torch.where(ok, cos, torch.zeros_like(cos)).sum(1)
+    cnt = ok.sum(1)
+    per_pair = torch.where(cnt > 0, num / cnt.clamp_min(1), torch.full_like(num, math.nan))
+    return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
 
-def _nanmean_pairs(per_pair: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid (non-NaN) ordered pairs of the last two axes."""
-    flat = per_pair.flatten(-2)
-    return torch.nanmean(flat, dim=-1)
+def _block_gram_rows(gram: torch.Tensor, group: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(Q, P, T) rows w_p K: each manifold's coefficient block times the Gram of its problem group.
+
+    Only the non-zero coefficients (the NNLS support, a handful per probe) are gathered, so the cost is
+    Q * support * P * T rather than Q * P * T^2.
+    """
+    q_all, n_man, m_max = w.shape
+    flat = w.reshape(q_all, n_man * m_max)
+    nz = flat != 0
+    s_max = max(int(nz.sum(1).max()), 1)
+    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :s_max]
+    vals = torch.gather(flat, 1, order)  # zero on padding
+    owner = torch.nn.functional.one_hot(order // m_max, n_man).to(w.dtype)  # (Q, s, P)
+    rows = gram[group[:, None], order]  # (Q, s, T)
+    return torch.einsum("qs,qsp,qst->qpt", vals, owner, rows)
 
 
 def _glue_markers(
@@ -173,6 +194,7 @@ def _glue_markers(
     *,
     eigen_cutoff: float,
     max_iter: int | None,
+    return_anchors: bool = False,
 ) -> dict[str, Any]:
     """GLUE on B independent problem groups at once (the engine behind :func:`glue` and the protocols).
 
@@ -195,26 +217,42 @@ def _glue_markers(
     point_scale = float(flat.norm(dim=-1).max())
     sol = batched_nnls(gram, group, h, sigma, t_norm, point_scale=point_scale, max_iter=max_iter)
 
-    lam = sol.lam.reshape(n_groups, n_t, n_man, m_max)
-    weight = lam.sum(-1)  # (B, n_t, P)
+    # Everything below lives in coefficient space: an anchor is s = w X with w the (normalised) NNLS
+    # multipliers of its manifold, so every inner product of anchors, centers and probes is a small
+    # contraction with the point Gram K and with h = X t. Nothing of size N is formed (unless anchors
+    # are requested), which is what keeps many-pair batches cheap.
+    q_all = n_groups * n_t
+    lam = sol.lam.reshape(q_all, n_man, m_max)
+    weight = lam.sum(-1)  # (Q, P)
     active = weight > 0
-    coef = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
-    anchors = torch.einsum("bkpm,bpmn->bkpn", coef, points)  # (B, n_t, P, N), inactive rows are 0
-    n_active = active.sum(1)  # (B, P)
-    centers = anchors.sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, N)
-    act = active[..., None].to(anchors.dtype)
-    axes = (anchors - centers[:, None]) * act
-    centers_k = centers[:, None] * act
+    w = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
+    n_active = active.reshape(n_groups, n_t, n_man).sum(1)  # (B, P)
+    c0 = w.reshape(n_groups, n_t, n_man, m_max).sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, M)
+    wk = _block_gram_rows(gram, group, w)  # (Q, P, T): rows w_p K for each manifold p
+    wk4 = wk.reshape(q_all, n_man, n_man, m_max)
+    s_s = (wk4 * w[:, None]).sum(-1)  # (Q, P, P) = S S^T
+    s_c = (wk4 * c0[group][:, None]).sum(-1)  # (Q, P, P) = S S0^T (unmasked centers)
+    c0_blocks = c0.reshape(n_groups, n_man, m_max)
+    c0k = torch.einsum("bpm,bpmt->bpt", c0_blocks, gram.reshape(n_groups, n_man, m_max, n_man * m_max))
+    c_c = (c0k.reshape(n_groups, n_man, n_man, m_max) * c0_blocks[:, None]).sum(-1)  # (B, P, P) = S0 S0^T
+    h3 = h.reshape(q_all, n_man, m_max)
+    s_t = (w * h3).sum(-1)  # (Q, P) = S t
+    c_t = (c0[group] * h3).sum(-1)  # (Q, P) = S0 t
 
-    s_t = torch.einsum("bkpn,bkn->bkp", anchors, probes)
-    s1_t = torch.einsum("bkpn,bkn->bkp", axes, probes)
-    gram_s = anchors @ anchors.transpose(-1, -2)
-    gram_s1 = axes @ axes.transpose(-1, -2)
-    gram_c = centers_k @ centers_k.transpose(-1, -2) + gram_s1
+    act = active.to(s_s.dtype)
+    pair_act = act[:, :, None] * act[:, None, :]
+    c_c_k = c_c[group] * pair_act  # centers of the active manifolds only
+    s_c = s_c * act[:, None, :]
+    s1_s1 = s_s - s_c - s_c.transpose(-1, -2) + c_c_k  # S1 S1^T with S1 = S - S0 on active rows
+    s1_t = s_t - c_t * act
+
     # Points have mean squared norm 1 here, so the cut-off is absolute in the data's own scale.
-    a = _quad_pinv(gram_s, s_t, eigen_cutoff)
-    b = _quad_pinv(gram_s1, s1_t, eigen_cutoff)
-    c = _quad_pinv(gram_c, s1_t, eigen_cutoff)
+    a = _quad_pinv(s_s, s_t, eigen_cutoff)
+    b, s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, return_kept=True)
+    # c only sees the axis directions that survived the cut-off in b: round-off is not a dimension.
+    c = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff)
+    a, b, c = (v.reshape(n_groups, n_t) for v in (a, b, c))
+    active = active.reshape(n_groups, n_t, n_man)
 
     ea, eb, ec = a.mean(1), b.mean(1), c.mean(1)
     capacity = n_man / ea
@@ -224,11 +262,18 @@ def _glue_markers(
     radius = torch.where(ec > 0, (ec / spread).sqrt(), torch.zeros_like(ec))
     utility = torch.where(ea > 0, ec / ea, torch.zeros_like(ea))
 
-    floor = math.sqrt(eigen_cutoff)
-    both = active[..., :, None] & active[..., None, :]  # (B, n_t, P, P)
-    center_al = _mean_abs_cos(centers[:, None], centers[:, None], torch.ones_like(both[:, :1]), floor)
-    axis_al = _mean_abs_cos(axes, axes, both, floor)
-    center_axis_al = _mean_abs_cos(centers_k, axes, both, floor)
+    both = pair_act.bool().reshape(n_groups, n_t, n_man, n_man)
+    c_diag = c_c.diagonal(dim1=-2, dim2=-1)[:, None]
+    center_al = _mean_abs_cos(c_c[:, None], c_diag, c_diag, torch.ones_like(both[:, :1]), eigen_cutoff)
+    s1_sq = s1_s1.diagonal(dim1=-2, dim2=-1).reshape(n_groups, n_t, n_man)
+    axis_al = _mean_abs_cos(s1_s1.reshape(n_groups, n_t, n_man, n_man), s1_sq, s1_sq, both, eigen_cutoff)
+    # s0_mu . s1_nu = s0_mu . s_nu - s0_mu . s0_nu
+    c_s1 = (s_c.transpose(-1, -2) - c_c_k).reshape(n_groups, n_t, n_man, n_man)
+    center_axis_al = _mean_abs_cos(c_s1, c_diag.expand(-1, n_t, -1), s1_sq, both, eigen_cutoff)
+    anchors = None
+    if return_anchors:
+        coef = w.reshape(n_groups, n_t, n_man, m_max)
+        anchors = torch.einsum("bkpm,bpmn->bkpn", coef, points)
 
     proj = sol.proj_norm2.reshape(n_groups, n_t)
     degenerate = proj >= (1 - _DEGENERATE_RTOL) * t_norm.reshape(n_groups, n_t).square()
@@ -237,9 +282,9 @@ def _glue_markers(
         "dimension": dimension,
         "radius": radius,
         "utility": utility,
-        "center_alignment": _nanmean_pairs(center_al),
-        "axis_alignment": _nanmean_pairs(axis_al),
-        "center_axis_alignment": _nanmean_pairs(center_axis_al),
+        "center_alignment": center_al,
+        "axis_alignment": axis_al,
+        "center_axis_alignment": center_axis_al,
         "a": a,
         "b": b,
         "c": c,
@@ -365,6 +410,7 @@ def glue(
         y.to(device)[None],
         eigen_cutoff=float(eigen_cutoff),
         max_iter=max_iter,
+        return_anchors=return_anchors,
     )
     res = GlueResult(
         **{name: out[name][0] for name in GLUE_MARKERS},

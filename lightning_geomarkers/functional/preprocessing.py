@@ -1,0 +1,271 @@
+"""Preprocessing of pooled features before the geometry markers (spec section 2).
+
+Features are ``(S, N)``: one row per sample. Three steps are provided:
+
+* :func:`center` -- subtract the global mean row (ReLU features all lie in the positive orthant, so
+  homogeneous hyperplanes and spectra need centred data);
+* :func:`random_projection` -- an optional Gaussian random projection when ``N`` is large;
+* :func:`per_class_subsample` -- a fixed number of points per class (the ``M`` of the GLUE protocols).
+
+Random draws are made on the CPU from :func:`~lightning_geomarkers.functional._validation.as_generator`
+and then moved, so results do not depend on the compute device.
+
+The private helpers at the bottom (``_check_features``, ``_scaled64``, ``_centered64``) are shared by the
+marker modules of this package: validation of a lone feature matrix and an overflow/underflow-safe float64
+working copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_geomarkers.functional._validation import (
+    as_generator,
+    as_tensor,
+    check_features_labels,
+    check_finite,
+    check_positive_int,
+)
+
+__all__ = ["center", "random_projection", "per_class_subsample"]
+
+
+def center(features: Any) -> torch.Tensor:
+    r"""Subtract the global mean row.
+
+    .. math:: \tilde x_i = x_i - \frac{1}{S} \sum_{j=1}^{S} x_j
+
+    The mean is accumulated in float64 (after subtracting the first row, so that exactly constant
+    columns become exactly zero) and the result is cast back to the input's dtype.
+
+    Args:
+        features: ``(S, N)`` tensor or numpy array, rows are samples. Integer input is converted to the
+            default floating dtype.
+
+    Returns:
+        ``(S, N)`` tensor, same dtype and device as ``features``, with column means (numerically) zero.
+
+    Raises:
+        ValueError: ``features`` is not 2-D, is empty, holds NaN/Inf, or is so large that the centred
+            values overflow the dtype.
+
+    Example:
+        >>> import torch
+        >>> center(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        tensor([[-1., -2.],
+                [ 1.,  2.]])
+    """
+    x = _check_features(features)
+    xs, shift = _scaled64(x)
+    shifted = xs - xs[:1]
+    out = _unscale(shifted - shifted.mean(dim=0, keepdim=True), shift).to(x.dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"Centring overflowed {x.dtype}: `features` values are too large (max |x| = "
+            f"{float(x.abs().max()):.3g}). Rescale the features (e.g. divide by their norm) first."
+        )
+    return out
+
+
+def random_projection(
+    features: Any, out_dim: int, *, generator: torch.Generator | int | None = None
+) -> torch.Tensor:
+    r"""Project features to ``out_dim`` dimensions with a Gaussian random matrix.
+
+    .. math:: Y = X R, \qquad R \in \mathbb{R}^{N \times d},\quad R_{ij} \sim \mathcal{N}(0, 1/d)
+
+    so that :math:`\mathbb{E}\,\|x R\|^2 = \|x\|^2` (Johnson-Lindenstrauss). ``R`` is drawn in float64 on
+    the CPU from ``generator`` and then moved to the features' device and dtype, so a fixed seed gives the
+    same projection on every device and for every dtype.
+
+    If ``N <= out_dim`` nothing is projected: ``features`` is returned unchanged (as a tensor; numpy input
+    is converted) and the generator is not advanced.
+
+    Args:
+        features: ``(S, N)`` tensor or numpy array.
+        out_dim: target dimension ``d >= 1`` (the paper's authors use 1000 when ``N > 1000``).
+        generator: CPU ``torch.Generator``, an int seed, or ``None`` for the global torch RNG.
+
+    Returns:
+        ``(S, out_dim)`` tensor (or the ``(S, N)`` input when ``N <= out_dim``), same dtype and device.
+
+    Raises:
+        ValueError: bad shape, NaN/Inf, ``out_dim < 1``, or a projection that overflows the dtype.
+        TypeError: ``out_dim`` is not an integer or ``generator`` is of the wrong type.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(8, 64)
+        >>> random_projection(x, 16, generator=0).shape
+        torch.Size([8, 16])
+        >>> torch.equal(random_projection(x, 128, generator=0), x)  # N <= out_dim: unchanged
+        True
+    """
+    x = _check_features(features)
+    out_dim = check_positive_int(out_dim, "out_dim")
+    g = as_generator(generator)
+    n_features = x.shape[1]
+    if n_features <= out_dim:
+        return x
+    proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
+    out = x @ proj.to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"The random projection overflowed {x.dtype}: `features` values are too large. "
+            "Rescale the features (or cast them to float64) first."
+        )
+    return out
+
+
+def per_class_subsample(
+    features: Any,
+    labels: Any,
+    points_per_class: int,
+    *,
+    classes: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    generator: torch.Generator | int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    r"""Draw at most ``points_per_class`` rows of every class, without replacement.
+
+    For class ``c`` with :math:`n_c` samples, :math:`M_c = \min(\text{points\_per\_class}, n_c)` rows are
+    chosen by a CPU ``torch.randperm`` from ``generator`` (one permutation per class, in the order of
+    ``classes``), so the draw is deterministic for a fixed seed and independent of the device.
+
+    Args:
+        features: ``(S, N)`` tensor or numpy array.
+        labels: ``(S,)`` integer class labels.
+        points_per_class: maximum number of points kept per class (``>= 1``).
+        classes: the classes to draw, in this order. ``None``: every class present, sorted ascending.
+            Every requested class must be present in ``labels``; duplicates are rejected.
+        generator: CPU ``torch.Generator``, an int seed, or ``None`` for the global torch RNG.
+
+    Returns:
+        ``(manifolds, class_ids)``: a list of ``(M_c, N)`` tensors (same dtype/device as ``features``), one
+        per class, and the ``(C,)`` int64 tensor of class ids in the same order (on the features' device).
+
+    Raises:
+        ValueError: bad shapes, NaN/Inf, mismatched lengths, ``points_per_class < 1``, an empty, duplicated
+            or absent entry in ``classes``.
+        TypeError: wrong argument types.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(12.0).reshape(6, 2)
+        >>> y = torch.tensor([0, 0, 0, 1, 1, 2])
+        >>> parts, ids = per_class_subsample(x, y, 2, generator=0)
+        >>> [tuple(p.shape) for p in parts], ids.tolist()
+        ([(2, 2), (2, 2), (1, 2)], [0, 1, 2])
+    """
+    x, y = check_features_labels(features, labels)
+    points_per_class = check_positive_int(points_per_class, "points_per_class")
+    g = as_generator(generator)
+    present = torch.unique(y)
+    if classes is None:
+        class_ids = present
+    else:
+        class_ids = _as_class_ids(classes).to(y.device)
+        missing = sorted(set(class_ids.tolist()) - set(present.tolist()))
+        if missing:
+            raise ValueError(
+                f"Requested classes {missing} do not occur in `labels` (present: {present.tolist()}). "
+                "Pass only classes that have samples, or classes=None for all of them."
+            )
+    parts = []
+    for c in class_ids.tolist():
+        idx = torch.nonzero(y == c, as_tuple=True)[0]
+        m = min(points_per_class, idx.numel())
+        perm = torch.randperm(idx.numel(), generator=g)[:m].to(idx.device)
+        parts.append(x[idx[perm]])
+    return parts, class_ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# Private helpers shared by the marker modules.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _as_class_ids(classes: Any) -> torch.Tensor:
+    """Validate a ``classes`` argument: a non-empty 1-D sequence of distinct integers."""
+    if isinstance(classes, (str, bytes)):
+        raise TypeError(f"`classes` must be a sequence of integer class ids, got {classes!r}.")
+    if isinstance(classes, torch.Tensor):
+        t = classes.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(classes))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"`classes` must be a sequence of integer class ids, got {classes!r}.") from err
+    if t.ndim == 0:
+        t = t.reshape(1)
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(
+            f"`classes` must be a non-empty 1-D sequence of class ids, got shape {tuple(t.shape)}."
+        )
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or not torch.equal(t, t.round()):
+            raise ValueError("`classes` must hold integer class ids, got non-integer values.")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"`classes` must hold integer class ids, got dtype {t.dtype}.")
+    t = t.to(torch.long)
+    if torch.unique(t).numel() != t.numel():
+        raise ValueError(f"`classes` contains duplicates ({t.tolist()}); list every class once.")
+    return t
+
+
+def _check_features(features: Any, name: str = "features") -> torch.Tensor:
+    """Validate a lone ``(S, N)`` feature matrix (floating, 2-D, non-empty, finite) and return it."""
+    x = as_tensor(features, name)
+    if x.ndim != 2:
+        raise ValueError(
+            f"`{name}` must be 2-D (samples, feature_dim), got shape {tuple(x.shape)}. "
+            "Flatten or pool spatial/token dimensions first."
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}).")
+    check_finite(x, name)
+    return x
+
+
+def _times_pow2(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """``t * 2**shift``, in two steps so that no factor overflows a float64 (``|shift|`` can reach 1074)."""
+    if shift == 0:
+        return t
+    half = shift // 2
+    return t * math.ldexp(1.0, half) * math.ldexp(1.0, shift - half)
+
+
+def _scaled64(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Float64 copy of ``x`` multiplied by a power of two so that ``max |x|`` lies in ``[0.5, 1)``.
+
+    Returns ``(scaled, shift)`` with ``scaled = x * 2**shift``. Scaling by a power of two is exact (up to
+    underflow of entries far below the maximum) and keeps squares and Gram matrices of any finite input
+    clear of overflow and underflow. All-zero input is returned unscaled (``shift = 0``).
+    """
+    x64 = x.to(torch.float64)
+    peak = float(x64.abs().max()) if x64.numel() else 0.0
+    if peak == 0.0:
+        return x64, 0
+    shift = -math.frexp(peak)[1]
+    return _times_pow2(x64, shift), shift
+
+
+def _unscale(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """Undo :func:`_scaled64`: multiply by ``2**-shift``."""
+    return _times_pow2(t, -shift)
+
+
+def _centered64(x: torch.Tensor) -> torch.Tensor:
+    """Centred float64 working copy of ``x`` with ``max |x|`` in ``[0.5, 1)`` (or exactly zero).
+
+    The first row is subtracted before the mean, so exactly constant columns centre to exactly zero. Only
+    for scale-invariant markers: the overall scale is not preserved.
+    """
+    xs, _ = _scaled64(x)
+    shifted = xs - xs[:1]
+    xc = shifted - shifted.mean(dim=0, keepdim=True)
+    return _scaled64(xc)[0]

@@ -1,0 +1,242 @@
+"""GLUE measurement protocols on labelled features (spec section 2).
+
+- Pairs protocol (the paper's CIFAR sweep): many random class pairs, P = 2, ``points_per_class`` points
+  per class drawn afresh for each pair, ``n_t`` probes each; markers averaged over pairs, with the spread.
+- Joint protocol: all (or a seeded subset of ``max_classes``) classes at once.
+
+Absolute marker values depend on the protocol and its parameters: compare runs only within one fixed
+configuration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_geomarkers.functional._validation import (
+    as_generator,
+    check_features_labels,
+    check_positive_int,
+)
+from lightning_geomarkers.functional.glue import (
+    GLUE_MARKERS,
+    GlueResult,
+    _glue_markers,
+    _normalise,
+    _prepare_probes,
+    glue,
+    warn_diagnostics,
+)
+
+__all__ = ["GluePairsResult", "glue_pairs", "glue_joint"]
+
+#: Cap on the float64 elements of one chunk's anchor tensor (B * n_t * P * N): ~128 MB.
+_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class GluePairsResult:
+    """Pairs-protocol GLUE markers: the mean over class pairs, their spread and the per-pair values.
+
+    Marker attributes are 0-dim float64 tensors (means over pairs); ``std[name]`` is the standard
+    deviation over pairs and ``per_pair[name]`` the (n_pairs,) values; ``pairs`` is (n_pairs, 2) class ids.
+    """
+
+    capacity: torch.Tensor
+    dimension: torch.Tensor
+    radius: torch.Tensor
+    utility: torch.Tensor
+    center_alignment: torch.Tensor
+    axis_alignment: torch.Tensor
+    center_axis_alignment: torch.Tensor
+    pairs: torch.Tensor
+    n_probes: int
+    n_degenerate: int
+    iterations: int
+    kkt_violation: float
+    converged: bool
+    std: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_pair: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, float]:
+        """Markers (means), their ``<name>_std`` and the scalar diagnostics as Python numbers."""
+        out: dict[str, float] = {name: float(getattr(self, name)) for name in GLUE_MARKERS}
+        out.update({f"{name}_std": float(self.std[name]) for name in GLUE_MARKERS})
+        out.update(
+            n_pairs=int(self.pairs.shape[0]),
+            n_probes=self.n_probes,
+            n_degenerate=self.n_degenerate,
+            iterations=self.iterations,
+            kkt_violation=self.kkt_violation,
+        )
+        return out
+
+
+def _subsample_indices(
+    members: torch.Tensor, points_per_class: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A uniform draw of min(points_per_class, len) of ``members`` without replacement (CPU permutation)."""
+    take = min(points_per_class, members.numel())
+    return members[torch.randperm(members.numel(), generator=generator)[:take].to(members.device)]
+
+
+def _select_classes(
+    present: torch.Tensor, max_classes: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    """All present classes (sorted), or a seeded subset of ``max_classes`` of them (kept sorted)."""
+    if max_classes is None or present.numel() <= max_classes:
+        return present
+    pick = torch.randperm(present.numel(), generator=generator)[:max_classes]
+    return present[pick.to(present.device)].sort().values
+
+
+def glue_pairs(
+    features: Any,
+    labels: Any,
+    *,
+    points_per_class: int = 50,
+    n_pairs: int | None = 100,
+    n_t: int = 200,
+    dichotomies: str = "random",
+    max_classes: int | None = None,
+    generator: torch.Generator | int | None = None,
+    eigen_cutoff: float = 1e-9,
+    warn: bool = True,
+) -> GluePairsResult:
+    """GLUE markers by the pairs protocol: averaged over random class pairs (P = 2).
+
+    Args:
+        features: (S, N) features (rows are samples); no preprocessing is applied here.
+        labels: (S,) integer class labels.
+        points_per_class: points drawn per class for each pair (fewer if a class has fewer).
+        n_pairs: number of distinct unordered class pairs drawn without replacement; ``None`` or a
+            number >= C(C, 2) uses every pair.
+        n_t: probes per pair.
+        dichotomies: dichotomy ensemble (with P = 2 they all coincide up to sign).
+        max_classes: draw pairs only among a seeded subset of this many classes.
+        generator: CPU generator or int seed (pairs, subsamples, probes and dichotomies).
+        eigen_cutoff: see :func:`glue`.
+        warn: emit warnings for degenerate probes / non-convergence.
+
+    Returns:
+        :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together.
+
+    Example:
+        >>> import torch
+        >>> from lightning_geomarkers.functional import glue_pairs
+        >>> g = torch.Generator().manual_seed(0)
+        >>> means = 3 * torch.randn(4, 32, generator=g)
+        >>> y = torch.arange(4).repeat_interleave(30)
+        >>> x = means[y] + torch.randn(120, 32, generator=g)
+        >>> res = glue_pairs(x, y, points_per_class=20, n_t=50, generator=0)
+        >>> res.pairs.shape[0], bool(res.capacity > 0)
+        (6, True)
+    """
+    x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
+    points_per_class = check_positive_int(points_per_class, "points_per_class", minimum=2)
+    n_t = check_positive_int(n_t, "n_t")
+    if max_classes is not None:
+        max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
+    gen = as_generator(generator)
+    classes = _select_classes(torch.unique(y), max_classes, gen)
+    all_pairs = list(itertools.combinations(range(classes.numel()), 2))
+    if n_pairs is not None:
+        n_pairs = check_positive_int(n_pairs, "n_pairs")
+        if n_pairs < len(all_pairs):
+            pick = torch.randperm(len(all_pairs), generator=gen)[:n_pairs].sort().values
+            all_pairs = [all_pairs[i] for i in pick.tolist()]
+    members = [torch.nonzero(y == c, as_tuple=True)[0] for c in classes.tolist()]
+    m_max = min(points_per_class, max(m.numel() for m in members))
+    n_feat = x.shape[1]
+
+    n_groups = len(all_pairs)
+    points = x.new_zeros((n_groups, 2, m_max, n_feat), dtype=torch.float64)
+    mask = torch.zeros((n_groups, 2, m_max), dtype=torch.bool, device=x.device)
+    probes = torch.empty((n_groups, n_t, n_feat), dtype=torch.float64)
+    labels_y = torch.empty((n_groups, n_t, 2), dtype=torch.float64)
+    for g_i, pair in enumerate(all_pairs):
+        for side, cls in enumerate(pair):
+            idx = _subsample_indices(members[cls], points_per_class, gen)
+            points[g_i, side, : idx.numel()] = x[idx].double()
+            mask[g_i, side, : idx.numel()] = True
+        probes[g_i], labels_y[g_i] = _prepare_probes(None, dichotomies, n_t, 2, n_feat, gen)
+    points, _ = _normalise(points, mask)
+
+    chunk = max(1, _CHUNK_ELEMENTS // (n_t * 2 * n_feat))
+    outs = []
+    for start in range(0, n_groups, chunk):
+        sl = slice(start, start + chunk)
+        outs.append(
+            _glue_markers(
+                points[sl],
+                mask[sl],
+                probes[sl].to(x.device),
+                labels_y[sl].to(x.device),
+                eigen_cutoff=float(eigen_cutoff),
+                max_iter=None,
+            )
+        )
+    per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
+    means = {name: torch.nanmean(v) for name, v in per_pair.items()}
+    stds = {
+        name: (v[~v.isnan()].std(unbiased=False) if bool((~v.isnan()).any()) else v.new_tensor(math.nan))
+        for name, v in per_pair.items()
+    }
+    res = GluePairsResult(
+        **means,
+        pairs=classes[torch.tensor(all_pairs, device=classes.device)],
+        n_probes=n_groups * n_t,
+        n_degenerate=int(sum(int(o["n_degenerate"].sum()) for o in outs)),
+        iterations=max(o["iterations"] for o in outs),
+        kkt_violation=max(float(o["kkt_violation"].max()) for o in outs),
+        converged=all(bool(o["converged"].all()) for o in outs),
+        std=stds,
+        per_pair=per_pair,
+    )
+    if warn:
+        warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation, " (pairs protocol)")
+    return res
+
+
+def glue_joint(
+    features: Any,
+    labels: Any,
+    *,
+    points_per_class: int = 50,
+    max_classes: int | None = None,
+    n_t: int = 200,
+    dichotomies: str = "random",
+    generator: torch.Generator | int | None = None,
+    eigen_cutoff: float = 1e-9,
+    warn: bool = True,
+) -> GlueResult:
+    """GLUE markers by the joint protocol: all classes (or a seeded subset of ``max_classes``) at once.
+
+    Args are as in :func:`glue_pairs`; returns the :class:`GlueResult` of the P selected classes.
+
+    Example:
+        >>> import torch
+        >>> from lightning_geomarkers.functional import glue_joint
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(3).repeat_interleave(20)
+        >>> x = 3 * torch.randn(3, 64, generator=g)[y] + torch.randn(60, 64, generator=g)
+        >>> float(glue_joint(x, y, points_per_class=10, n_t=50, generator=0).capacity) > 0
+        True
+    """
+    x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
+    points_per_class = check_positive_int(points_per_class, "points_per_class", minimum=2)
+    if max_classes is not None:
+        max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
+    gen = as_generator(generator)
+    classes = _select_classes(torch.unique(y), max_classes, gen)
+    manifolds = [
+        x[_subsample_indices(torch.nonzero(y == c, as_tuple=True)[0], points_per_class, gen)]
+        for c in classes.tolist()
+    ]
+    return glue(
+        manifolds, n_t=n_t, dichotomies=dichotomies, generator=gen, eigen_cutoff=eigen_cutoff, warn=warn
+    )

@@ -1,0 +1,381 @@
+"""GLUE solver: agreement with the independent per-probe scipy reference, exact identities, ground
+truths (isolated points, simulated capacity), invariances, determinism and input validation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_geomarkers.errors import NonSeparableWarning
+from lightning_geomarkers.functional import glue, glue_joint, glue_pairs, make_dichotomies, simulated_capacity
+from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_markers, _normalise
+from lightning_geomarkers.testing import reference_glue
+
+MAIN = ("capacity", "dimension", "radius", "utility")
+
+
+def gaussian_clouds(
+    rng: np.random.Generator, P: int, M: int | list[int], N: int, *, radius: float, dim: int, aniso: float = 0.0
+) -> list[np.ndarray]:
+    """P clouds: a random center (norm ~ 1) plus `radius`-scaled Gaussian points in a random `dim`-dim
+    subspace; `aniso` > 0 makes the axis variances decay as exp(-aniso * j)."""
+    sizes = [M] * P if isinstance(M, int) else M
+    scales = np.exp(-aniso * np.arange(dim))
+    out = []
+    for m in sizes:
+        center = rng.standard_normal(N) / math.sqrt(N)
+        basis = np.linalg.qr(rng.standard_normal((N, dim)))[0].T  # (dim, N) orthonormal rows
+        out.append(center + radius * (rng.standard_normal((m, dim)) * scales) @ basis / math.sqrt(dim))
+    return out
+
+
+def probes_and_dichotomies(rng: np.random.Generator, n_t: int, P: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.standard_normal((n_t, N)), rng.choice([-1.0, 1.0], size=(n_t, P))
+
+
+def assert_markers_close(ours, ref: dict, names=GLUE_MARKERS, rtol: float = 1e-4) -> None:
+    for name in names:
+        got, want = float(getattr(ours, name)), float(ref[name])
+        assert got == pytest.approx(want, rel=rtol, abs=1e-12), f"{name}: {got} vs reference {want}"
+
+
+CASES = [
+    # P, M, N, radius, dim, aniso
+    (2, 50, 512, 1.0, 20, 0.0),
+    (2, 10, 64, 0.3, 5, 0.0),
+    (8, 20, 64, 0.5, 8, 0.0),
+    (8, 30, 256, 2.0, 30, 0.2),
+    (10, 50, 512, 1.0, 50, 0.0),
+    (10, 25, 128, 0.2, 10, 0.5),
+]
+
+
+@pytest.mark.parametrize("P,M,N,radius,dim,aniso", CASES)
+def test_glue_matches_scipy_reference(P, M, N, radius, dim, aniso):
+    rng = np.random.default_rng(P * 1000 + M + N)
+    mans = gaussian_clouds(rng, P, M, N, radius=radius, dim=dim, aniso=aniso)
+    t, y = probes_and_dichotomies(rng, 60, P, N)
+    ref = reference_glue(mans, t, y)
+    res = glue(
+        [torch.from_numpy(m) for m in mans],
+        probes=torch.from_numpy(t),
+        dichotomies=torch.from_numpy(y),
+        return_anchors=True,
+    )
+    assert res.converged and res.kkt_violation < 1e-9
+    assert res.n_degenerate == 0
+    assert_markers_close(res, ref)
+    np.testing.assert_allclose(res.a.numpy(), ref["a"], rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(res.active.numpy(), ref["active"])
+    np.testing.assert_allclose(res.anchors.numpy(), ref["anchors"], atol=1e-7)
+
+
+def test_unequal_manifold_sizes_match_reference():
+    rng = np.random.default_rng(3)
+    mans = gaussian_clouds(rng, 5, [3, 17, 40, 1, 25], 96, radius=0.8, dim=6)
+    t, y = probes_and_dichotomies(rng, 50, 5, 96)
+    ref = reference_glue(mans, t, y)
+    res = glue([torch.from_numpy(m) for m in mans], probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y))
+    assert_markers_close(res, ref)
+
+
+def test_batched_engine_with_padding_matches_reference_per_group():
+    """The engine behind the pairs protocol solves several padded problem groups in one batch."""
+    rng = np.random.default_rng(11)
+    sizes = [(12, 30), (30, 5), (7, 7)]
+    n_t, N = 40, 80
+    points = torch.zeros(len(sizes), 2, 30, N, dtype=torch.float64)
+    mask = torch.zeros(len(sizes), 2, 30, dtype=torch.bool)
+    groups, probes, labels = [], [], []
+    for g, (m1, m2) in enumerate(sizes):
+        mans = gaussian_clouds(rng, 2, [m1, m2], N, radius=0.7, dim=4)
+        for side, m in enumerate(mans):
+            points[g, side, : len(m)] = torch.from_numpy(m)
+            mask[g, side, : len(m)] = True
+        t, y = probes_and_dichotomies(rng, n_t, 2, N)
+        groups.append(mans)
+        probes.append(torch.from_numpy(t))
+        labels.append(torch.from_numpy(y))
+    pts, _ = _normalise(points, mask)
+    out = _glue_markers(
+        pts, mask, torch.stack(probes), torch.stack(labels), eigen_cutoff=1e-9, max_iter=None
+    )
+    for g, mans in enumerate(groups):
+        ref = reference_glue(mans, probes[g].numpy(), labels[g].numpy())
+        for name in GLUE_MARKERS:
+            assert float(out[name][g]) == pytest.approx(ref[name], rel=1e-4), (g, name)
+
+
+def test_projection_norm_and_exact_identity():
+    rng = np.random.default_rng(5)
+    mans = gaussian_clouds(rng, 6, 20, 128, radius=1.0, dim=10)
+    t, y = probes_and_dichotomies(rng, 80, 6, 128)
+    ref = reference_glue(mans, t, y)
+    res = glue(torch.from_numpy(np.stack(mans)), probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y))
+    # a = ||projection of t on the cone K||^2, the cone projection computed independently by scipy NNLS.
+    np.testing.assert_allclose(res.a.numpy(), ref["proj_norm2"], rtol=1e-8)
+    # alpha = Psi (1 + R^-2) / D
+    cap, psi, rad, dim = (float(getattr(res, k)) for k in ("capacity", "utility", "radius", "dimension"))
+    assert cap == pytest.approx(psi * (1 + rad**-2) / dim, rel=1e-10)
+    assert 0.0 <= psi <= 1.0
+
+
+@pytest.mark.parametrize("P,N", [(20, 400), (40, 800)])
+def test_isolated_points_have_capacity_two(P, N):
+    """Cover: P random points in general position, P/N small -> capacity 2, no dimension, no radius."""
+    pts = torch.randn(P, 1, N, generator=torch.Generator().manual_seed(P), dtype=torch.float64)
+    res = glue(pts, n_t=1000, generator=1)
+    assert float(res.capacity) == pytest.approx(2.0, rel=0.05)
+    assert float(res.dimension) == 0.0
+    assert float(res.radius) == 0.0
+    assert float(res.utility) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P,M,N,radius,dim", [(16, 10, 200, 0.5, 5), (24, 5, 150, 1.5, 3)])
+def test_capacity_agrees_with_simulated_capacity(P, M, N, radius, dim):
+    rng = np.random.default_rng(P + M)
+    mans = torch.from_numpy(np.stack(gaussian_clouds(rng, P, M, N, radius=radius, dim=dim)))
+    res = glue(mans, n_t=500, generator=0)
+    sim = simulated_capacity(mans, n_trials=80, generator=1)
+    alpha_sim = P / sim.n_crit_interpolated
+    assert float(res.capacity) == pytest.approx(alpha_sim, rel=0.10)
+    # The integer-grid definition (smallest n with p >= 0.5) is within one grid step of it.
+    assert P / sim.n_crit <= alpha_sim * (1 + 1e-12)
+    assert P / sim.n_crit >= P / (sim.n_crit_interpolated + 1)
+
+
+def test_simulated_capacity_of_points_follows_cover():
+    pts = torch.randn(24, 1, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sim = simulated_capacity(pts, n_trials=60, generator=3)
+    # Cover: P points in general position are separable in n dims w.p. >= 1/2 iff n >= P/2.
+    assert sim.n_crit == pytest.approx(12, abs=2)
+    assert np.all(np.diff(sim.probability) >= 0)
+
+
+def _random_rotation(n: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _setup(seed=7, P=6, M=15, N=48):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.stack(gaussian_clouds(rng, P, M, N, radius=1.0, dim=6)))
+    t, y = probes_and_dichotomies(rng, 50, P, N)
+    return x, torch.from_numpy(t), torch.from_numpy(y)
+
+
+def _markers(res) -> np.ndarray:
+    return np.array([float(getattr(res, k)) for k in GLUE_MARKERS])
+
+
+def test_rotation_invariance():
+    x, t, y = _setup()
+    rot = _random_rotation(x.shape[-1], 0)
+    base = glue(x, probes=t, dichotomies=y)
+    rotated = glue(x @ rot, probes=t @ rot, dichotomies=y)
+    np.testing.assert_allclose(_markers(base), _markers(rotated), rtol=1e-8)
+
+
+def test_class_and_point_permutation_invariance():
+    x, t, y = _setup()
+    base = glue(x, probes=t, dichotomies=y)
+    perm_c = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
+    perm_p = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(2))
+    permuted = glue(x[perm_c][:, perm_p], probes=t, dichotomies=y[:, perm_c])
+    np.testing.assert_allclose(_markers(base), _markers(permuted), rtol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 3.0, 1e5])
+def test_global_scaling_invariance(scale):
+    x, t, y = _setup()
+    base = glue(x, probes=t, dichotomies=y)
+    scaled = glue(x * scale, probes=t, dichotomies=y)
+    np.testing.assert_allclose(_markers(base), _markers(scaled), rtol=1e-7)
+
+
+def test_float32_and_float64_inputs_agree():
+    x, t, y = _setup()
+    r32 = glue(x.float(), probes=t.float(), dichotomies=y)
+    r64 = glue(x.float().double(), probes=t.float().double(), dichotomies=y)
+    np.testing.assert_allclose(_markers(r32), _markers(r64), rtol=1e-10)
+    r64_orig = glue(x, probes=t, dichotomies=y)
+    np.testing.assert_allclose(_markers(r32), _markers(r64_orig), rtol=1e-4)
+
+
+def test_reproducible_with_fixed_generator():
+    x, _, _ = _setup()
+    a = glue(x, n_t=40, generator=123)
+    b = glue(x, n_t=40, generator=torch.Generator().manual_seed(123))
+    c = glue(x, n_t=40, generator=124)
+    np.testing.assert_array_equal(_markers(a), _markers(b))
+    assert not np.array_equal(_markers(a), _markers(c))
+
+
+def test_dichotomy_ensembles():
+    g = torch.Generator().manual_seed(0)
+    bal = make_dichotomies("balanced", 100, 6, g)
+    assert torch.all(bal.sum(1) == 0)
+    bal_odd = make_dichotomies("balanced", 400, 5, g)
+    assert set(bal_odd.sum(1).abs().tolist()) == {1.0}
+    assert abs(float((bal_odd.sum(1) > 0).float().mean()) - 0.5) < 0.1
+    ovr = make_dichotomies("one_vs_rest", 12, 4, g)
+    assert torch.all((ovr == 1).sum(1) == 1)
+    assert torch.all((ovr == 1).sum(0) == 3)  # cycles through every class
+    rnd = make_dichotomies("random", 2000, 3, g)
+    assert set(rnd.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(rnd.mean())) < 0.05
+    # With P = 2 the balanced and one-vs-rest ensembles coincide up to sign: both are {(+,-), (-,+)}.
+    for kind in ("balanced", "one_vs_rest"):
+        d = make_dichotomies(kind, 50, 2, g)
+        assert torch.all(d[:, 0] == -d[:, 1])
+
+
+def test_explicit_integer_dichotomies_accepted():
+    x, t, y = _setup()
+    base = glue(x, probes=t, dichotomies=y)
+    as_int = glue(x, probes=t, dichotomies=y.to(torch.int64))
+    np.testing.assert_array_equal(_markers(base), _markers(as_int))
+
+
+def test_non_separable_data_is_counted_and_warned():
+    rng = np.random.default_rng(0)
+    mans = np.stack(gaussian_clouds(rng, 4, 40, 10, radius=3.0, dim=10))  # 160 points in 10 dims
+    with pytest.warns(NonSeparableWarning, match="not linearly separable"):
+        res = glue(torch.from_numpy(mans), n_t=50, generator=0)
+    assert res.n_degenerate > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = glue(torch.from_numpy(mans), n_t=50, generator=0, warn=False)
+    assert quiet.n_degenerate == res.n_degenerate
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.randn(1, 5, 8), "at least 2 manifolds"),
+        (torch.randn(5, 8), r"shape \(P, M, N\)"),
+        (torch.full((2, 3, 4), float("nan")), "NaN/Inf"),
+        ([torch.randn(3, 4), torch.randn(3, 5)], "feature dimension"),
+        ([torch.randn(3, 4), torch.randn(0, 4)], "Manifold 1 has 0 point"),
+        ("abc", "must be a"),
+        (torch.zeros(3, 2, 4), "All points of a manifold set are zero"),
+    ],
+)
+def test_bad_manifolds_raise_clear_errors(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        glue(bad, n_t=5)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(3, 4, 10)
+    with pytest.raises(ValueError, match="Unknown dichotomies"):
+        glue(x, dichotomies="pairs")
+    with pytest.raises(ValueError, match=r"shape \(n_t, P\)"):
+        glue(x, dichotomies=torch.ones(5, 4))
+    with pytest.raises(ValueError, match=r"only \+1 and -1"):
+        glue(x, dichotomies=torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"`probes` must have shape"):
+        glue(x, probes=torch.randn(5, 11))
+    with pytest.raises(ValueError, match="rows but there are"):
+        glue(x, probes=torch.randn(5, 10), dichotomies=torch.ones(6, 3))
+    with pytest.raises(ValueError, match="n_t"):
+        glue(x, n_t=0)
+    with pytest.raises(TypeError, match="generator"):
+        glue(x, generator="seed")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    P=st.integers(1, 5),
+    M=st.integers(0, 6),
+    N=st.integers(1, 12),
+    scale=st.sampled_from([0.0, 1e-12, 1.0, 1e8]),
+    dup=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_odd_input_raises_clearly_or_returns_finite(P, M, N, scale, dup, seed):
+    x = torch.randn(P, M, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    if dup and M > 1:
+        x[:, 1:] = x[:, :1]  # duplicated points: singular Gram blocks
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = glue(x, n_t=8, generator=seed)
+    except (ValueError, TypeError) as err:
+        assert str(err)
+        return
+    for name in MAIN:
+        assert math.isfinite(float(getattr(res, name))), name
+    assert res.kkt_violation < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+
+
+def labelled_features(n_classes=5, per_class=40, N=64, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    means = 3 * torch.randn(n_classes, N, generator=g, dtype=torch.float64)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = means[y] + spread * torch.randn(len(y), N, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def test_pairs_protocol_uses_all_pairs_and_is_deterministic():
+    x, y = labelled_features()
+    res = glue_pairs(x, y, points_per_class=20, n_pairs=None, n_t=30, generator=0)
+    assert res.pairs.shape == (10, 2)
+    assert {tuple(p) for p in res.pairs.tolist()} == {(i, j) for i in range(5) for j in range(i + 1, 5)}
+    again = glue_pairs(x, y, points_per_class=20, n_pairs=None, n_t=30, generator=0)
+    for name in GLUE_MARKERS:
+        assert float(getattr(res, name)) == float(getattr(again, name))
+        per = res.per_pair[name]
+        assert float(getattr(res, name)) == pytest.approx(float(per.mean()), rel=1e-12)
+        assert float(res.std[name]) == pytest.approx(float(per.std(unbiased=False)), rel=1e-12, abs=1e-15)
+    assert res.n_probes == 300 and res.converged
+
+
+def test_pairs_protocol_matches_reference_when_every_point_is_used():
+    """One pair with points_per_class >= class size uses every point: compare to the reference on the
+    same points (point order does not matter) with the same probes drawn from the same seed."""
+    x, y = labelled_features(n_classes=2, per_class=15, N=40, seed=4)
+    res = glue_pairs(x, y, points_per_class=50, n_t=25, generator=9)
+    direct = glue([x[y == 0], x[y == 1]], n_t=25, generator=9)
+    # glue_pairs draws the point subsample before the probes from the same generator; redo the draws.
+    g = torch.Generator().manual_seed(9)
+    torch.randperm(15, generator=g), torch.randperm(15, generator=g)
+    from lightning_geomarkers.functional.glue import _prepare_probes
+
+    t, d = _prepare_probes(None, "random", 25, 2, 40, g)
+    ref = reference_glue([x[y == 0].numpy(), x[y == 1].numpy()], t.numpy(), d.numpy())
+    assert_markers_close(res, ref)
+    assert float(direct.capacity) > 0
+
+
+def test_pairs_protocol_subsets_and_errors():
+    x, y = labelled_features(n_classes=6)
+    res = glue_pairs(x, y, points_per_class=10, n_pairs=4, n_t=10, generator=1)
+    assert res.pairs.shape == (4, 2) and len({tuple(p) for p in res.pairs.tolist()}) == 4
+    sub = glue_pairs(x, y, points_per_class=10, n_pairs=None, max_classes=3, n_t=10, generator=1)
+    assert sub.pairs.shape == (3, 2) and len(set(sub.pairs.flatten().tolist())) == 3
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        glue_pairs(x[y == 0], y[y == 0])
+    with pytest.raises(ValueError, match="fewer than 2 samples"):
+        glue_pairs(torch.cat([x, x[:1]]), torch.cat([y, torch.tensor([9])]))
+    with pytest.raises(ValueError, match="rows but `labels` has"):
+        glue_pairs(x, y[:-1])
+
+
+def test_joint_protocol():
+    x, y = labelled_features(n_classes=4, per_class=30, N=128)
+    res = glue_joint(x, y, points_per_class=20, n_t=40, generator=0)
+    assert res.active.shape == (40, 4)
+    sub = glue_joint(x, y, points_per_class=20, max_classes=3, n_t=40, generator=0)
+    assert sub.active.shape == (40, 3)
+    assert float(res.capacity) > 0 and float(sub.capacity) > 0
