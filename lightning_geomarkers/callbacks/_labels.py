@@ -1,0 +1,118 @@
+"""Find the class labels (and the raw inputs) in whatever a validation dataloader yields."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["LABEL_KEYS", "INPUT_KEYS", "extract_labels", "batch_inputs"]
+
+#: Dict keys searched, in order, for the labels of a dict batch.
+LABEL_KEYS: tuple[str, ...] = ("label", "labels", "y", "target", "targets")
+#: Dict keys searched, in order, for the input tensor of a dict batch.
+INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "input_ids", "pixel_values")
+
+_FIX = "Pass label_fn=<callable(batch) -> (B,) int tensor> to the monitor"
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        keys = list(batch.keys())
+        shown = ", ".join(repr(k) for k in keys[:20]) + (", ..." if len(keys) > 20 else "")
+        return f"a {type(batch).__name__} with keys [{shown}]"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of length {len(batch)}"
+    if isinstance(batch, torch.Tensor):
+        return f"a single tensor of shape {tuple(batch.shape)}"
+    return f"a {type(batch).__name__}"
+
+
+def _as_labels(raw: Any, source: str) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        y = raw.detach()
+    elif isinstance(raw, (np.ndarray, list, tuple, int, np.integer)) and not isinstance(raw, bool):
+        try:
+            y = torch.as_tensor(np.asarray(raw))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"Labels from {source} could not be converted to a tensor ({err}). {_FIX}."
+            ) from err
+    else:
+        raise TypeError(
+            f"Labels from {source} must be a tensor of class ids, got {type(raw).__name__}. {_FIX}."
+        )
+    if y.ndim == 0:
+        y = y.reshape(1)
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2:
+        raise ValueError(
+            f"Labels from {source} have shape {tuple(y.shape)}: one-hot, soft or multi-label targets are not "
+            f"class ids. {_FIX}, e.g. label_fn=lambda batch: batch[1].argmax(dim=1)."
+        )
+    elif y.ndim > 2:
+        raise ValueError(f"Labels from {source} must be 1-D (batch,), got shape {tuple(y.shape)}. {_FIX}.")
+    if y.is_complex():
+        raise TypeError(f"Labels from {source} are complex ({y.dtype}); class ids must be integers. {_FIX}.")
+    if y.is_floating_point():
+        if not bool(torch.isfinite(y).all()) or not torch.equal(y, y.round()):
+            raise ValueError(
+                f"Labels from {source} are non-integer floats (regression or soft targets?); geometry "
+                f"markers need integer class ids. {_FIX}."
+            )
+    return y.to(torch.int64)
+
+
+def extract_labels(batch: Any, label_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """Return the batch's class labels as a 1-D int64 tensor (on the batch's device).
+
+    With ``label_fn``: ``label_fn(batch)``. Otherwise a tuple/list batch gives ``batch[1]`` and a dict
+    batch the first of the keys :data:`LABEL_KEYS` present. ``(B, 1)`` labels are squeezed, 0-d ones become
+    ``(1,)``, bool/integer/integral-float dtypes are converted; 2-D ``(B, C>1)`` (one-hot) and non-integer
+    float labels are rejected with a message pointing to ``label_fn``.
+    """
+    if label_fn is not None:
+        if not callable(label_fn):
+            raise TypeError(f"`label_fn` must be callable, got {type(label_fn).__name__}.")
+        return _as_labels(label_fn(batch), "label_fn(batch)")
+    if isinstance(batch, Mapping):
+        for key in LABEL_KEYS:
+            if key in batch:
+                return _as_labels(batch[key], f"batch[{key!r}]")
+        raise ValueError(
+            f"Could not find labels in the batch: it is {_describe(batch)}, none of which is one of "
+            f"{list(LABEL_KEYS)}. {_FIX}, e.g. label_fn=lambda batch: batch['my_key']."
+        )
+    if isinstance(batch, (tuple, list)):
+        if len(batch) < 2:
+            raise ValueError(
+                f"Could not find labels in the batch: it is {_describe(batch)} (labels are expected at "
+                f"index 1 of (inputs, labels, ...)). {_FIX}."
+            )
+        return _as_labels(batch[1], "batch[1]")
+    raise ValueError(
+        f"Could not find labels in the batch: it is {_describe(batch)}; labels are looked up at batch[1] "
+        f"of a tuple/list or under one of the keys {list(LABEL_KEYS)} of a dict. {_FIX}."
+    )
+
+
+def batch_inputs(batch: Any) -> torch.Tensor | None:
+    """The input tensor of a batch if recognisable, else None.
+
+    A tuple/list gives ``batch[0]`` (if a tensor), a dict the first tensor under :data:`INPUT_KEYS`, a bare
+    tensor itself.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            value = batch.get(key) if key in batch else None
+            if isinstance(value, torch.Tensor):
+                return value
+        return None
+    if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    return None

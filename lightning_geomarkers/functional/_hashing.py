@@ -1,0 +1,151 @@
+"""Exact, order-independent integer hashing of samples: the keys behind partition-invariant sampling.
+
+A row's key is a deterministic function of its exact bytes, its label and a seed (no floating point):
+the bytes are read as int64 words, combined by multiply-and-sum with seeded odd coefficients (wrap-around
+arithmetic, so the result does not depend on summation order or on the other rows of the batch), then
+mixed with the label and the seed by a splitmix64 finalizer. Used by the monitor's bottom-k sampler and
+by the metric classes to put gathered samples into a canonical order under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["sample_keys", "class_priority"]
+
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+
+
+def _i64(v: int) -> int:
+    """A Python int reduced mod 2**64 and written as a signed int64 value."""
+    v &= _MASK64
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+# Distinct stream constants so that coefficients, sample keys and class priorities are independent hashes.
+_STREAM_COEF = 0x243F6A8885A308D3
+_STREAM_KEY = 0x13198A2E03707344
+_STREAM_LABEL = 0xA4093822299F31D0
+_STREAM_CLASS = 0x082EFA98EC4E6C89
+
+
+def _py_splitmix64(x: int) -> int:
+    """Reference splitmix64 on Python ints (unsigned 64-bit result)."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _fmix64(z: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finalizer on int64 tensors (wrap-around multiplication)."""
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"`seed` must be an integer, got {seed!r}.")
+    return int(seed)
+
+
+def _seed_word(seed: int, stream: int) -> int:
+    """A seeded, stream-specific signed 64-bit constant."""
+    return _i64(_py_splitmix64((seed ^ stream) & _MASK64))
+
+
+def _as_int64_labels(labels: Any, n: int, device: torch.device) -> torch.Tensor:
+    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"`labels` must have shape ({n},), got {tuple(y.shape)}.")
+    if y.is_floating_point() or y.is_complex():
+        raise TypeError(f"`labels` must be integer class ids, got dtype {y.dtype}.")
+    return y.detach().to(device=device, dtype=torch.int64)
+
+
+def _row_words(content: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each row's bytes as int64 words (zero-padded), plus the number of bytes per row."""
+    b = content.shape[0]
+    per_row = math.prod(content.shape[1:])
+    rows = content.detach().reshape(b, per_row).contiguous()
+    try:
+        raw = rows.view(torch.uint8) if rows.dtype != torch.uint8 else rows
+    except RuntimeError as err:  # pragma: no cover - exotic dtypes
+        raise TypeError(f"Cannot hash content of dtype {content.dtype}: {err}") from err
+    nbytes = raw.shape[1]
+    pad = (-nbytes) % 8
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros((b, pad))], dim=1)
+    elif raw.storage_offset() % 8:  # a view at an odd offset cannot be reinterpreted as int64 in place
+        raw = raw.clone()
+    return raw.view(torch.int64), nbytes
+
+
+def sample_keys(
+    content: torch.Tensor, labels: Any, seed: int, *, chunk_elements: int = 1 << 22
+) -> torch.Tensor:
+    """Pseudo-random non-negative 63-bit int64 keys ``(B,)`` for the rows of ``content``.
+
+    A row's key is a deterministic function of its exact bytes (dtype, values, trailing shape), its label
+    and ``seed``; it does not depend on the other rows of the batch, their order, or the device (integer
+    arithmetic is exact). Works for any dtype (float, half, int, bool) and trailing shape.
+
+    Args:
+        content: ``(B, ...)`` tensor identifying each sample, typically the raw model inputs.
+        labels: ``(B,)`` integer class ids.
+        seed: integer seed; changing it gives independent keys.
+        chunk_elements: bound on the temporary int64 product (memory), in elements.
+    """
+    if not isinstance(content, torch.Tensor):
+        raise TypeError(f"`content` must be a tensor, got {type(content).__name__}.")
+    if content.ndim == 0:
+        raise ValueError("`content` must have a batch dimension (B, ...), got a 0-d tensor.")
+    seed = _check_seed(seed)
+    b = content.shape[0]
+    y = _as_int64_labels(labels, b, content.device)
+    if b == 0:
+        return torch.zeros(0, dtype=torch.int64, device=content.device)
+    words, nbytes = _row_words(content)
+    n_words = words.shape[1]
+    h = torch.zeros(b, dtype=torch.int64, device=content.device)
+    if n_words:
+        coef_seed = _seed_word(seed, _STREAM_COEF)
+        step = max(1, chunk_elements // b)
+        for start in range(0, n_words, step):
+            stop = min(n_words, start + step)
+            idx = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=content.device)
+            coef = _fmix64(idx * _GOLDEN + coef_seed) | 1  # odd: every word influences the sum
+            h = h + (words[:, start:stop] * coef).sum(dim=1)
+    z = _fmix64(h + _i64(nbytes * _GOLDEN) + _seed_word(seed, _STREAM_KEY))
+    z = z ^ _fmix64(y * _MIX1 + _seed_word(seed, _STREAM_LABEL))
+    z = _fmix64(z + _GOLDEN)
+    return z & _MASK63
+
+
+def class_priority(labels: Any, seed: int) -> torch.Tensor:
+    """Seeded pseudo-random non-negative 63-bit int64 priority of each class id in ``labels``.
+
+    Used to keep a fixed, order-independent subset of classes: the ``max_classes`` with the smallest
+    priority among those seen.
+    """
+    seed = _check_seed(seed)
+    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if y.is_floating_point() or y.is_complex():
+        raise TypeError(f"`labels` must be integer class ids, got dtype {y.dtype}.")
+    y = y.detach().to(torch.int64)
+    z = _fmix64(y * _GOLDEN + _seed_word(seed, _STREAM_CLASS))
+    return _fmix64(z + _GOLDEN) & _MASK63

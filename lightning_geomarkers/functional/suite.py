@@ -1,0 +1,211 @@
+"""The full marker suite on one labelled feature sample: what the monitor and the metric classes compute.
+
+``geometry_markers(features, labels)`` runs the GLUE protocol (after the GLUE preprocessing: global
+centering and, for wide features, a random projection) and the other markers on the raw features, and
+returns one value per marker. ``MARKERS`` lists every marker with the sign the literature associates
+with better out-of-distribution transfer (spec section 4), used as default alert direction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_geomarkers.functional._validation import (
+    as_generator,
+    check_features_labels,
+    check_positive_int,
+)
+from lightning_geomarkers.functional.distances import within_class_distance
+from lightning_geomarkers.functional.glue import GLUE_MARKERS
+from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_dimension
+from lightning_geomarkers.functional.neural_collapse import neural_collapse
+from lightning_geomarkers.functional.preprocessing import center, random_projection
+from lightning_geomarkers.functional.protocols import glue_joint, glue_pairs
+from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
+
+__all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
+
+
+@dataclass(frozen=True)
+class MarkerInfo:
+    """A marker's name, what it measures, and the literature's sign.
+
+    ``higher_is_better``: True/False where the literature found higher/lower values going with better
+    (OOD or ID) generalization; None where the sign flips between settings (then alerts need a mode).
+    """
+
+    name: str
+    description: str
+    higher_is_better: bool | None
+
+
+MARKERS: dict[str, MarkerInfo] = {
+    m.name: m
+    for m in [
+        MarkerInfo("glue_capacity", "GLUE manifold capacity alpha = P / E[a]", True),
+        MarkerInfo("glue_dimension", "GLUE effective dimension D_eff = E[b] / P", True),
+        MarkerInfo("glue_radius", "GLUE effective radius R_eff = sqrt(E[c] / E[b - c])", False),
+        MarkerInfo("glue_utility", "GLUE effective utility Psi_eff = E[c] / E[a]", True),
+        MarkerInfo("glue_center_alignment", "mean |cos| between manifold centers", True),
+        MarkerInfo("glue_axis_alignment", "mean |cos| between manifold axis parts", False),
+        MarkerInfo("glue_center_axis_alignment", "mean |cos| between centers and other axes", False),
+        MarkerInfo("participation_ratio", "(sum lambda)^2 / sum lambda^2 of the feature covariance", True),
+        MarkerInfo("numerical_rank", "singular values >= 1e-3 x largest (centred)", True),
+        MarkerInfo("effective_rank", "exp(entropy of normalised singular values), centred", True),
+        MarkerInfo("nc1", "neural collapse NC1 = tr(S_W S_B^+) / C", None),
+        MarkerInfo("lid", "local intrinsic dimension, Levina-Bickel MLE (k neighbours)", False),
+        MarkerInfo("lid_twonn", "intrinsic dimension, TwoNN", False),
+        MarkerInfo("within_class_distance", "mean pairwise distance within a class", None),
+    ]
+}
+GLUE_MARKER_NAMES = tuple(f"glue_{name}" for name in GLUE_MARKERS)
+DEFAULT_MARKERS = tuple(name for name in MARKERS if name != "lid_twonn")
+
+
+def resolve_marker_names(markers: str | Iterable[str]) -> tuple[str, ...]:
+    """Validate a marker selection: "all", "glue", or an iterable of names from ``MARKERS``."""
+    if isinstance(markers, str):
+        if markers == "all":
+            return DEFAULT_MARKERS
+        if markers == "glue":
+            return GLUE_MARKER_NAMES
+        markers = [markers]
+    names = tuple(markers)
+    unknown = [m for m in names if m not in MARKERS]
+    if unknown:
+        raise ValueError(f"Unknown marker(s) {unknown}; choose from {list(MARKERS)} (or 'all', 'glue').")
+    if not names:
+        raise ValueError("No markers selected; pass 'all' or a list of names from MARKERS.")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass
+class MarkerReport:
+    """Values of the computed markers (0-dim float64 tensors) and, for those skipped, the reason."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    glue: Any = None
+
+
+def geometry_markers(
+    features: Any,
+    labels: Any,
+    *,
+    markers: str | Iterable[str] = "all",
+    glue_protocol: str = "pairs",
+    points_per_class: int = 50,
+    n_pairs: int | None = 100,
+    n_t: int = 200,
+    dichotomies: str = "random",
+    max_classes: int | None = None,
+    center_features: bool = True,
+    projection_dim: int | None = 1000,
+    lid_k: int = 20,
+    generator: torch.Generator | int | None = None,
+    strict: bool = True,
+) -> MarkerReport:
+    """Compute a selection of geometry markers on one labelled feature sample.
+
+    GLUE runs on globally centred features (``center_features``), projected to ``projection_dim``
+    dimensions by a Gaussian matrix when wider; the other markers use the features as given.
+
+    Args:
+        features: (S, N) features; labels: (S,) integer classes.
+        markers: "all", "glue", or names from :data:`MARKERS`.
+        glue_protocol: "pairs" (random class pairs, averaged) or "joint" (all classes at once).
+        points_per_class, n_pairs, n_t, dichotomies, max_classes: GLUE protocol parameters.
+        center_features: subtract the global mean before GLUE (ReLU features sit in one orthant, and
+            GLUE's hyperplanes pass through the origin).
+        projection_dim: random projection width for GLUE when N is larger (None: never project).
+        lid_k: neighbours of the local intrinsic dimension estimate.
+        generator: CPU generator or int seed.
+        strict: raise on a marker that cannot be computed; otherwise record the reason in
+            ``MarkerReport.skipped`` and carry on with the others.
+
+    Returns:
+        :class:`MarkerReport`.
+
+    Example:
+        >>> import torch
+        >>> from lightning_geomarkers.functional import geometry_markers
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(3).repeat_interleave(40)
+        >>> x = 4 * torch.randn(3, 32, generator=g)[y] + torch.randn(120, 32, generator=g)
+        >>> report = geometry_markers(x, y, markers=["glue_dimension", "participation_ratio"], n_t=50,
+        ...                           generator=0)
+        >>> sorted(report.values)
+        ['glue_dimension', 'participation_ratio']
+    """
+    names = resolve_marker_names(markers)
+    if glue_protocol not in ("pairs", "joint"):
+        raise ValueError(f"glue_protocol must be 'pairs' or 'joint', got {glue_protocol!r}.")
+    lid_k = check_positive_int(lid_k, "lid_k", minimum=2)
+    if projection_dim is not None:
+        projection_dim = check_positive_int(projection_dim, "projection_dim")
+    x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
+    gen = as_generator(generator)
+    # Independent streams, so adding or removing one marker leaves the others' draws unchanged.
+    seeds = torch.randint(0, 2**62, (2,), generator=gen).tolist()
+    report = MarkerReport()
+
+    def attempt(keys: tuple[str, ...], fn) -> None:
+        try:
+            out = fn()
+        except (ValueError, RuntimeError) as err:
+            if strict:
+                raise
+            for key in keys:
+                report.skipped[key] = str(err)
+            return
+        for key, val in out.items():
+            report.values[key] = torch.as_tensor(val, dtype=torch.float64).detach()
+
+    glue_wanted = tuple(n for n in names if n in GLUE_MARKER_NAMES)
+    if glue_wanted:
+
+        def run_glue() -> dict[str, Any]:
+            z = center(x) if center_features else x
+            if projection_dim is not None and z.shape[1] > projection_dim:
+                z = random_projection(z, projection_dim, generator=seeds[0])
+            common = dict(
+                points_per_class=points_per_class,
+                n_t=n_t,
+                dichotomies=dichotomies,
+                max_classes=max_classes,
+                generator=seeds[1],
+            )
+            if glue_protocol == "pairs":
+                res = glue_pairs(z, y, n_pairs=n_pairs, **common)
+            else:
+                res = glue_joint(z, y, **common)
+            report.glue = res
+            return {n: getattr(res, n.removeprefix("glue_")) for n in glue_wanted}
+
+        attempt(glue_wanted, run_glue)
+
+    others = {
+        "participation_ratio": lambda: participation_ratio(x),
+        "numerical_rank": lambda: numerical_rank(x),
+        "effective_rank": lambda: effective_rank(x),
+        "nc1": lambda: neural_collapse(x, y),
+        "lid": lambda: local_intrinsic_dimension(x, k=lid_k),
+        "lid_twonn": lambda: local_intrinsic_dimension(x, method="twonn"),
+        "within_class_distance": lambda: within_class_distance(x, y),
+    }
+    for name in names:
+        if name in others:
+            attempt((name,), lambda fn=others[name], key=name: {key: fn()})
+    for name, val in list(report.values.items()):
+        if not math.isfinite(float(val)):
+            del report.values[name]
+            report.skipped[name] = "non-finite value"
+            if strict:
+                warnings.warn(f"Marker {name} was not finite and is left out.", RuntimeWarning, stacklevel=2)
+    return report
