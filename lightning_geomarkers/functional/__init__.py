@@ -12,9 +12,14 @@ from lightning_geomarkers.functional.preprocessing import center, per_class_subs
 from lightning_geomarkers.functional.protocols import GluePairsResult, glue_joint, glue_pairs
 from lightning_geomarkers.functional.simulated_capacity import SimulatedCapacity, simulated_capacity
 from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
+from lightning_geomarkers.functional.suite import MARKERS, MarkerInfo, MarkerReport, geometry_markers
 
 __all__ = [
     "GLUE_MARKERS",
+    "MARKERS",
+    "MarkerInfo",
+    "MarkerReport",
+    "geometry_markers",
     "GluePairsResult",
     "GlueResult",
     "SimulatedCapacity",

@@ -30,7 +30,9 @@ def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.T
         try:
             t = torch.as_tensor(np.asarray(x))
         except (TypeError, ValueError) as err:
-            raise TypeError(f"`{name}` could not be converted to a tensor ({err}); pass a torch.Tensor.") from err
+            raise TypeError(
+                f"`{name}` could not be converted to a tensor ({err}); pass a torch.Tensor."
+            ) from err
     else:
         raise TypeError(f"`{name}` must be a torch.Tensor or numpy array, got {type(x).__name__}.")
     if t.is_complex():
@@ -126,7 +128,9 @@ def as_manifolds(
         parts = [as_tensor(m, f"manifolds[{i}]") for i, m in enumerate(manifolds)]
         for i, m in enumerate(parts):
             if m.ndim != 2:
-                raise ValueError(f"`manifolds[{i}]` must be 2-D (points, features), got shape {tuple(m.shape)}.")
+                raise ValueError(
+                    f"`manifolds[{i}]` must be 2-D (points, features), got shape {tuple(m.shape)}."
+                )
     else:
         raise TypeError(
             "`manifolds` must be a (P, M, N) tensor or a sequence of (M_mu, N) tensors, got "

@@ -97,15 +97,15 @@ class GlueResult:
         return f"GlueResult({shown})"
 
 
-def make_dichotomies(
-    kind: str | Any, n_t: int, n_manifolds: int, generator: torch.Generator
-) -> torch.Tensor:
+def make_dichotomies(kind: str | Any, n_t: int, n_manifolds: int, generator: torch.Generator) -> torch.Tensor:
     """(n_t, P) float64 tensor of +-1 labels: "random" (i.i.d. signs), "balanced" (half +1, random
     sign for odd P), "one_vs_rest" (+1 on one class, cycling through a random order), or an explicit
     (n_t, P) array of +-1 (any numeric dtype)."""
     if isinstance(kind, str):
         if kind not in DICHOTOMY_KINDS:
-            raise ValueError(f"Unknown dichotomies={kind!r}; use one of {DICHOTOMY_KINDS} or an (n_t, P) tensor.")
+            raise ValueError(
+                f"Unknown dichotomies={kind!r}; use one of {DICHOTOMY_KINDS} or an (n_t, P) tensor."
+            )
         if kind == "random":
             return torch.randint(0, 2, (n_t, n_manifolds), generator=generator).double() * 2 - 1
         if kind == "balanced":
@@ -428,4 +428,3 @@ def glue(
     if warn:
         warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation)
     return res
-

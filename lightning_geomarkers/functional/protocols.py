@@ -198,7 +198,9 @@ def glue_pairs(
         per_pair=per_pair,
     )
     if warn:
-        warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation, " (pairs protocol)")
+        warn_diagnostics(
+            res.n_degenerate, res.n_probes, res.converged, res.kkt_violation, " (pairs protocol)"
+        )
     return res
 
 

@@ -1,0 +1,132 @@
+"""``MarkerCheckpoint``: checkpoint selection gated by geometry markers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["MarkerCheckpoint"]
+
+
+class MarkerCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that selects checkpoints on geometry-marker thresholds.
+
+    Two rules, usable together:
+
+    - ``floors`` / ``ceilings``: an epoch is eligible only if every listed logged value (for example
+      ``"geometry/glue_dimension"``) is at least its floor / at most its ceiling. Among eligible epochs
+      the usual ``monitor`` / ``mode`` / ``save_top_k`` selection applies, e.g. keep the best ``val_acc``
+      among epochs whose D_eff and Psi_eff stay above floors.
+    - ``prefer_higher``: the paper's rule (Chou et al., ICLR 2026): keep the checkpoint of the latest
+      epoch whose listed markers are *all* higher than those of the checkpoint kept so far (e.g.
+      ``["geometry/glue_dimension", "geometry/glue_utility"]``). Only epochs where the markers were
+      freshly computed count. Replaces ``monitor`` (leave it None); keeps one checkpoint.
+
+    All other arguments are those of ``ModelCheckpoint``. A listed key that was never logged makes the
+    epoch ineligible (with a message when ``verbose``).
+
+    Example::
+
+        MarkerCheckpoint(monitor="val_acc", mode="max", floors={"geometry/glue_dimension": 2.0})
+        MarkerCheckpoint(prefer_higher=["geometry/glue_dimension", "geometry/glue_utility"])
+    """
+
+    def __init__(
+        self,
+        *,
+        floors: Mapping[str, float] | None = None,
+        ceilings: Mapping[str, float] | None = None,
+        prefer_higher: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.floors = dict(floors or {})
+        self.ceilings = dict(ceilings or {})
+        for name, bounds in (("floors", self.floors), ("ceilings", self.ceilings)):
+            for key, value in bounds.items():
+                if not isinstance(key, str) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ValueError(
+                        f"`{name}` must map logged keys to finite numbers, got {key!r}: {value!r}."
+                    )
+        self.prefer_higher = list(prefer_higher or [])
+        if self.prefer_higher:
+            if kwargs.get("monitor") is not None:
+                raise ValueError("`prefer_higher` replaces `monitor`; pass one or the other.")
+            if kwargs.get("save_top_k", 1) != 1:
+                raise ValueError("`prefer_higher` keeps a single checkpoint; leave `save_top_k` at 1.")
+        elif not (self.floors or self.ceilings):
+            raise ValueError(
+                "Give `floors`, `ceilings` and/or `prefer_higher`; otherwise use ModelCheckpoint."
+            )
+        super().__init__(**kwargs)
+        self.kept_marker_values: dict[str, float] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            floors=self.floors,
+            ceilings=self.ceilings,
+            prefer=self.prefer_higher,
+        )
+
+    def eligible(self, values: Mapping[str, Any]) -> tuple[bool, str]:
+        """Whether logged ``values`` pass every floor and ceiling, and if not, why."""
+        for key, bound in self.floors.items():
+            if key not in values:
+                return False, f"{key!r} was not logged"
+            if not float(values[key]) >= bound:
+                return False, f"{key} = {float(values[key]):.4g} < floor {bound:.4g}"
+        for key, bound in self.ceilings.items():
+            if key not in values:
+                return False, f"{key!r} was not logged"
+            if not float(values[key]) <= bound:
+                return False, f"{key} = {float(values[key]):.4g} > ceiling {bound:.4g}"
+        return True, ""
+
+    def _fresh(self, trainer: L.Trainer) -> bool:
+        """Were the geometry markers computed at this validation (not stale from an earlier one)?"""
+        from lightning_geomarkers.callbacks.monitor import GeometryMonitor
+
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, GeometryMonitor)]
+        return not monitors or any(m.last_computed_step == trainer.global_step for m in monitors)
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        ok, why = self.eligible(monitor_candidates)
+        ok = trainer.strategy.reduce_boolean_decision(ok, all=True)
+        if not ok:
+            if self.verbose:
+                rank_zero_info(f"MarkerCheckpoint: epoch {trainer.current_epoch} not eligible ({why}).")
+            return
+        if not self.prefer_higher:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+            return
+        if not self._fresh(trainer) or any(k not in monitor_candidates for k in self.prefer_higher):
+            return
+        current = {k: float(monitor_candidates[k]) for k in self.prefer_higher}
+        better = self.kept_marker_values is None or all(
+            current[k] > self.kept_marker_values[k] for k in self.prefer_higher
+        )
+        if not trainer.strategy.reduce_boolean_decision(better, all=True):
+            return
+        self.kept_marker_values = current
+        self.best_model_score = torch.tensor(current[self.prefer_higher[0]])
+        self._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        if self.verbose:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in current.items())
+            rank_zero_info(f"MarkerCheckpoint: kept epoch {trainer.current_epoch} ({shown}).")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["kept_marker_values"] = self.kept_marker_values
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.kept_marker_values = state_dict.get("kept_marker_values")
