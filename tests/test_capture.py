@@ -623,3 +623,23 @@ def test_sampler_validation_and_state_dict() -> None:
     assert t.state_dict() == {"samples_per_class": 5, "max_classes": 3, "seed": 9}
     with pytest.raises(KeyError):
         t.load_state_dict({"seed": 1})
+
+
+def test_sampler_drops_exact_duplicates_within_and_across_batches():
+    """DistributedSampler pads shards with repeated samples; a repeat must not take a second slot."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=g)
+    y = torch.zeros(6, dtype=torch.int64)
+    keys = sample_keys(x, y, seed=0)
+    once = PerClassSampler(samples_per_class=4, seed=0)
+    once.update(x, y, keys)
+    twice = PerClassSampler(samples_per_class=4, seed=0)
+    dup = torch.cat([x[:2], x[:2], x])  # duplicates inside one batch ...
+    twice.update(
+        dup, torch.zeros(10, dtype=torch.int64), sample_keys(dup, torch.zeros(10, dtype=torch.int64), 0)
+    )
+    twice.update(x, y, keys)  # ... and across batches
+    f1, y1, k1 = once.state()
+    f2, y2, k2 = twice.state()
+    assert f2.shape[0] == 4 and len(set(k2.tolist())) == 4
+    assert torch.equal(k1, k2) and torch.equal(f1, f2)

@@ -21,7 +21,14 @@ MAIN = ("capacity", "dimension", "radius", "utility")
 
 
 def gaussian_clouds(
-    rng: np.random.Generator, P: int, M: int | list[int], N: int, *, radius: float, dim: int, aniso: float = 0.0
+    rng: np.random.Generator,
+    P: int,
+    M: int | list[int],
+    N: int,
+    *,
+    radius: float,
+    dim: int,
+    aniso: float = 0.0,
 ) -> list[np.ndarray]:
     """P clouds: a random center (norm ~ 1) plus `radius`-scaled Gaussian points in a random `dim`-dim
     subspace; `aniso` > 0 makes the axis variances decay as exp(-aniso * j)."""
@@ -35,7 +42,9 @@ def gaussian_clouds(
     return out
 
 
-def probes_and_dichotomies(rng: np.random.Generator, n_t: int, P: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+def probes_and_dichotomies(
+    rng: np.random.Generator, n_t: int, P: int, N: int
+) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((n_t, N)), rng.choice([-1.0, 1.0], size=(n_t, P))
 
 
@@ -81,7 +90,9 @@ def test_unequal_manifold_sizes_match_reference():
     mans = gaussian_clouds(rng, 5, [3, 17, 40, 1, 25], 96, radius=0.8, dim=6)
     t, y = probes_and_dichotomies(rng, 50, 5, 96)
     ref = reference_glue(mans, t, y)
-    res = glue([torch.from_numpy(m) for m in mans], probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y))
+    res = glue(
+        [torch.from_numpy(m) for m in mans], probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y)
+    )
     assert_markers_close(res, ref)
 
 
@@ -103,9 +114,7 @@ def test_batched_engine_with_padding_matches_reference_per_group():
         probes.append(torch.from_numpy(t))
         labels.append(torch.from_numpy(y))
     pts, _ = _normalise(points, mask)
-    out = _glue_markers(
-        pts, mask, torch.stack(probes), torch.stack(labels), eigen_cutoff=1e-9, max_iter=None
-    )
+    out = _glue_markers(pts, mask, torch.stack(probes), torch.stack(labels), eigen_cutoff=1e-9, max_iter=None)
     for g, mans in enumerate(groups):
         ref = reference_glue(mans, probes[g].numpy(), labels[g].numpy())
         for name in GLUE_MARKERS:
@@ -160,7 +169,9 @@ def test_simulated_capacity_of_points_follows_cover():
 
 
 def _random_rotation(n: int, seed: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q, r = torch.linalg.qr(
+        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     return q * torch.sign(torch.diagonal(r))
 
 
@@ -379,3 +390,27 @@ def test_joint_protocol():
     sub = glue_joint(x, y, points_per_class=20, max_classes=3, n_t=40, generator=0)
     assert sub.active.shape == (40, 3)
     assert float(res.capacity) > 0 and float(sub.capacity) > 0
+
+
+def test_separability_test_agrees_with_linear_programming():
+    """The LDP/NNLS separability test against an LP feasibility check (scipy HiGHS) on each dichotomy."""
+    from lightning_geomarkers.functional._nnls import separable_dichotomies
+    from lightning_geomarkers.functional.simulated_capacity import _separable
+
+    rng = np.random.default_rng(0)
+    agree, seen_both = 0, set()
+    for trial in range(30):
+        P, M, N = 2 + trial % 3, 4 + trial % 5, 2 + trial % 4
+        x = torch.from_numpy(rng.standard_normal((P, M, N)) + rng.standard_normal((P, 1, N)))
+        mask = torch.ones(P, M, dtype=torch.bool)
+        pts, _ = _normalise(x[None], mask[None])
+        flat = pts.reshape(1, P * M, N)
+        y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(6, P)))
+        sigma = y.repeat_interleave(M, dim=1)
+        got = separable_dichotomies(flat @ flat.transpose(1, 2), torch.zeros(6, dtype=torch.long), sigma)
+        for k in range(6):
+            want = _separable((sigma[k][:, None] * flat[0]).numpy())
+            assert bool(got[k]) == want, (trial, k)
+            agree += 1
+            seen_both.add(want)
+    assert agree == 180 and seen_both == {True, False}

@@ -46,6 +46,19 @@ def _lexsort(labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return order[torch.argsort(labels[order], stable=True)]
 
 
+def _first_of_duplicates(sorted_labels: torch.Tensor, sorted_keys: torch.Tensor) -> torch.Tensor:
+    """Mask keeping the first of each run of equal (label, key) pairs in (label, key)-sorted rows.
+
+    Equal pairs are the same sample (same input bytes and label), e.g. the copies DistributedSampler
+    adds to even out the ranks' shards: counting them twice would bias the sample and break the
+    equality with a single process.
+    """
+    keep = torch.ones(sorted_labels.shape[0], dtype=torch.bool)
+    if sorted_labels.numel() > 1:
+        keep[1:] = (sorted_labels[1:] != sorted_labels[:-1]) | (sorted_keys[1:] != sorted_keys[:-1])
+    return keep
+
+
 def _rank_in_run(sorted_labels: torch.Tensor) -> torch.Tensor:
     """Position of each element inside its run of equal (sorted) labels."""
     if sorted_labels.numel() == 0:
@@ -242,6 +255,7 @@ class PerClassSampler:
             return
         yi, ki = y[idx], k[idx]
         order = _lexsort(yi, ki)
+        order = order[_first_of_duplicates(yi[order], ki[order])]
         rows = idx[order[_rank_in_run(yi[order]) < self.samples_per_class]]
         self._pend_f.append(f[rows.to(f.device)])
         self._pend_y.append(y[rows])
@@ -259,6 +273,7 @@ class PerClassSampler:
         keys = torch.cat([self._k, *self._pend_k])
         self._pend_f, self._pend_y, self._pend_k, self._pend_rows = [], [], [], 0
         order = _lexsort(labels, keys)
+        order = order[_first_of_duplicates(labels[order], keys[order])]
         keep = _rank_in_run(labels[order]) < self.samples_per_class
         if self._evicted and self.max_classes is not None:
             keep &= torch.isin(labels[order], torch.tensor(sorted(self._priority), dtype=torch.int64))

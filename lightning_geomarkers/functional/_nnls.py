@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NNLSSolution", "batched_nnls"]
+__all__ = ["NNLSSolution", "batched_nnls", "separable_dichotomies"]
 
 
 @dataclass
@@ -48,9 +48,15 @@ class NNLSSolution:
     converged: torch.Tensor
 
 
-def _gather_blocks(gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(Q, s, s) blocks gram[group[q]][idx[q]][:, idx[q]]."""
-    return gram[group[:, None, None], idx[:, :, None], idx[:, None, :]]
+def _gather_blocks(
+    gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, rank_one: torch.Tensor | None
+) -> torch.Tensor:
+    """(Q, s, s) blocks gram[group[q]][idx[q]][:, idx[q]] (+ v_F v_F^T for a per-problem rank-one term)."""
+    blocks = gram[group[:, None, None], idx[:, :, None], idx[:, None, :]]
+    if rank_one is not None:
+        v = torch.gather(rank_one, 1, idx)
+        blocks = blocks + v[:, :, None] * v[:, None, :]
+    return blocks
 
 
 def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -84,11 +90,15 @@ def _dual(
     u: torch.Tensor,
     h: torch.Tensor,
     sigma: torch.Tensor,
+    rank_one: torch.Tensor | None,
 ) -> torch.Tensor:
     """w = sigma * (X t - K (sigma * lambda)): the negative gradient, with u = sigma_F * lambda_F padded."""
     u = u * valid
     rows = gram[group[:, None], idx]  # (Q, s, T): rows of K on the passive set (K is symmetric)
-    return sigma * (h - torch.einsum("qs,qst->qt", u, rows))
+    ku = torch.einsum("qs,qst->qt", u, rows)
+    if rank_one is not None:
+        ku = ku + rank_one * (torch.gather(rank_one, 1, idx) * u).sum(1, keepdim=True)
+    return sigma * (h - ku)
 
 
 def batched_nnls(
@@ -102,6 +112,7 @@ def batched_nnls(
     max_iter: int | None = None,
     tol: float = 1e-10,
     cutoff: float = 1e-12,
+    rank_one: torch.Tensor | None = None,
 ) -> NNLSSolution:
     """Solve Q NNLS problems that share B Gram matrices, exactly (batched Lawson-Hanson).
 
@@ -115,6 +126,8 @@ def batched_nnls(
         max_iter: cap on batched iterations (default 3 T + 30, far above what LH needs in practice).
         tol: relative dual-feasibility tolerance: a point enters while its w_i > tol ||t|| max||x||.
         cutoff: eigenvalue cut-off of the fallback pseudo-inverse for singular passive blocks.
+        rank_one: optional (Q, T) v_q making problem q's (unsigned) Gram K_b + v_q v_q^T (used by the
+            separability test, whose constraint rows carry an extra constant coordinate).
 
     Returns:
         An :class:`NNLSSolution`.
@@ -156,7 +169,7 @@ def batched_nnls(
         # Unconstrained least squares on the passive set: K_FF u = h_F, lambda_F = sigma_F u.
         idx, valid = _padded_support(p_act)
         grp = group[act]
-        blocks = _gather_blocks(gram, grp, idx)
+        blocks = _gather_blocks(gram, grp, idx, None if rank_one is None else rank_one[act])
         eye = torch.eye(idx.shape[1], dtype=dtype, device=device)
         pad2 = ~(valid[:, :, None] & valid[:, None, :])
         blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
@@ -198,12 +211,14 @@ def batched_nnls(
         # Fresh dual for the probes back at the outer loop.
         idx2, valid2 = _padded_support(p_new)
         u2 = torch.gather(l_new, 1, idx2) * torch.gather(sigma[act], 1, idx2)
-        w[act] = _dual(gram, grp, idx2, valid2, u2, h[act], sigma[act])
+        w[act] = _dual(
+            gram, grp, idx2, valid2, u2, h[act], sigma[act], None if rank_one is None else rank_one[act]
+        )
     converged = done.clone()
     # Certificate: dual feasibility off the support, stationarity on it, primal feasibility.
     idx, valid = _padded_support(passive)
     u = torch.gather(lam, 1, idx) * torch.gather(sigma, 1, idx)
-    w = _dual(gram, group, idx, valid, u, h, sigma)
+    w = _dual(gram, group, idx, valid, u, h, sigma, rank_one)
     off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
     on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
     kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)
@@ -211,3 +226,25 @@ def batched_nnls(
     return NNLSSolution(
         lam=lam, proj_norm2=proj_norm2, kkt_violation=kkt, iterations=iterations, converged=converged
     )
+
+
+def separable_dichotomies(
+    gram: torch.Tensor, group: torch.Tensor, sigma: torch.Tensor, *, rtol: float = 1e-9
+) -> torch.Tensor:
+    """Exact test of strict homogeneous separability: is there a v with sigma_i <v, x_i> > 0 for all i?
+
+    Least-distance programming (Lawson & Hanson, ch. 23): G v >= 1 is feasible iff the NNLS problem
+    min_{u >= 0} || E u - e_{N+1} ||,  E = [G^T; 1^T],  has a non-zero residual. E's Gram is
+    D (K + sigma sigma^T) D and E^T e_{N+1} = 1, so the batched solver handles it with a rank-one term.
+    A zero residual means the origin is in the convex hull of the signed points: not separable.
+
+    Args:
+        gram: (B, T, T) point Grams (points scaled to mean squared norm 1).
+        group: (U,) group of each dichotomy; sigma: (U, T) point signs (0 on padding).
+    Returns:
+        (U,) bool, True where the dichotomy is separable.
+    """
+    ones = torch.ones(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    point_scale = float(gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).max().sqrt()) + 1.0
+    sol = batched_nnls(gram, group, sigma.clone(), sigma, ones, point_scale=point_scale, rank_one=sigma)
+    return (1.0 - sol.proj_norm2) > rtol

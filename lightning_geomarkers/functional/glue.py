@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lightning_geomarkers.errors import NonSeparableWarning, SolverWarning
-from lightning_geomarkers.functional._nnls import batched_nnls
+from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
 from lightning_geomarkers.functional._validation import (
     as_generator,
     as_manifolds,
@@ -49,8 +49,6 @@ GLUE_MARKERS = (
 )
 
 DICHOTOMY_KINDS = ("random", "balanced", "one_vs_rest")
-#: A probe is degenerate when its cone projection keeps all but this fraction of ||t||^2 (t in the cone).
-_DEGENERATE_RTOL = 1e-9
 
 
 @dataclass
@@ -186,6 +184,19 @@ def _block_gram_rows(gram: torch.Tensor, group: torch.Tensor, w: torch.Tensor) -
     return torch.einsum("qs,qsp,qst->qpt", vals, owner, rows)
 
 
+def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B * n_t,) bool: is each probe's dichotomy strictly separable? Solved once per distinct dichotomy
+    of a group, up to sign (y and -y are separable together): at most 2 per pair for P = 2."""
+    n_groups, n_t, n_man = labels.shape
+    canon = labels * labels[..., :1]
+    group = torch.arange(n_groups, device=labels.device).repeat_interleave(n_t)
+    rows = torch.cat([group[:, None].to(labels.dtype), canon.reshape(-1, n_man)], dim=1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    u_group = uniq[:, 0].long()
+    sigma = (uniq[:, 1:, None] * mask[u_group].to(labels.dtype)).reshape(uniq.shape[0], -1)
+    return separable_dichotomies(gram, u_group, sigma)[inverse]
+
+
 def _glue_markers(
     points: torch.Tensor,
     mask: torch.Tensor,
@@ -275,8 +286,7 @@ def _glue_markers(
         coef = w.reshape(n_groups, n_t, n_man, m_max)
         anchors = torch.einsum("bkpm,bpmn->bkpn", coef, points)
 
-    proj = sol.proj_norm2.reshape(n_groups, n_t)
-    degenerate = proj >= (1 - _DEGENERATE_RTOL) * t_norm.reshape(n_groups, n_t).square()
+    degenerate = ~_separable_probes(gram, mask, labels).reshape(n_groups, n_t)
     return {
         "capacity": capacity,
         "dimension": dimension,
@@ -315,8 +325,8 @@ def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: flo
     """Turn solver diagnostics into warnings that say what happened and what to do."""
     if n_degenerate:
         warnings.warn(
-            f"GLUE{where}: {n_degenerate} of {n_probes} probes were degenerate (the probe lay inside the cone of "
-            "the manifolds: the data are not linearly separable for that dichotomy), so dimension, radius and "
+            f"GLUE{where}: {n_degenerate} of {n_probes} probes were degenerate (the manifolds are not linearly "
+            "separable by a hyperplane through the origin for that probe's dichotomy), so dimension, radius and "
             "utility are unreliable. Use fewer points per class or fewer classes, or a larger feature "
             "dimension (roughly P * M <= 2 N is needed for generic points).",
             NonSeparableWarning,
