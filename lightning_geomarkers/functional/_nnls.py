@@ -101,6 +101,83 @@ def _dual(
     return sigma * (h - ku)
 
 
+@dataclass
+class _WorkingSet:
+    """Per-row state of the batched Lawson-Hanson iteration (rows still running).
+
+    The passive set of each row is kept as padded slots (indices into the points, their multipliers
+    and a validity mask) that are updated in place: adding fills a free slot, dropping clears one, so no
+    per-iteration sort or re-gather of dense (Q, T) arrays is needed.
+    """
+
+    rows: torch.Tensor
+    group: torch.Tensor
+    h: torch.Tensor
+    sigma: torch.Tensor
+    rank_one: torch.Tensor | None
+    w_tol: torch.Tensor
+    passive: torch.Tensor
+    blocked: torch.Tensor
+    slots: torch.Tensor
+    valid: torch.Tensor
+    x: torch.Tensor
+    w: torch.Tensor
+    pending: torch.Tensor
+    done: torch.Tensor
+
+    def compress(self, keep: torch.Tensor) -> None:
+        for name in (
+            "rows",
+            "group",
+            "h",
+            "sigma",
+            "rank_one",
+            "w_tol",
+            "passive",
+            "blocked",
+            "slots",
+            "valid",
+            "x",
+            "w",
+            "pending",
+            "done",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+
+    def insert(self, adding: torch.Tensor, j: torch.Tensor) -> None:
+        """Put point j[r] into a free slot of every adding row r (growing the slots when full)."""
+        if not bool((~self.valid[adding]).any(1).all()):
+            n = self.slots.shape[0]
+            self.slots = torch.cat([self.slots, self.slots.new_zeros((n, 1))], 1)
+            self.valid = torch.cat([self.valid, self.valid.new_zeros((n, 1))], 1)
+            self.x = torch.cat([self.x, self.x.new_zeros((n, 1))], 1)
+        r = adding.nonzero().squeeze(1)
+        slot = (~self.valid[r]).to(torch.int8).argmax(1)
+        self.slots[r, slot] = j[r]
+        self.valid[r, slot] = True
+        self.x[r, slot] = 0.0
+        self.passive[r, j[r]] = True
+
+    def write_back(
+        self,
+        sel: torch.Tensor,
+        lam_out: torch.Tensor,
+        done_out: torch.Tensor,
+        n_points: int,
+        certified: bool = True,
+    ) -> None:
+        """Scatter the multipliers of the selected rows into the dense (Q, T) output."""
+        if not bool(sel.any()):
+            return
+        slots = torch.where(self.valid[sel], self.slots[sel], n_points)  # padding -> a spare column
+        dense = lam_out.new_zeros((slots.shape[0], n_points + 1))
+        dense.scatter_(1, slots, self.x[sel] * self.valid[sel])
+        lam_out[self.rows[sel]] = dense[:, :n_points]
+        done_out[self.rows[sel]] = certified
+
+
 def batched_nnls(
     gram: torch.Tensor,
     group: torch.Tensor,
@@ -136,85 +213,91 @@ def batched_nnls(
     device, dtype = h.device, h.dtype
     if max_iter is None:
         max_iter = 3 * n_points + 30
-    scale = t_norm * point_scale  # (Q,)
-    w_tol = tol * scale
-    lam = torch.zeros((n_probs, n_points), dtype=dtype, device=device)
-    passive = torch.zeros((n_probs, n_points), dtype=torch.bool, device=device)
-    eligible = sigma != 0
-    w = sigma * h  # gradient at lambda = 0
-    done = torch.zeros(n_probs, dtype=torch.bool, device=device)
-    pending = torch.zeros(n_probs, dtype=torch.bool, device=device)  # inside LH's inner loop
-    # A point whose addition could not raise its multiplier (round-off) is blocked until the next move.
-    blocked = torch.zeros_like(passive)
+    lam_out = torch.zeros((n_probs, n_points), dtype=dtype, device=device)
+    done_out = torch.zeros(n_probs, dtype=torch.bool, device=device)
+
+    # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
+    # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
+    st = _WorkingSet(
+        rows=torch.arange(n_probs, device=device),
+        group=group,
+        h=h,
+        sigma=sigma,
+        rank_one=rank_one,
+        w_tol=tol * t_norm * point_scale,
+        passive=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
+        blocked=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
+        slots=torch.zeros((n_probs, 0), dtype=torch.long, device=device),
+        valid=torch.zeros((n_probs, 0), dtype=torch.bool, device=device),
+        x=torch.zeros((n_probs, 0), dtype=dtype, device=device),
+        w=sigma * h,  # negative gradient at lambda = 0
+        pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
+        done=torch.zeros(n_probs, dtype=torch.bool, device=device),
+    )
+    eye_cache: dict[int, torch.Tensor] = {}
     iterations = 0
-    while iterations < max_iter:
-        act = (~done).nonzero().squeeze(1)
-        if act.numel() == 0:
-            break
+    while st.rows.numel() and iterations < max_iter:
         iterations += 1
-        p_act, l_act, w_act = passive[act], lam[act], w[act]
-        pend = pending[act]
-        # Outer step of LH for the probes not inside an inner loop: add the most violating point.
-        cand = torch.where(eligible[act] & ~p_act & ~blocked[act], w_act, torch.full_like(w_act, -torch.inf))
-        best, j = cand.max(1)
-        adding = ~pend & (best > w_tol[act])
-        finished = ~pend & ~adding
-        if bool(finished.any()):
-            done[act[finished]] = True
-        keep = ~finished
-        if not bool(keep.any()):
-            continue
-        act, p_act, l_act, j, adding = act[keep], p_act[keep], l_act[keep], j[keep], adding[keep]
-        p_act[adding, j[adding]] = True
-        # Unconstrained least squares on the passive set: K_FF u = h_F, lambda_F = sigma_F u.
-        idx, valid = _padded_support(p_act)
-        grp = group[act]
-        blocks = _gather_blocks(gram, grp, idx, None if rank_one is None else rank_one[act])
-        eye = torch.eye(idx.shape[1], dtype=dtype, device=device)
-        pad2 = ~(valid[:, :, None] & valid[:, None, :])
-        blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
-        sig_f = torch.gather(sigma[act], 1, idx) * valid
-        rhs = torch.gather(h[act], 1, idx) * valid
-        u = _solve_spd(blocks, rhs, cutoff)
+        # Outer step of LH for the rows not inside an inner loop: add the most violating point.
+        eligible = (st.sigma != 0) & ~st.passive & ~st.blocked
+        best, j = torch.where(eligible, st.w, torch.full_like(st.w, -torch.inf)).max(1)
+        adding = ~st.pending & ~st.done & (best > st.w_tol)
+        st.done |= ~st.pending & ~adding
+        if bool(st.done.all()):
+            break
+        if 4 * int(st.done.sum()) >= st.rows.numel():
+            st.write_back(st.done, lam_out, done_out, n_points)
+            keep = ~st.done
+            adding, j = adding[keep], j[keep]
+            st.compress(keep)
+        if bool(adding.any()):
+            st.insert(adding, j)
+        # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
+        n_slots = st.slots.shape[1]
+        if n_slots not in eye_cache:
+            eye_cache[n_slots] = torch.eye(n_slots, dtype=dtype, device=device)
+        blocks = _gather_blocks(gram, st.group, st.slots, st.rank_one)
+        pad2 = ~(st.valid[:, :, None] & st.valid[:, None, :])
+        blocks = torch.where(pad2, eye_cache[n_slots].expand_as(blocks), blocks)
+        sig_f = torch.gather(st.sigma, 1, st.slots) * st.valid
+        u = _solve_spd(blocks, torch.gather(st.h, 1, st.slots) * st.valid, cutoff)
         z = sig_f * u  # candidate multipliers on the passive set
-        x_f = torch.gather(l_act, 1, idx)
-        infeasible = valid & (z <= 0)
+        infeasible = st.valid & (z <= 0)
         all_pos = ~infeasible.any(1)
-        # Probes whose newest point got a non-positive multiplier from round-off: block that point.
-        j_pos = (idx == j[:, None]) & valid
-        newest_bad = adding & (infeasible & j_pos).any(1)
+        # Rows whose newest point got a non-positive multiplier from round-off: block that point.
+        newest = st.valid & (st.slots == j[:, None]) & adding[:, None]
+        newest_bad = (infeasible & newest).any(1)
         if bool(newest_bad.any()):
-            rows = act[newest_bad]
-            blocked[rows, j[newest_bad]] = True
-            p_act[newest_bad, j[newest_bad]] = False
-        moved = ~newest_bad
+            r = newest_bad.nonzero().squeeze(1)
+            st.blocked[r, j[r]] = True
+            st.passive[r, j[r]] = False
+            st.valid &= ~(newest & newest_bad[:, None])
+        moved = ~newest_bad & ~st.done
         # Feasible: accept. Infeasible: step back towards the old point until a multiplier hits zero.
-        ratio = torch.where(infeasible, x_f / (x_f - z).clamp_min(torch.finfo(dtype).tiny), torch.inf)
+        ratio = torch.where(infeasible, st.x / (st.x - z).clamp_min(torch.finfo(dtype).tiny), torch.inf)
         alpha = torch.where(all_pos, torch.ones_like(ratio[:, 0]), ratio.min(1).values.clamp(0, 1))
-        new_x = torch.where(all_pos[:, None], z, x_f + alpha[:, None] * (z - x_f))
+        new_x = torch.where(all_pos[:, None], z, st.x + alpha[:, None] * (z - st.x))
         hit = (~all_pos)[:, None] & infeasible & (ratio <= alpha[:, None])
         x_tol = 1e-14 * new_x.abs().amax(1, keepdim=True).clamp_min(1.0)
-        drop = valid & (hit | (new_x <= x_tol))
-        new_x = torch.where(drop | ~valid, torch.zeros_like(new_x), new_x)
-        new_x = torch.where(moved[:, None], new_x, x_f)
-        # Padding slots scatter into a spare last column, never onto a real point.
-        spare = torch.full_like(idx, n_points)
-        l_new = l_act.new_zeros((l_act.shape[0], n_points + 1))
-        l_new.scatter_(1, torch.where(valid, idx, spare), new_x)
-        l_new = l_new[:, :n_points]
-        p_new = torch.cat([p_act, torch.zeros_like(p_act[:, :1])], 1)
-        p_new.scatter_(1, torch.where(drop & moved[:, None], idx, spare), False)
-        p_new = p_new[:, :n_points]
-        lam[act], passive[act] = l_new, p_new
-        pending[act] = moved & ~all_pos
-        blocked[act[moved]] = False
-        # Fresh dual for the probes back at the outer loop.
-        idx2, valid2 = _padded_support(p_new)
-        u2 = torch.gather(l_new, 1, idx2) * torch.gather(sigma[act], 1, idx2)
-        w[act] = _dual(
-            gram, grp, idx2, valid2, u2, h[act], sigma[act], None if rank_one is None else rank_one[act]
-        )
-    converged = done.clone()
+        drop = st.valid & (hit | (new_x <= x_tol)) & moved[:, None]
+        st.x = torch.where(moved[:, None], torch.where(drop | ~st.valid, 0.0, new_x), st.x)
+        if bool(drop.any()):
+            r, c = drop.nonzero(as_tuple=True)
+            st.passive[r, st.slots[r, c]] = False
+            st.valid &= ~drop
+        st.pending = moved & ~all_pos
+        st.blocked &= ~moved[:, None]
+        # Fresh dual (negative gradient) for the next outer step.
+        u_now = st.x * torch.gather(st.sigma, 1, st.slots) * st.valid
+        st.w = _dual(gram, st.group, st.slots, st.valid, u_now, st.h, st.sigma, st.rank_one)
+    st.write_back(st.done, lam_out, done_out, n_points)
+    unfinished = ~st.done
+    if bool(unfinished.any()):  # iteration cap: keep the (feasible) iterate, uncertified
+        st.write_back(unfinished, lam_out, done_out, n_points, certified=False)
+    lam, converged = lam_out, done_out
+    passive = lam > 0
+    eligible = sigma != 0
+    scale = t_norm * point_scale
     # Certificate: dual feasibility off the support, stationarity on it, primal feasibility.
     idx, valid = _padded_support(passive)
     u = torch.gather(lam, 1, idx) * torch.gather(sigma, 1, idx)
