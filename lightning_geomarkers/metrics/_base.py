@@ -40,7 +40,9 @@ class LabelledFeatureMetric(Metric):
         self.labels.append(y.detach())
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.features:
+        # A list before synchronisation; torchmetrics replaces it by one concatenated tensor after.
+        empty = len(self.features) == 0 if isinstance(self.features, list) else self.features.numel() == 0
+        if empty:
             raise ValueError(f"{type(self).__name__}.compute() called before update(); pass features first.")
         x = dim_zero_cat(self.features)
         y = dim_zero_cat(self.labels).long()
