@@ -68,10 +68,27 @@ def test_tensorboard_event_file_has_markers_spectrum_and_layout(tmp_path):
     assert "geometry/glue_dimension" in tags and "geometry/participation_ratio" in tags
 
 
-def test_sanity_check_and_every_n_epochs(tmp_path):
+def test_sanity_check_and_every_n_epochs_with_a_plain_model_checkpoint(tmp_path):
+    """Epochs without a fresh value must not break a ModelCheckpoint on a marker (its key must exist),
+    and nothing but measured values may reach the logger."""
     monitor = GeometryMonitor(every_n_epochs=2, **FAST)
-    fit(tmp_path, monitor, max_epochs=4, num_sanity_val_steps=2)
+    ckpt = ModelCheckpoint(monitor="geometry/glue_dimension", mode="max", dirpath=tmp_path / "ck")
+    tr, _ = fit(tmp_path, monitor, max_epochs=4, num_sanity_val_steps=2, callbacks=[ckpt])
     assert [h["epoch"] for h in monitor.history] == [1, 3]
+    acc = read_events(tr.logger.log_dir)
+    values = [e.value for e in acc.Scalars("geometry/glue_dimension")]
+    assert values == pytest.approx([h["glue_dimension"] for h in monitor.history])
+    best = max(monitor.history, key=lambda h: h["glue_dimension"])
+    assert f"epoch={best['epoch']}" in ckpt.best_model_path
+
+
+def test_histogram_and_history_steps_match_the_scalar_steps(tmp_path):
+    monitor = GeometryMonitor(**FAST)
+    tr, _ = fit(tmp_path, monitor, max_epochs=2)
+    acc = read_events(tr.logger.log_dir)
+    scalar_steps = [e.step for e in acc.Scalars("geometry/glue_dimension")]
+    assert [e.step for e in acc.Histograms("geometry/feature_spectrum")] == scalar_steps
+    assert [h["step"] for h in monitor.history] == scalar_steps
 
 
 def test_alert_fires_when_features_collapse(tmp_path):

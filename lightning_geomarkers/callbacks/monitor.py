@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -319,7 +320,10 @@ class GeometryMonitor(L.Callback):
 
     # ------------------------------------------------------------------ compute and log
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._hooks:
+            return
         if not self._capturing:
+            self._log_missing(trainer)
             return
         self._capturing = False
         for hook in self._hooks.values():
@@ -327,7 +331,7 @@ class GeometryMonitor(L.Callback):
         distributed = (
             trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         )
-        epoch, step = trainer.current_epoch, trainer.global_step
+        epoch, step = trainer.current_epoch, self._log_step(trainer)
         fired: list[AlertEvent] = []
         computed_any = False
         for name, hook in self._hooks.items():
@@ -347,8 +351,9 @@ class GeometryMonitor(L.Callback):
                 computed_any = True
                 self.history.append({"epoch": epoch, "step": step, "layer": name, **values})
             fired += self._run_alerts(name, values, epoch, step, pl_module)
+        self._log_missing(trainer)
         if computed_any:
-            self.last_computed_step = step
+            self.last_computed_step = trainer.global_step
         if any(a.action == "stop" for a in self.alerts):
             stop = any(e.action == "stop" for e in fired)
             if trainer.strategy.reduce_boolean_decision(stop, all=False):
@@ -357,6 +362,25 @@ class GeometryMonitor(L.Callback):
 
     def _key(self, layer: str, marker: str) -> str:
         return f"{self.prefix}/{marker}" if len(self._hooks) == 1 else f"{self.prefix}/{layer}/{marker}"
+
+    @staticmethod
+    def _log_step(trainer: L.Trainer) -> int:
+        """The step Lightning writes epoch-level scalars at (batches that stepped the optimizer), so the
+        histogram, the history and alert messages line up with the scalar charts."""
+        return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+    def _log_missing(self, trainer: L.Trainer) -> None:
+        """Make every marker key exist in ``trainer.callback_metrics`` before its first value.
+
+        A ``ModelCheckpoint``/``EarlyStopping`` monitoring a marker raises when its key is missing, which
+        happens before the first computation (``every_n_epochs > 1``, or a first computation skipped on
+        bad data). Such keys get NaN, which ``ModelCheckpoint`` ranks last; it is not sent to the loggers.
+        Once logged, Lightning keeps a key's latest value there by itself on epochs without a fresh one.
+        """
+        metrics = trainer.callback_metrics  # Lightning's persistent dict, read by ModelCheckpoint
+        for layer in self._hooks:
+            for marker in self.markers:
+                metrics.setdefault(self._key(layer, marker), torch.tensor(math.nan))
 
     def _compute_layer(
         self,
@@ -473,7 +497,7 @@ class GeometryMonitor(L.Callback):
                 if len(self._hooks) == 1
                 else f"{self.prefix}/{layer}/feature_spectrum"
             )
-            writer.add_histogram(tag, spectrum, trainer.global_step)
+            writer.add_histogram(tag, spectrum, self._log_step(trainer))
         if self.custom_scalars and not self._layout_written:
             writer.add_custom_scalars(self._layout())
             self._layout_written = True
