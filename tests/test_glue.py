@@ -414,3 +414,21 @@ def test_separability_test_agrees_with_linear_programming():
             agree += 1
             seen_both.add(want)
     assert agree == 180 and seen_both == {True, False}
+
+
+@pytest.mark.parametrize("n_points,N", [(6, 10), (12, 4)])  # independent points / more points than dims
+def test_probe_separability_with_independence_shortcut_agrees_with_lp(n_points, N):
+    from lightning_geomarkers.functional.glue import _separable_probes
+    from lightning_geomarkers.functional.simulated_capacity import _separable
+
+    rng = np.random.default_rng(n_points)
+    P, M = 3, n_points // 3
+    x = torch.from_numpy(rng.standard_normal((1, P, M, N)) + rng.standard_normal((1, P, 1, N)))
+    mask = torch.ones(1, P, M, dtype=torch.bool)
+    pts, _ = _normalise(x, mask)
+    flat = pts.reshape(1, P * M, N)
+    y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, 16, P)))
+    got = _separable_probes(flat @ flat.transpose(1, 2), mask, y)
+    want = [_separable((y[0, k].repeat_interleave(M)[:, None] * flat[0]).numpy()) for k in range(16)]
+    assert got.tolist() == want
+    assert all(want) == (n_points <= N)

@@ -49,6 +49,9 @@ GLUE_MARKERS = (
 )
 
 DICHOTOMY_KINDS = ("random", "balanced", "one_vs_rest")
+#: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
+#: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
+_INDEPENDENCE_RTOL = 1e-10
 
 
 @dataclass
@@ -188,13 +191,25 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     """(B * n_t,) bool: is each probe's dichotomy strictly separable? Solved once per distinct dichotomy
     of a group, up to sign (y and -y are separable together): at most 2 per pair for P = 2."""
     n_groups, n_t, n_man = labels.shape
-    canon = labels * labels[..., :1]
-    group = torch.arange(n_groups, device=labels.device).repeat_interleave(n_t)
+    separable = torch.ones((n_groups, n_t), dtype=torch.bool, device=labels.device)
+    # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
+    # points are (numerically) dependent need the exact test. Cholesky pivots L_ii^2 are each point's
+    # squared distance from the span of the points before it.
+    padded = gram + torch.diag_embed((~mask.reshape(n_groups, -1)).to(gram.dtype))
+    chol, info = torch.linalg.cholesky_ex(padded)
+    pivots = chol.diagonal(dim1=-2, dim2=-1).square()
+    dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL * pivots.amax(-1))
+    if not bool(dependent.any()):
+        return separable.reshape(-1)
+    dep = dependent.nonzero().squeeze(1)
+    canon = labels[dep] * labels[dep][..., :1]
+    group = dep.repeat_interleave(n_t)
     rows = torch.cat([group[:, None].to(labels.dtype), canon.reshape(-1, n_man)], dim=1)
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     u_group = uniq[:, 0].long()
     sigma = (uniq[:, 1:, None] * mask[u_group].to(labels.dtype)).reshape(uniq.shape[0], -1)
-    return separable_dichotomies(gram, u_group, sigma)[inverse]
+    separable[dep] = separable_dichotomies(gram, u_group, sigma)[inverse].reshape(-1, n_t)
+    return separable.reshape(-1)
 
 
 def _glue_markers(
