@@ -423,8 +423,14 @@ class GeometryMonitor(L.Callback):
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = geometry_markers(
-                feats, labels, markers=self.markers, generator=self.seed, strict=False, **self.glue_kwargs
+                feats,
+                labels,
+                markers=self.markers,
+                generator=self.seed,
+                strict=False,
+                **self.glue_kwargs,
             )
+
         for w in caught:  # re-issue the solver's warnings once per epoch, with context
             self._problem(
                 f"solver:{name}:{w.category.__name__}",

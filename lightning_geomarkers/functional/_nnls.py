@@ -22,7 +22,7 @@ probes still running and solves them with one batched Cholesky in float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -48,15 +48,12 @@ class NNLSSolution:
     converged: torch.Tensor
 
 
-def _gather_blocks(
-    gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, rank_one: torch.Tensor | None
-) -> torch.Tensor:
-    """(Q, s, s) blocks gram[group[q]][idx[q]][:, idx[q]] (+ v_F v_F^T for a per-problem rank-one term)."""
-    blocks = gram[group[:, None, None], idx[:, :, None], idx[:, None, :]]
-    if rank_one is not None:
-        v = torch.gather(rank_one, 1, idx)
-        blocks = blocks + v[:, :, None] * v[:, None, :]
-    return blocks
+def _gram_rows(gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(Q, s, T) rows gram[group[q]][idx[q]], by a 1-D ``index_select`` on linear row indices (much
+    faster than multi-dimensional advanced indexing)."""
+    n_points = gram.shape[-1]
+    flat_rows = gram.reshape(-1, n_points)
+    return flat_rows.index_select(0, (group[:, None] * n_points + idx).reshape(-1)).view(*idx.shape, n_points)
 
 
 def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -83,21 +80,23 @@ def _padded_support(passive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dual(
-    gram: torch.Tensor,
-    group: torch.Tensor,
-    idx: torch.Tensor,
+    rows: torch.Tensor,
     valid: torch.Tensor,
     u: torch.Tensor,
     h: torch.Tensor,
     sigma: torch.Tensor,
     rank_one: torch.Tensor | None,
+    rank_one_f: torch.Tensor | None,
 ) -> torch.Tensor:
-    """w = sigma * (X t - K (sigma * lambda)): the negative gradient, with u = sigma_F * lambda_F padded."""
+    """w = sigma * (X t - K (sigma * lambda)): the negative gradient.
+
+    rows: (Q, s, T) Gram rows of the passive set; u = sigma_F * lambda_F padded (zero where not valid);
+    rank_one / rank_one_f: the optional rank-one term v (Q, T) and its passive entries v_F (Q, s).
+    """
     u = u * valid
-    rows = gram[group[:, None], idx]  # (Q, s, T): rows of K on the passive set (K is symmetric)
     ku = torch.einsum("qs,qst->qt", u, rows)
     if rank_one is not None:
-        ku = ku + rank_one * (torch.gather(rank_one, 1, idx) * u).sum(1, keepdim=True)
+        ku = ku + rank_one * (rank_one_f * u).sum(1, keepdim=True)
     return sigma * (h - ku)
 
 
@@ -124,41 +123,49 @@ class _WorkingSet:
     w: torch.Tensor
     pending: torch.Tensor
     done: torch.Tensor
+    krows: torch.Tensor  # (rows, slots, T): cached Gram row of each slot's point
 
     def compress(self, keep: torch.Tensor) -> None:
-        for name in (
-            "rows",
-            "group",
-            "h",
-            "sigma",
-            "rank_one",
-            "w_tol",
-            "passive",
-            "blocked",
-            "slots",
-            "valid",
-            "x",
-            "w",
-            "pending",
-            "done",
-        ):
-            value = getattr(self, name)
+        """Keep only the selected rows of every per-row field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
             if value is not None:
-                setattr(self, name, value[keep])
+                setattr(self, f.name, value[keep])
 
-    def insert(self, adding: torch.Tensor, j: torch.Tensor) -> None:
-        """Put point j[r] into a free slot of every adding row r (growing the slots when full)."""
+    def insert(self, adding: torch.Tensor, j: torch.Tensor, gram: torch.Tensor) -> None:
+        """Put point j[r] into a free slot of every adding row r (growing the slots when full), and cache
+        its Gram row, so later iterations never re-gather the passive set's rows."""
         if not bool((~self.valid[adding]).any(1).all()):
-            n = self.slots.shape[0]
-            self.slots = torch.cat([self.slots, self.slots.new_zeros((n, 1))], 1)
-            self.valid = torch.cat([self.valid, self.valid.new_zeros((n, 1))], 1)
-            self.x = torch.cat([self.x, self.x.new_zeros((n, 1))], 1)
+            # Grow geometrically: each growth copies the cached rows, so do it rarely.
+            n, grow = self.slots.shape[0], max(4, self.slots.shape[1] // 2)
+            self.slots = torch.cat([self.slots, self.slots.new_zeros((n, grow))], 1)
+            self.valid = torch.cat([self.valid, self.valid.new_zeros((n, grow))], 1)
+            self.x = torch.cat([self.x, self.x.new_zeros((n, grow))], 1)
+            self.krows = torch.cat([self.krows, self.krows.new_zeros((n, grow, self.krows.shape[2]))], 1)
         r = adding.nonzero().squeeze(1)
         slot = (~self.valid[r]).to(torch.int8).argmax(1)
         self.slots[r, slot] = j[r]
         self.valid[r, slot] = True
         self.x[r, slot] = 0.0
         self.passive[r, j[r]] = True
+        self.krows[r, slot] = _gram_rows(gram, self.group[r], j[r, None]).squeeze(1)
+
+    def solve_passive(self, cutoff: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
+
+        Returns the candidate multipliers per slot (0 on free slots) and the rank-one term's entries.
+        """
+        n_slots = self.slots.shape[1]
+        blocks = torch.gather(self.krows, 2, self.slots[:, None, :].expand(-1, n_slots, -1))
+        r1_f = None if self.rank_one is None else torch.gather(self.rank_one, 1, self.slots)
+        if r1_f is not None:
+            blocks = blocks + r1_f[:, :, None] * r1_f[:, None, :]
+        pad2 = ~(self.valid[:, :, None] & self.valid[:, None, :])
+        eye = torch.eye(n_slots, dtype=blocks.dtype, device=blocks.device)
+        blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
+        sig_f = torch.gather(self.sigma, 1, self.slots) * self.valid
+        u = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid, cutoff)
+        return sig_f * u, r1_f
 
     def write_back(
         self,
@@ -233,8 +240,8 @@ def batched_nnls(
         w=sigma * h,  # negative gradient at lambda = 0
         pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
         done=torch.zeros(n_probs, dtype=torch.bool, device=device),
+        krows=torch.zeros((n_probs, 0, n_points), dtype=dtype, device=device),
     )
-    eye_cache: dict[int, torch.Tensor] = {}
     iterations = 0
     while st.rows.numel() and iterations < max_iter:
         iterations += 1
@@ -251,17 +258,9 @@ def batched_nnls(
             adding, j = adding[keep], j[keep]
             st.compress(keep)
         if bool(adding.any()):
-            st.insert(adding, j)
+            st.insert(adding, j, gram)
         # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
-        n_slots = st.slots.shape[1]
-        if n_slots not in eye_cache:
-            eye_cache[n_slots] = torch.eye(n_slots, dtype=dtype, device=device)
-        blocks = _gather_blocks(gram, st.group, st.slots, st.rank_one)
-        pad2 = ~(st.valid[:, :, None] & st.valid[:, None, :])
-        blocks = torch.where(pad2, eye_cache[n_slots].expand_as(blocks), blocks)
-        sig_f = torch.gather(st.sigma, 1, st.slots) * st.valid
-        u = _solve_spd(blocks, torch.gather(st.h, 1, st.slots) * st.valid, cutoff)
-        z = sig_f * u  # candidate multipliers on the passive set
+        z, r1_f = st.solve_passive(cutoff)  # candidate multipliers on the passive set
         infeasible = st.valid & (z <= 0)
         all_pos = ~infeasible.any(1)
         # Rows whose newest point got a non-positive multiplier from round-off: block that point.
@@ -289,7 +288,7 @@ def batched_nnls(
         st.blocked &= ~moved[:, None]
         # Fresh dual (negative gradient) for the next outer step.
         u_now = st.x * torch.gather(st.sigma, 1, st.slots) * st.valid
-        st.w = _dual(gram, st.group, st.slots, st.valid, u_now, st.h, st.sigma, st.rank_one)
+        st.w = _dual(st.krows, st.valid, u_now, st.h, st.sigma, st.rank_one, r1_f)
     st.write_back(st.done, lam_out, done_out, n_points)
     unfinished = ~st.done
     if bool(unfinished.any()):  # iteration cap: keep the (feasible) iterate, uncertified
@@ -301,7 +300,8 @@ def batched_nnls(
     # Certificate: dual feasibility off the support, stationarity on it, primal feasibility.
     idx, valid = _padded_support(passive)
     u = torch.gather(lam, 1, idx) * torch.gather(sigma, 1, idx)
-    w = _dual(gram, group, idx, valid, u, h, sigma, rank_one)
+    r1_f = None if rank_one is None else torch.gather(rank_one, 1, idx)
+    w = _dual(_gram_rows(gram, group, idx), valid, u, h, sigma, rank_one, r1_f)
     off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
     on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
     kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)

@@ -170,21 +170,18 @@ def _mean_abs_cos(
     return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
 
-def _block_gram_rows(gram: torch.Tensor, group: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(Q, P, T) rows w_p K: each manifold's coefficient block times the Gram of its problem group.
+def _block_gram_rows(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, n_t, P, T) rows w_p K: each manifold's coefficient block times its group's Gram.
 
-    Only the non-zero coefficients (the NNLS support, a handful per probe) are gathered, so the cost is
-    Q * support * P * T rather than Q * P * T^2.
+    One dense batched matmul per group, (n_t P, T) @ (T, T): faster than gathering the sparse support's
+    Gram rows, whose (Q, support, T) temporary is memory-bound.
     """
-    q_all, n_man, m_max = w.shape
-    flat = w.reshape(q_all, n_man * m_max)
-    nz = flat != 0
-    s_max = max(int(nz.sum(1).max()), 1)
-    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :s_max]
-    vals = torch.gather(flat, 1, order)  # zero on padding
-    owner = torch.nn.functional.one_hot(order // m_max, n_man).to(w.dtype)  # (Q, s, P)
-    rows = gram[group[:, None], order]  # (Q, s, T)
-    return torch.einsum("qs,qsp,qst->qpt", vals, owner, rows)
+    n_groups, n_t, n_man, m_max = w.shape
+    blocks = torch.zeros((n_groups, n_t, n_man, n_man, m_max), dtype=w.dtype, device=w.device)
+    idx = torch.arange(n_man, device=w.device)
+    blocks[:, :, idx, idx] = w  # block-diagonal: row p holds manifold p's coefficients only
+    rows = blocks.reshape(n_groups, n_t * n_man, n_man * m_max) @ gram
+    return rows.reshape(n_groups, n_t, n_man, -1)
 
 
 def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -254,7 +251,7 @@ def _glue_markers(
     w = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
     n_active = active.reshape(n_groups, n_t, n_man).sum(1)  # (B, P)
     c0 = w.reshape(n_groups, n_t, n_man, m_max).sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, M)
-    wk = _block_gram_rows(gram, group, w)  # (Q, P, T): rows w_p K for each manifold p
+    wk = _block_gram_rows(gram, w.reshape(n_groups, n_t, n_man, m_max))  # rows w_p K per manifold p
     wk4 = wk.reshape(q_all, n_man, n_man, m_max)
     s_s = (wk4 * w[:, None]).sum(-1)  # (Q, P, P) = S S^T
     s_c = (wk4 * c0[group][:, None]).sum(-1)  # (Q, P, P) = S S0^T (unmasked centers)

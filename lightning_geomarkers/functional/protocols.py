@@ -240,5 +240,10 @@ def glue_joint(
         for c in classes.tolist()
     ]
     return glue(
-        manifolds, n_t=n_t, dichotomies=dichotomies, generator=gen, eigen_cutoff=eigen_cutoff, warn=warn
+        manifolds,
+        n_t=n_t,
+        dichotomies=dichotomies,
+        generator=gen,
+        eigen_cutoff=eigen_cutoff,
+        warn=warn,
     )
