@@ -125,14 +125,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {args.device}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, device {args.device}"
+    )
     rows = [bench_joint(rng, args.repeats, args.device), bench_pairs(rng, args.repeats, args.device)]
-    print(f"{'case':<42} {'torch (s)':>10} {'scipy (s)':>10} {'speed-up':>9} {'max rel diff':>13} "
-          f"{'(all 7)':>9} {'KKT':>9}")
+    print(
+        f"{'case':<42} {'torch (s)':>10} {'scipy (s)':>10} {'speed-up':>9} {'max rel diff':>13} "
+        f"{'(all 7)':>9} {'KKT':>9}"
+    )
     for r in rows:
-        print(f"{r['case']:<42} {r['ours_s']:>10.4f} {r['scipy_s']:>10.3f} {r['scipy_s'] / r['ours_s']:>8.1f}x "
-              f"{r['diff']:>13.1e} {r['diff_all']:>9.1e} {r['kkt']:>9.1e}")
+        print(
+            f"{r['case']:<42} {r['ours_s']:>10.4f} {r['scipy_s']:>10.3f} {r['scipy_s'] / r['ours_s']:>8.1f}x "
+            f"{r['diff']:>13.1e} {r['diff_all']:>9.1e} {r['kkt']:>9.1e}"
+        )
     print(f"glue_pairs end to end (own subsample and probes, 45 pairs): {rows[1]['e2e_s']:.4f} s")
 
 

@@ -64,7 +64,9 @@ class GeometryMonitor(L.Callback):
         max_classes: at most this many classes are monitored (a fixed, seeded subset).
         glue_protocol: "pairs" (the paper's: random class pairs, P = 2) or "joint" (all classes).
         points_per_class: GLUE points per class (default: ``samples_per_class``).
-        n_pairs, n_t, dichotomies: GLUE protocol parameters.
+        n_pairs, n_t, dichotomies: GLUE protocol parameters. ``n_t`` defaults to 100 probes per pair
+            (the paper used 200): probes are Monte-Carlo samples of the same expectations, so this halves
+            the cost without changing what is estimated, and the fixed seed keeps epochs comparable.
         center_features, projection_dim: GLUE preprocessing (global centering; random projection of
             wider features).
         lid_k: neighbours of the local intrinsic dimension.
@@ -97,7 +99,7 @@ class GeometryMonitor(L.Callback):
         glue_protocol: str = "pairs",
         points_per_class: int | None = None,
         n_pairs: int | None = 100,
-        n_t: int = 200,
+        n_t: int = 100,
         dichotomies: str = "random",
         center_features: bool = True,
         projection_dim: int | None = 1000,

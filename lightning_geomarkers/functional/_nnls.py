@@ -143,12 +143,16 @@ class _WorkingSet:
             self.x = torch.cat([self.x, self.x.new_zeros((n, grow))], 1)
             self.krows = torch.cat([self.krows, self.krows.new_zeros((n, grow, self.krows.shape[2]))], 1)
         r = adding.nonzero().squeeze(1)
-        slot = (~self.valid[r]).to(torch.int8).argmax(1)
-        self.slots[r, slot] = j[r]
-        self.valid[r, slot] = True
-        self.x[r, slot] = 0.0
-        self.passive[r, j[r]] = True
-        self.krows[r, slot] = _gram_rows(gram, self.group[r], j[r, None]).squeeze(1)
+        n_slots, n_points = self.slots.shape[1], self.passive.shape[1]
+        # Linear indices into flat views: much faster than 2-D advanced-index assignment.
+        cell = r * n_slots + (~self.valid[r]).to(torch.int8).argmax(1)
+        self.slots.view(-1)[cell] = j[r]
+        self.valid.view(-1)[cell] = True
+        self.x.view(-1)[cell] = 0.0
+        self.passive.view(-1)[r * n_points + j[r]] = True
+        self.krows.view(-1, n_points).index_copy_(
+            0, cell, _gram_rows(gram, self.group[r], j[r, None]).squeeze(1)
+        )
 
     def solve_passive(self, cutoff: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
