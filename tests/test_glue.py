@@ -432,3 +432,9 @@ def test_probe_separability_with_independence_shortcut_agrees_with_lp(n_points, 
     want = [_separable((y[0, k].repeat_interleave(M)[:, None] * flat[0]).numpy()) for k in range(16)]
     assert got.tolist() == want
     assert all(want) == (n_points <= N)
+
+
+def test_make_dichotomies_accepts_an_int_seed():
+    a = make_dichotomies("random", 20, 4, 7)
+    b = make_dichotomies("random", 20, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)

@@ -140,3 +140,8 @@ def test_metric_under_two_process_gloo_equals_single_process(tmp_path):
         assert got.keys() == expected.keys()
         for name, value in expected.items():
             assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), (rank, name)
+
+
+def test_unknown_protocol_argument_is_rejected_at_construction():
+    with pytest.raises(TypeError, match="points_per_clas"):
+        GeometryMarkers(points_per_clas=10)

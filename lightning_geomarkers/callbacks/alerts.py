@@ -170,7 +170,12 @@ class MarkerAlert:
                     f"Geometry alert at epoch {epoch} (step {step}): {self.marker} = {value:.4g} is "
                     + " and ".join(reasons)
                     + (f" for {self.wait} consecutive evaluations" if self.patience > 1 else "")
-                    + ". Drops of GLUE dimension/utility forecast weaker out-of-distribution transfer."
+                    + "."
+                    + (
+                        " Drops of GLUE dimension/utility forecast weaker out-of-distribution transfer."
+                        if self.marker.rsplit("/", 1)[-1] in ("glue_dimension", "glue_utility")
+                        else ""
+                    )
                 )
                 event = AlertEvent(self.marker, epoch, step, value, ref, message, self.action_name)
         else:

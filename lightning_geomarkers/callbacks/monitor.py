@@ -184,7 +184,6 @@ class GeometryMonitor(L.Callback):
             "alerts": [a.state_dict() for a in self.alerts],
             "seed": self.seed,
             "last_computed_step": self.last_computed_step,
-            "layout_written": self._layout_written,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -197,7 +196,6 @@ class GeometryMonitor(L.Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.alert_history = [dict(a) for a in state_dict.get("alert_history", [])]
         self.last_computed_step = state_dict.get("last_computed_step")
-        self._layout_written = state_dict.get("layout_written", False)
         saved = state_dict.get("alerts", [])
         if len(saved) == len(self.alerts):
             for alert, st in zip(self.alerts, saved, strict=True):
@@ -440,7 +438,7 @@ class GeometryMonitor(L.Callback):
                 w.category,
             )
         for marker, reason in report.skipped.items():
-            hint = " Use fewer points per class (`points_per_class`)." if marker in GLUE_MARKER_NAMES else ""
+            hint = " Use fewer points per class (`points_per_class`)." if "separab" in reason else ""
             self._problem(
                 f"skip:{name}:{marker}",
                 f"GeometryMonitor skipped {marker} for layer {name!r}: {reason}.{hint}",

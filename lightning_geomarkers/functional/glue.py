@@ -98,10 +98,13 @@ class GlueResult:
         return f"GlueResult({shown})"
 
 
-def make_dichotomies(kind: str | Any, n_t: int, n_manifolds: int, generator: torch.Generator) -> torch.Tensor:
+def make_dichotomies(
+    kind: str | Any, n_t: int, n_manifolds: int, generator: torch.Generator | int | None = None
+) -> torch.Tensor:
     """(n_t, P) float64 tensor of +-1 labels: "random" (i.i.d. signs), "balanced" (half +1, random
     sign for odd P), "one_vs_rest" (+1 on one class, cycling through a random order), or an explicit
-    (n_t, P) array of +-1 (any numeric dtype)."""
+    (n_t, P) array of +-1 (any numeric dtype). ``generator``: CPU generator, int seed or None."""
+    generator = as_generator(generator)
     if isinstance(kind, str):
         if kind not in DICHOTOMY_KINDS:
             raise ValueError(

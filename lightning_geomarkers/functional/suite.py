@@ -9,7 +9,6 @@ with better out-of-distribution transfer (spec section 4), used as default alert
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,7 +126,9 @@ def geometry_markers(
         lid_k: neighbours of the local intrinsic dimension estimate.
         generator: CPU generator or int seed.
         strict: raise on a marker that cannot be computed; otherwise record the reason in
-            ``MarkerReport.skipped`` and carry on with the others.
+            ``MarkerReport.skipped`` and carry on with the others. Markers that come out undefined
+            (not finite, e.g. axis alignments of point-like manifolds) are always left out and listed in
+            ``skipped``.
 
     Returns:
         :class:`MarkerReport`.
@@ -203,9 +204,7 @@ def geometry_markers(
         if name in others:
             attempt((name,), lambda fn=others[name], key=name: {key: fn()})
     for name, val in list(report.values.items()):
-        if not math.isfinite(float(val)):
+        if not math.isfinite(float(val)):  # e.g. alignments of point-like manifolds, which have no axes
             del report.values[name]
-            report.skipped[name] = "non-finite value"
-            if strict:
-                warnings.warn(f"Marker {name} was not finite and is left out.", RuntimeWarning, stacklevel=2)
+            report.skipped[name] = "undefined for these features (the value is not finite)"
     return report

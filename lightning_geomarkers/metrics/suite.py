@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,6 +44,17 @@ class GeometryMarkers(LabelledFeatureMetric):
         super().__init__(seed=seed, **{k: v for k, v in kwargs.items() if k in metric_keys})
         self.markers = resolve_marker_names(markers)
         self.protocol = {k: v for k, v in kwargs.items() if k not in metric_keys}
+        allowed = set(inspect.signature(geometry_markers).parameters) - {
+            "features",
+            "labels",
+            "markers",
+            "generator",
+        }
+        unknown = sorted(set(self.protocol) - allowed)
+        if unknown:
+            raise TypeError(
+                f"Unknown argument(s) {unknown} for {type(self).__name__}; valid: {sorted(allowed)}."
+            )
 
     def _compute(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return geometry_markers(

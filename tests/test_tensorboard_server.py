@@ -1,0 +1,212 @@
+"""End to end through a real TensorBoard server: a tiny Lightning run with ``GeometryMonitor`` and a
+``TensorBoardLogger`` writes its event file, ``tensorboard`` serves it on the loopback interface, and the
+marker scalars, their values and the custom-scalars layout come back through TensorBoard's HTTP API.
+
+Loopback only (127.0.0.1, a free port); the server is always stopped. Runs in well under a minute on two
+CPU cores (the run itself takes a few seconds; TensorBoard's start-up most of the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_geomarkers import GeometryMonitor, MarkerAlert
+
+pytest.importorskip("tensorboard")
+
+MARKER_TAGS = (
+    "geometry/glue_capacity",
+    "geometry/glue_dimension",
+    "geometry/glue_radius",
+    "geometry/glue_utility",
+    "geometry/participation_ratio",
+    "geometry/effective_rank",
+    "geometry/nc1",
+    "geometry/lid",
+)
+START_TIMEOUT_S = 40.0
+
+
+class _TinyNet(L.LightningModule):
+    """Two hidden ReLU layers and a linear head: the head's input is what the monitor watches."""
+
+    def __init__(self, dim: int = 16, width: int = 32, n_classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _gaussian_classes(n_classes: int = 4, per_class: int = 30, dim: int = 16):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = 3 * torch.randn(n_classes, dim, generator=g)[y] + torch.randn(len(y), dim, generator=g)
+    return x, y
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(base: str, path: str, **params: str):
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"{base}{path}{query}", timeout=5) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read().decode("utf-8"))
+
+
+@pytest.fixture
+def logdir(tmp_path):
+    """A finished two-epoch run with the monitor (small GLUE settings) and an alert, logged to TensorBoard."""
+    L.seed_everything(0, verbose=False)
+    x, y = _gaussian_classes()
+    monitor = GeometryMonitor(
+        samples_per_class=20,
+        n_pairs=3,
+        n_t=30,
+        lid_k=5,
+        alerts=[MarkerAlert("glue_dimension", relative_drop=0.5)],
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        callbacks=[monitor],
+        logger=TensorBoardLogger(tmp_path / "logs", name="tiny"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    data = TensorDataset(x, y)
+    trainer.fit(_TinyNet(), DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=40))
+    assert len(monitor.history) == 2
+    return tmp_path / "logs"
+
+
+@pytest.fixture
+def server(logdir, tmp_path) -> Iterator[str]:
+    """``tensorboard`` on 127.0.0.1:<free port> over ``logdir``; yields the base URL, always stopped."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "tensorboard.log"
+    log_file = open(log_path, "wb")  # a file, not a pipe: a full pipe would block the server
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                out = log_path.read_text(encoding="utf-8", errors="replace")
+                pytest.fail(f"tensorboard exited with code {proc.returncode}:\n{out[-3000:]}")
+            try:
+                _get_json(base, "/data/runs")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"tensorboard did not answer on {base} within {START_TIMEOUT_S:.0f} s")
+                time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log_file.close()
+
+
+def _wait_for_tags(base: str, wanted, timeout: float = START_TIMEOUT_S) -> dict:
+    """Poll the scalars plugin until every wanted tag is served (TensorBoard loads runs in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tags = _get_json(base, "/data/plugin/scalars/tags")
+        served = {tag for run_tags in tags.values() for tag in run_tags}
+        if set(wanted) <= served or time.monotonic() > deadline:
+            return tags
+        time.sleep(0.25)
+
+
+def test_tensorboard_serves_marker_scalars_and_layout(server):
+    tags = _wait_for_tags(server, MARKER_TAGS)
+    runs = [run for run, run_tags in tags.items() if "geometry/glue_dimension" in run_tags]
+    assert len(runs) == 1, f"expected one run with marker tags, got {tags}"
+    run = runs[0]
+    served = set(tags[run])
+    missing = [t for t in MARKER_TAGS if t not in served]
+    assert not missing, f"marker tags not served: {missing}; served: {sorted(served)}"
+    assert "geometry/alert/glue_dimension" in served
+
+    for tag in ("geometry/glue_dimension", "geometry/glue_utility", "geometry/participation_ratio"):
+        points = _get_json(server, "/data/plugin/scalars/scalars", run=run, tag=tag)
+        assert len(points) == 2, (tag, points)  # one value per validation epoch
+        steps = [step for _, step, _ in points]
+        assert steps == sorted(steps) and len(set(steps)) == 2
+        assert all(math.isfinite(value) for _, _, value in points), (tag, points)
+    dims = _get_json(server, "/data/plugin/scalars/scalars", run=run, tag="geometry/glue_dimension")
+    assert all(value >= 0 for _, _, value in dims)
+
+    layout = _get_json(server, "/data/plugin/custom_scalars/layout")
+    categories = {cat["title"]: cat for cat in layout["category"]}
+    assert "geometry" in categories, layout
+    charts = {chart["title"]: chart["multiline"]["tag"] for chart in categories["geometry"]["chart"]}
+    assert "geometry/glue_dimension" in charts["GLUE geometry"]
+    assert "geometry/participation_ratio" in charts["Spectrum"]
+    laid_out = {tag for chart_tags in charts.values() for tag in chart_tags}
+    assert laid_out <= served  # every chart of the layout points at a served tag
+    assert "geometry alerts" in categories
+
+    plugins = _get_json(server, "/data/plugins_listing")
+    assert plugins["custom_scalars"]["enabled"] and plugins["scalars"]["enabled"]
+    assert plugins["histograms"]["enabled"]  # the feature-spectrum histogram
