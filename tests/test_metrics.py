@@ -20,6 +20,7 @@ from lightning_geomarkers.functional import (
     participation_ratio,
     within_class_distance,
 )
+from lightning_geomarkers.functional.suite import GLUE_MARKER_NAMES
 from lightning_geomarkers.metrics import (
     EffectiveRank,
     GeometryMarkers,
@@ -64,18 +65,7 @@ def test_glue_metric_is_the_glue_subset():
     metric = GlueMarkers(**SUITE)
     metric.update(x, y)
     out = metric.compute()
-    assert sorted(out) == sorted(
-        f"glue_{n}"
-        for n in (
-            "capacity",
-            "dimension",
-            "radius",
-            "utility",
-            "center_alignment",
-            "axis_alignment",
-            "center_axis_alignment",
-        )
-    )
+    assert sorted(out) == sorted(GLUE_MARKER_NAMES)
 
 
 @pytest.mark.parametrize(

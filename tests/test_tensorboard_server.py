@@ -22,14 +22,11 @@ from collections.abc import Iterator
 
 import lightning.pytorch as L
 import pytest
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_geomarkers import GeometryMonitor, MarkerAlert
-
-pytest.importorskip("tensorboard")
+from tests.lightning_helpers import TinyMLP, gaussian_classes
 
 MARKER_TAGS = (
     "geometry/glue_capacity",
@@ -42,38 +39,6 @@ MARKER_TAGS = (
     "geometry/lid",
 )
 START_TIMEOUT_S = 40.0
-
-
-class _TinyNet(L.LightningModule):
-    """Two hidden ReLU layers and a linear head: the head's input is what the monitor watches."""
-
-    def __init__(self, dim: int = 16, width: int = 32, n_classes: int = 4) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
-        self.head = nn.Linear(width, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def _gaussian_classes(n_classes: int = 4, per_class: int = 30, dim: int = 16):
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(n_classes).repeat_interleave(per_class)
-    x = 3 * torch.randn(n_classes, dim, generator=g)[y] + torch.randn(len(y), dim, generator=g)
-    return x, y
 
 
 def _free_port() -> int:
@@ -93,7 +58,7 @@ def _get_json(base: str, path: str, **params: str):
 def logdir(tmp_path):
     """A finished two-epoch run with the monitor (small GLUE settings) and an alert, logged to TensorBoard."""
     L.seed_everything(0, verbose=False)
-    x, y = _gaussian_classes()
+    x, y = gaussian_classes(n_classes=4, per_class=30)
     monitor = GeometryMonitor(
         samples_per_class=20,
         n_pairs=3,
@@ -112,7 +77,9 @@ def logdir(tmp_path):
         log_every_n_steps=1,
     )
     data = TensorDataset(x, y)
-    trainer.fit(_TinyNet(), DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=40))
+    trainer.fit(
+        TinyMLP(n_classes=4), DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=40)
+    )
     assert len(monitor.history) == 2
     return tmp_path / "logs"
 
