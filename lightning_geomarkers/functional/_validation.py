@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "as_tensor",
     "check_finite",
+    "check_features",
     "check_features_labels",
     "as_manifolds",
     "as_generator",
@@ -63,6 +64,20 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_features(features: Any, name: str = "features") -> torch.Tensor:
+    """Validate a (S, N) feature matrix (floating, 2-D, non-empty, finite) and return it as a tensor."""
+    x = as_tensor(features, name)
+    if x.ndim != 2:
+        raise ValueError(
+            f"`{name}` must be 2-D (samples, feature_dim), got shape {tuple(x.shape)}. "
+            "Flatten or pool spatial/token dimensions first."
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}).")
+    check_finite(x, name)
+    return x
+
+
 def check_features_labels(
     features: Any, labels: Any, *, min_classes: int = 1, min_per_class: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,15 +85,7 @@ def check_features_labels(
 
     Returns the features as a floating tensor and the labels as int64 on the features' device.
     """
-    x = as_tensor(features, "features")
-    if x.ndim != 2:
-        raise ValueError(
-            f"`features` must be 2-D (samples, feature_dim), got shape {tuple(x.shape)}. "
-            "Flatten or pool spatial/token dimensions first."
-        )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"`features` is empty (shape {tuple(x.shape)}).")
-    check_finite(x, "features")
+    x = check_features(features)
     y = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
     if y.ndim != 1:
         raise ValueError(f"`labels` must be 1-D (samples,), got shape {tuple(y.shape)}.")

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import check_positive_int
-from lightning_geomarkers.functional.preprocessing import _check_features, _scaled64
+from lightning_geomarkers.functional._validation import check_features, check_positive_int
+from lightning_geomarkers.functional.preprocessing import _scaled64
 
 __all__ = ["local_intrinsic_dimension"]
 
@@ -70,7 +70,7 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
         >>> 1.8 < float(local_intrinsic_dimension(plane, method="twonn")) < 2.3
         True
     """
-    x = _check_features(features)
+    x = check_features(features)
     if not isinstance(method, str) or method.lower() not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     method = method.lower()

@@ -10,7 +10,7 @@ Features are ``(S, N)``: one row per sample. Three steps are provided:
 Random draws are made on the CPU from :func:`~lightning_geomarkers.functional._validation.as_generator`
 and then moved, so results do not depend on the compute device.
 
-The private helpers at the bottom (``_check_features``, ``_scaled64``, ``_centered64``) are shared by the
+The private helpers at the bottom (``_scaled64``, ``_centered64``) are shared by the
 marker modules of this package: validation of a lone feature matrix and an overflow/underflow-safe float64
 working copy.
 """
@@ -26,9 +26,8 @@ import torch
 
 from lightning_geomarkers.functional._validation import (
     as_generator,
-    as_tensor,
+    check_features,
     check_features_labels,
-    check_finite,
     check_positive_int,
 )
 
@@ -60,7 +59,7 @@ def center(features: Any) -> torch.Tensor:
         tensor([[-1., -2.],
                 [ 1.,  2.]])
     """
-    x = _check_features(features)
+    x = check_features(features)
     xs, shift = _scaled64(x)
     shifted = xs - xs[:1]
     out = _unscale(shifted - shifted.mean(dim=0, keepdim=True), shift).to(x.dtype)
@@ -106,7 +105,7 @@ def random_projection(
         >>> torch.equal(random_projection(x, 128, generator=0), x)  # N <= out_dim: unchanged
         True
     """
-    x = _check_features(features)
+    x = check_features(features)
     out_dim = check_positive_int(out_dim, "out_dim")
     g = as_generator(generator)
     n_features = x.shape[1]
@@ -215,20 +214,6 @@ def _as_class_ids(classes: Any) -> torch.Tensor:
     if torch.unique(t).numel() != t.numel():
         raise ValueError(f"`classes` contains duplicates ({t.tolist()}); list every class once.")
     return t
-
-
-def _check_features(features: Any, name: str = "features") -> torch.Tensor:
-    """Validate a lone ``(S, N)`` feature matrix (floating, 2-D, non-empty, finite) and return it."""
-    x = as_tensor(features, name)
-    if x.ndim != 2:
-        raise ValueError(
-            f"`{name}` must be 2-D (samples, feature_dim), got shape {tuple(x.shape)}. "
-            "Flatten or pool spatial/token dimensions first."
-        )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}).")
-    check_finite(x, name)
-    return x
 
 
 def _times_pow2(t: torch.Tensor, shift: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.preprocessing import _centered64, _check_features, _scaled64
+from lightning_geomarkers.functional._validation import check_features
+from lightning_geomarkers.functional.preprocessing import _centered64, _scaled64
 
 __all__ = ["participation_ratio", "numerical_rank", "effective_rank"]
 
@@ -45,7 +46,7 @@ def participation_ratio(features: Any) -> torch.Tensor:
         >>> round(float(participation_ratio(torch.eye(3))), 6)  # two equal eigenvalues
         2.0
     """
-    xc = _centered64(_check_features(features))
+    xc = _centered64(check_features(features))
     gram = xc.T @ xc if xc.shape[1] <= xc.shape[0] else xc @ xc.T
     total = torch.trace(gram)
     if float(total) == 0.0:
@@ -76,7 +77,7 @@ def numerical_rank(features: Any, rtol: float = 1e-3) -> torch.Tensor:
         >>> int(numerical_rank(x))
         3
     """
-    x = _check_features(features)
+    x = check_features(features)
     rtol = _check_rtol(rtol)
     sv = torch.linalg.svdvals(_centered64(x))
     if float(sv[0]) == 0.0:
@@ -113,7 +114,7 @@ def effective_rank(features: Any, centered: bool = True) -> torch.Tensor:
         >>> round(float(effective_rank(torch.eye(4), centered=False)), 6)
         4.0
     """
-    x = _check_features(features)
+    x = check_features(features)
     if not isinstance(centered, bool):
         raise TypeError(f"`centered` must be a bool, got {centered!r}.")
     xw = _centered64(x) if centered else _scaled64(x)[0]
