@@ -26,11 +26,10 @@ import torch
 from lightning_geomarkers.functional._hashing import (
     _MASK63,
     _as_int64_labels,
-    _check_seed,
     class_priority,
     sample_keys,
 )
-from lightning_geomarkers.functional._validation import check_positive_int
+from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
 
 __all__ = ["sample_keys", "class_priority", "PerClassSampler"]
 
@@ -101,7 +100,7 @@ class PerClassSampler:
         self.max_classes = (
             None if max_classes is None else check_positive_int(max_classes, "max_classes", minimum=2)
         )
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.reset()
 
     # ------------------------------------------------------------------------------------ state

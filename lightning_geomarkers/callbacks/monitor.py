@@ -24,8 +24,8 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_keys
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
-from lightning_geomarkers.functional._validation import check_positive_int
 from lightning_geomarkers.functional.suite import GLUE_MARKER_NAMES, geometry_markers, resolve_marker_names
+from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
 
 __all__ = ["GeometryMonitor"]
 
@@ -152,9 +152,7 @@ class GeometryMonitor(L.Callback):
                     f"(currently {list(self.markers)})."
                 )
         self.alerts = alerts
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int, got {seed!r}.")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.log_spectrum = bool(log_spectrum)
         self.custom_scalars = bool(custom_scalars)
         if not isinstance(prefix, str) or not prefix:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_geomarkers.utilities.checks import check_seed
+
 __all__ = ["sample_keys", "class_priority"]
 
 _MASK64 = (1 << 64) - 1
@@ -55,12 +57,6 @@ def _fmix64(z: torch.Tensor) -> torch.Tensor:
     z = (z ^ _srl(z, 30)) * _MIX1
     z = (z ^ _srl(z, 27)) * _MIX2
     return z ^ _srl(z, 31)
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"`seed` must be an integer, got {seed!r}.")
-    return int(seed)
 
 
 def _seed_word(seed: int, stream: int) -> int:
@@ -114,7 +110,7 @@ def sample_keys(
         raise TypeError(f"`content` must be a tensor, got {type(content).__name__}.")
     if content.ndim == 0:
         raise ValueError("`content` must have a batch dimension (B, ...), got a 0-d tensor.")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     b = content.shape[0]
     y = _as_int64_labels(labels, b, content.device)
     if b == 0:
@@ -142,7 +138,7 @@ def class_priority(labels: Any, seed: int) -> torch.Tensor:
     Used to keep a fixed, order-independent subset of classes: the ``max_classes`` with the smallest
     priority among those seen.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
     if y.is_floating_point() or y.is_complex():
         raise TypeError(f"`labels` must be integer class ids, got dtype {y.dtype}.")

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import check_features_labels
 from lightning_geomarkers.functional.preprocessing import _scaled64, _unscale
+from lightning_geomarkers.utilities.checks import check_features_labels
 
 __all__ = ["within_class_distance"]
 

@@ -27,13 +27,13 @@ import torch
 
 from lightning_geomarkers.errors import NonSeparableWarning, SolverWarning
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
-from lightning_geomarkers.functional._validation import (
-    as_generator,
+from lightning_geomarkers.utilities.checks import (
     as_manifolds,
     as_tensor,
     check_finite,
     check_positive_int,
 )
+from lightning_geomarkers.utilities.seeds import as_generator, child_generators
 
 __all__ = ["GlueResult", "glue", "make_dichotomies", "GLUE_MARKERS"]
 
@@ -363,8 +363,7 @@ def _prepare_probes(
 
     Probes and dichotomies come from two independent streams seeded from ``generator``.
     """
-    seeds = torch.randint(0, 2**62, (2,), generator=generator)
-    g_t, g_y = torch.Generator().manual_seed(int(seeds[0])), torch.Generator().manual_seed(int(seeds[1]))
+    g_t, g_y = child_generators(generator, 2)
     if probes is None:
         t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64)
     else:

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import check_features, check_positive_int
 from lightning_geomarkers.functional.preprocessing import _scaled64
+from lightning_geomarkers.utilities.checks import check_features, check_positive_int
 
 __all__ = ["local_intrinsic_dimension"]
 

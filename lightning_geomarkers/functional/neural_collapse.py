@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import check_features_labels
 from lightning_geomarkers.functional.preprocessing import _scaled64, _times_pow2
 from lightning_geomarkers.functional.spectral import _check_rtol
+from lightning_geomarkers.utilities.checks import check_features_labels
 
 __all__ = ["neural_collapse"]
 

@@ -7,7 +7,7 @@ Features are ``(S, N)``: one row per sample. Three steps are provided:
 * :func:`random_projection` -- an optional Gaussian random projection when ``N`` is large;
 * :func:`per_class_subsample` -- a fixed number of points per class (the ``M`` of the GLUE protocols).
 
-Random draws are made on the CPU from :func:`~lightning_geomarkers.functional._validation.as_generator`
+Random draws are made on the CPU from :func:`~lightning_geomarkers.utilities.seeds.as_generator`
 and then moved, so results do not depend on the compute device.
 
 The private helpers at the bottom (``_scaled64``, ``_centered64``) are shared by the
@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_geomarkers.functional._validation import (
-    as_generator,
+from lightning_geomarkers.utilities.checks import (
     check_features,
     check_features_labels,
     check_positive_int,
 )
+from lightning_geomarkers.utilities.seeds import as_generator
 
 __all__ = ["center", "random_projection", "per_class_subsample"]
 

@@ -17,11 +17,6 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import (
-    as_generator,
-    check_features_labels,
-    check_positive_int,
-)
 from lightning_geomarkers.functional.glue import (
     GLUE_MARKERS,
     GlueResult,
@@ -31,6 +26,8 @@ from lightning_geomarkers.functional.glue import (
     glue,
     warn_diagnostics,
 )
+from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
+from lightning_geomarkers.utilities.seeds import as_generator
 
 __all__ = ["GluePairsResult", "glue_pairs", "glue_joint"]
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from lightning_geomarkers.functional._validation import as_generator, as_manifolds, check_positive_int
+from lightning_geomarkers.utilities.checks import as_manifolds, check_positive_int
+from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
 
 __all__ = ["SimulatedCapacity", "simulated_capacity"]
 
@@ -102,7 +103,7 @@ def simulated_capacity(
     sizes = [p.shape[0] for p in parts]
     stacked = np.concatenate(parts, axis=0)
     gen = as_generator(generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    (seed,) = split_seeds(gen, 1)
     rng = np.random.default_rng(seed)
 
     crit = np.empty(n_trials, dtype=np.int64)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import check_features
 from lightning_geomarkers.functional.preprocessing import _centered64, _scaled64
+from lightning_geomarkers.utilities.checks import check_features
 
 __all__ = ["participation_ratio", "numerical_rank", "effective_rank"]
 

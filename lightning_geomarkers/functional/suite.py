@@ -15,11 +15,6 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional._validation import (
-    as_generator,
-    check_features_labels,
-    check_positive_int,
-)
 from lightning_geomarkers.functional.distances import within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS
 from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_dimension
@@ -27,6 +22,8 @@ from lightning_geomarkers.functional.neural_collapse import neural_collapse
 from lightning_geomarkers.functional.preprocessing import center, random_projection
 from lightning_geomarkers.functional.protocols import glue_joint, glue_pairs
 from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
+from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
+from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
 
@@ -153,7 +150,7 @@ def geometry_markers(
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     gen = as_generator(generator)
     # Independent streams, so adding or removing one marker leaves the others' draws unchanged.
-    seeds = torch.randint(0, 2**62, (2,), generator=gen).tolist()
+    seeds = split_seeds(gen, 2)
     report = MarkerReport()
 
     def attempt(keys: tuple[str, ...], fn) -> None:

@@ -9,7 +9,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_geomarkers.functional._hashing import sample_keys
-from lightning_geomarkers.functional._validation import check_features_labels
+from lightning_geomarkers.utilities.checks import check_features_labels
 
 
 class LabelledFeatureMetric(Metric):

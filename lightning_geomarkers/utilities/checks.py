@@ -1,7 +1,8 @@
-"""Input validation at the boundary of the functional layer.
+"""Input validation shared by every layer of the package (functional, metrics, callbacks, CLI).
 
 Every public function funnels its arguments through these helpers so that bad input fails early with a
-message that names the problem and the fix.
+message that names the problem and the fix. Like ``torchmetrics.utilities.checks``: one place for the
+rules, so two entry points never accept different inputs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ __all__ = [
     "check_features",
     "check_features_labels",
     "as_manifolds",
-    "as_generator",
     "check_positive_int",
+    "check_seed",
 ]
 
 
@@ -176,21 +177,8 @@ def as_manifolds(
     return points, mask
 
 
-def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
-    """A CPU generator from a seed, an existing generator, or (None) the global torch RNG.
-
-    Random draws are made on the CPU and then moved, so results do not depend on the compute device.
-    """
-    if isinstance(generator, torch.Generator):
-        if generator.device.type != "cpu":
-            raise ValueError("Pass a CPU torch.Generator (draws are made on the CPU for reproducibility).")
-        return generator
-    if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    elif isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        seed = int(generator)
-    else:
-        raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {generator!r}.")
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """Validate an integer seed (bools rejected) and return it as ``int``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer, got {seed!r}.")
+    return int(seed)

@@ -1,0 +1,28 @@
+"""The bottom layer: input validation (``checks``) and seeds (``seeds``), used by every other layer.
+
+Dependencies point one way: utilities <- functional <- metrics <- callbacks <- cli.
+"""
+
+from lightning_geomarkers.utilities.checks import (
+    as_manifolds,
+    as_tensor,
+    check_features,
+    check_features_labels,
+    check_finite,
+    check_positive_int,
+    check_seed,
+)
+from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
+
+__all__ = [
+    "as_generator",
+    "as_manifolds",
+    "as_tensor",
+    "check_features",
+    "check_features_labels",
+    "check_finite",
+    "check_positive_int",
+    "check_seed",
+    "child_generators",
+    "split_seeds",
+]
