@@ -1,4 +1,4 @@
-"""The bottom layer: input validation (``checks``) and seeds (``seeds``), used by every other layer.
+"""The bottom layer: input validation (``checks``), seeds (``seeds``) and thread scoping (``threads``), used by every other layer.
 
 Dependencies point one way: utilities <- functional <- metrics <- callbacks <- cli.
 """
@@ -13,6 +13,7 @@ from lightning_geomarkers.utilities.checks import (
     check_seed,
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
+from lightning_geomarkers.utilities.threads import limit_threads
 
 __all__ = [
     "as_generator",
@@ -24,5 +25,6 @@ __all__ = [
     "check_positive_int",
     "check_seed",
     "child_generators",
+    "limit_threads",
     "split_seeds",
 ]
