@@ -24,7 +24,12 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_keys
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
-from lightning_geomarkers.functional.suite import GLUE_MARKER_NAMES, geometry_markers, resolve_marker_names
+from lightning_geomarkers.functional.suite import (
+    GLUE_MARKER_NAMES,
+    MarkerReport,
+    geometry_markers,
+    resolve_marker_names,
+)
 from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
 
 __all__ = ["GeometryMonitor"]
@@ -213,13 +218,17 @@ class GeometryMonitor(L.Callback):
             self._num_classes = find_classifier_head(pl_module)[1].out_features
         for name, (module, where) in resolved.items():
             self._hooks[name] = FeatureHook(module, where, self.pooling, name=name, strict=self.strict)
-            self._samplers[name] = PerClassSampler(self.samples_per_class, self.max_classes, self.seed)
+            self._samplers[name] = self._new_sampler()
         for alert in self.alerts:
             if "/" in alert.marker and alert.marker.rsplit("/", 1)[0] not in self._hooks:
                 raise ValueError(
                     f"Alert on {alert.marker!r} names a layer that is not monitored; monitored layers: "
                     f"{list(self._hooks)}."
                 )
+
+    def _new_sampler(self) -> PerClassSampler:
+        """A fresh, empty per-class sample with this monitor's settings (one per monitored layer)."""
+        return PerClassSampler(self.samples_per_class, self.max_classes, self.seed)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.remove_hooks()
@@ -396,6 +405,19 @@ class GeometryMonitor(L.Callback):
                     "features were captured. Pass `layers=` naming a module that runs in validation_step."
                 )
             raise RuntimeError("no labelled features were captured this epoch (see the previous warnings).")
+        feats, labels = self._validate_sample(name, feats, labels)
+        report = self.compute_markers(feats, labels, device=pl_module.device, layer=name)
+        values = {m: float(v) for m, v in report.values.items()}
+        for marker, value in values.items():
+            pl_module.log(self._key(name, marker), value, on_epoch=True, on_step=False, sync_dist=False)
+        self._log_tensorboard(trainer, name, feats.to(pl_module.device), values)
+        return values
+
+    def _validate_sample(
+        self, name: str, feats: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a layer's sample before computing: finite features, classes with >= 2 samples (others are
+        left out, with a warning), at least 2 such classes. Raises ``RuntimeError`` naming the problem."""
         if not bool(torch.isfinite(feats).all()):
             raise RuntimeError(
                 "the captured features contain NaN/Inf (diverging training?); no marker is logged for this "
@@ -416,36 +438,57 @@ class GeometryMonitor(L.Callback):
                 f"only {labels.unique().numel()} class with at least 2 samples was seen; geometry markers need "
                 "at least 2 classes. Check the labels or validate on more data."
             )
-        feats = feats.to(pl_module.device)
-        labels = labels.to(pl_module.device)
+        return feats, labels
+
+    def compute_markers(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device | str | None = None,
+        *,
+        layer: str | None = None,
+    ) -> MarkerReport:
+        """The markers of one labelled feature sample with exactly this monitor's settings (no Trainer needed).
+
+        Calls :func:`~lightning_geomarkers.functional.geometry_markers` with the monitor's ``markers``, GLUE
+        protocol arguments and ``generator=seed``, on ``device`` (default: the features' device), so
+        the values equal those the monitor logs for the same sample. Solver warnings and skipped markers are
+        re-issued once (per epoch) as warnings naming ``layer``.
+
+        Args:
+            features: (S, N) features; labels: (S,) integer class ids (e.g. ``sampler.state()[:2]``).
+            device: where to compute.
+            layer: display name used in the warnings.
+
+        Returns:
+            The :class:`~lightning_geomarkers.functional.MarkerReport` (``values`` are 0-dim tensors).
+        """
+        where = "" if layer is None else f", layer {layer!r}"
+        if device is not None:
+            features, labels = features.to(device), labels.to(device)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = geometry_markers(
-                feats,
+                features,
                 labels,
                 markers=self.markers,
                 generator=self.seed,
                 strict=False,
                 **self.glue_kwargs,
             )
-
         for w in caught:  # re-issue the solver's warnings once per epoch, with context
             self._problem(
-                f"solver:{name}:{w.category.__name__}",
-                f"GeometryMonitor, layer {name!r}: {w.message}",
+                f"solver:{layer}:{w.category.__name__}",
+                f"GeometryMonitor{where}: {w.message}",
                 w.category,
             )
         for marker, reason in report.skipped.items():
             hint = " Use fewer points per class (`points_per_class`)." if "separab" in reason else ""
             self._problem(
-                f"skip:{name}:{marker}",
-                f"GeometryMonitor skipped {marker} for layer {name!r}: {reason}.{hint}",
+                f"skip:{layer}:{marker}",
+                f"GeometryMonitor skipped {marker}{' for layer ' + repr(layer) if layer else ''}: {reason}.{hint}",
             )
-        values = {m: float(v) for m, v in report.values.items()}
-        for marker, value in values.items():
-            pl_module.log(self._key(name, marker), value, on_epoch=True, on_step=False, sync_dist=False)
-        self._log_tensorboard(trainer, name, feats, values)
-        return values
+        return report
 
     def _run_alerts(
         self, layer: str, values: dict[str, float], epoch: int, step: int, pl_module: L.LightningModule
