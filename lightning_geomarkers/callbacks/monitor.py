@@ -215,6 +215,12 @@ class GeometryMonitor(L.Callback):
             return self._generate_state_key(prefix=self.prefix, layers=sorted(self._layer_ids.values()))
         return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
 
+    @property
+    def _legacy_state_key(self) -> Any:  # Lightning's fallback key when loading a checkpoint
+        """The key of checkpoints written before ``state_key`` used the resolved layers (``prefix`` and
+        ``str(layers)``), so they still restore."""
+        return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(h) for h in self.history],
