@@ -124,7 +124,6 @@ class PerClassSample(Metric):
     """
 
     is_differentiable = False
-    higher_is_better = None
     full_state_update = False
 
     features: list[torch.Tensor]
@@ -353,6 +352,12 @@ class PerClassSample(Metric):
         last = torch.cumsum(counts, 0) - 1
         thr = torch.where(counts >= self.samples_per_class, store_k[last], _NO_THRESHOLD)
         self._thr_cache = (store_y, cls, thr)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Load the states (saved after ``persistent(True)``); a loaded sample counts as updated."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.features:
+            self._update_count = max(self._update_count, 1)
 
     # ------------------------------------------------------------------------------------ sync
     def _sync_dist(
