@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from lightning_geomarkers.functional import (
     effective_rank,
@@ -358,3 +358,63 @@ def test_metric_uses_given_keys_to_pick_the_same_inputs_whatever_the_features():
     c = ParticipationRatio(samples_per_class=10)
     c.update(x * 1.000001 + 1e-6, y)  # keyed on the features: another subset
     assert not torch.equal(a.state()[2], c.state()[2])
+
+
+def test_forward_and_merge_state_accumulate_like_update():
+    """torchmetrics' forward() (batch value + accumulation) and merge_state() concatenate list states; the
+    sample re-selects on the next read, so both equal plain updates."""
+    x, y = gaussian_classes(n_classes=4, per_class=30, dim=8)
+    plain = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
+    plain.update(x, y)
+    stepped = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
+    for part in torch.arange(120).split(40):
+        batch_value = stepped(x[part], y[part])
+        alone = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
+        alone.update(x[part], y[part])
+        assert batch_value.keys() == alone.compute().keys()
+        assert all(torch.equal(batch_value[m], alone.compute()[m]) for m in batch_value)
+    halves = [PerClassSample(10, 3, seed=0), PerClassSample(10, 3, seed=0)]
+    halves[0].update(x[::2], y[::2])
+    halves[1].update(x[1::2], y[1::2])
+    halves[0].merge_state(halves[1])
+    for got in (stepped, halves[0]):
+        for a, b in zip(got.state(), plain.state(), strict=True):
+            assert torch.equal(a, b)
+        assert got.n_seen == plain.n_seen == {c: 30 for c in range(4)}
+
+
+def test_metric_collection_shares_a_sample_only_between_equal_configurations():
+    """MetricCollection's compute groups share the states of metrics whose states are equal after the
+    first update; the configuration state keeps samples with different arguments apart."""
+    x, y = gaussian_classes(n_classes=4, per_class=400, dim=8)
+    make = {
+        "pr": lambda: ParticipationRatio(samples_per_class=10),
+        "nc1": lambda: NeuralCollapse(samples_per_class=10),
+        "wcd": lambda: WithinClassDistance(samples_per_class=20),
+        "wcd_seed": lambda: WithinClassDistance(samples_per_class=20, seed=1),
+    }
+    collection = MetricCollection({name: fn() for name, fn in make.items()})
+    # small batches: the first one (< 10 rows per class) leaves k=10 and k=20 with equal states; then
+    # enough rows to force merges of the pending buffer
+    for part in torch.randperm(1600, generator=torch.Generator().manual_seed(0)).split(8):
+        collection.update(x[part], y[part])
+    groups = sorted(sorted(g) for g in collection.compute_groups.values())
+    assert groups == [["nc1", "pr"], ["wcd"], ["wcd_seed"]]
+    out = collection.compute()
+    for name, fn in make.items():
+        alone = fn()
+        alone.update(x, y)
+        assert float(out[name]) == pytest.approx(float(alone.compute()), rel=1e-12), name
+
+
+def test_loading_a_state_saved_with_other_arguments_is_refused():
+    x, y = gaussian_classes(n_classes=3, per_class=20, dim=4)
+    saved = PerClassSample(5, max_classes=None, seed=2)
+    saved.update(x, y)
+    saved.persistent(True)
+    other = PerClassSample(8, max_classes=None, seed=2)
+    with pytest.raises(ValueError, match=r"samples_per_class=5, max_classes=None, seed=2.*saved arguments"):
+        other.load_state_dict(saved.state_dict())
+    assert other.num_stored == 0 and other.samples_per_class == 8
+    other.update(x, y)  # still usable with its own arguments
+    assert other.num_stored == 24

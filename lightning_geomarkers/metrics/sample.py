@@ -81,6 +81,11 @@ def _sum_by_class(classes: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
     return uniq, torch.zeros_like(uniq).index_add_(0, inverse, counts.to(uniq.dtype))
 
 
+def _first_row(stacked: torch.Tensor) -> torch.Tensor:
+    """Reduction of the configuration state: every process holds the same, keep one."""
+    return stacked[0]
+
+
 class PerClassSample(Metric):
     """Keep, per class, the ``samples_per_class`` samples with the smallest keys (bottom-k sampling).
 
@@ -105,7 +110,9 @@ class PerClassSample(Metric):
             ...).
 
     States (torchmetrics list states, gathered with ``cat``): ``features`` (S, N), ``labels`` and ``keys``
-    (S,) int64, ``seen_classes``/``seen_counts`` (int64). Features are stored detached in the floating dtype
+    (S,) int64, ``seen_classes``/``seen_counts`` (int64); and ``sample_config`` (the arguments, so that a
+    ``MetricCollection`` shares one sample only between metrics with the same arguments, and a loaded
+    state is checked against them). Features are stored detached in the floating dtype
     of the first update; labels and keys live on the features' device (a collective needs them there).
 
     Example:
@@ -153,8 +160,15 @@ class PerClassSample(Metric):
         self.seed = check_seed(seed)
         for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        # The configuration as a state too: a MetricCollection then groups (shares the state of) only
+        # samples with the same configuration, and a loaded state is checked against it.
+        self.add_state("sample_config", default=self._config_tensor(), dist_reduce_fx=_first_row)
         # Derived, never a state: (the store's labels tensor it was computed from, classes, k-th keys).
         self._thr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _config_tensor(self) -> torch.Tensor:
+        mc = -1 if self.max_classes is None else self.max_classes
+        return torch.tensor([self.samples_per_class, mc, self.seed % (1 << 63)], dtype=torch.int64)
 
     # ------------------------------------------------------------------------------------ reading
     @property
@@ -356,6 +370,17 @@ class PerClassSample(Metric):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Load the states (saved after ``persistent(True)``); a loaded sample counts as updated."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = self.sample_config.cpu().tolist()
+        if saved != self._config_tensor().tolist():
+            self.sample_config = self._config_tensor().to(self.sample_config.device)
+            self.reset()
+            k, mc, seed = saved
+            raise ValueError(
+                f"The loaded state was saved by a sample with samples_per_class={k}, "
+                f"max_classes={None if mc < 0 else mc}, seed={seed}, but this {type(self).__name__} has "
+                f"samples_per_class={self.samples_per_class}, max_classes={self.max_classes}, seed={self.seed}. "
+                "Construct it with the saved arguments."
+            )
         if self.features:
             self._update_count = max(self._update_count, 1)
 
@@ -386,7 +411,7 @@ class PerClassSample(Metric):
                 "layer's features to this sample."
             )
         if not dims:  # nobody has anything: no further collective, on any rank
-            for name in self._defaults:
+            for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
                 setattr(self, name, [])
             return
         dim = dims.pop()
@@ -400,6 +425,7 @@ class PerClassSample(Metric):
             self.features = [local.to(device=device, dtype=dtype)]
         seen_c, seen_n = self._seen()
         self.seen_classes, self.seen_counts = [seen_c.to(device)], [seen_n.to(device)]
+        self.sample_config = self.sample_config.to(device)
         super()._sync_dist(dist_sync_fn, process_group=process_group)
         # torchmetrics leaves concatenated tensors: back to list states, then re-select.
         self.features = [_cat(self.features).reshape(-1, dim)]
