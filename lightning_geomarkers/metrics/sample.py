@@ -97,9 +97,10 @@ class PerClassSample(Metric):
     ``max_classes`` subset, samples beyond the k-th smallest key of their class in the batch, samples whose
     key is not below their full class's current k-th key), the rest goes to a pending buffer that is merged
     into the store (one vectorised sort, no Python loop over classes) once it is as large as the store (or
-    ``compact_min_rows`` rows). So at most about ``2 * C * k + compact_min_rows`` rows of features are held
-    (``C`` classes kept, ``k = samples_per_class``), plus one class count per class seen. Readers
-    (:meth:`state`, :attr:`num_stored`, ...) merge first, so they always see at most k samples per class.
+    ``compact_min_rows`` rows, or holds ``compact_max_chunks`` chunks). So at most
+    ``C * k + max(C * k, compact_min_rows)`` rows of features plus one batch are held (``C`` classes kept,
+    ``k = samples_per_class``), plus one count per class seen. Readers (:meth:`state`,
+    :attr:`num_stored`, ...) merge first, so they always see at most k samples per class.
 
     Args:
         samples_per_class: ``k``, samples kept per class (>= 2).
@@ -251,7 +252,8 @@ class PerClassSample(Metric):
         if cache is not None and cache[1].numel():
             thr_cls, thr = cache[1], cache[2]
             pos = torch.searchsorted(thr_cls, y).clamp_(max=thr_cls.numel() - 1)
-            mask &= k < torch.where(thr_cls[pos] == y, thr[pos], _NO_THRESHOLD)
+            t = torch.where(thr_cls[pos] == y, thr[pos], _NO_THRESHOLD)
+            mask &= (k < t) | (t == _NO_THRESHOLD)  # a class not (yet) full takes any key
         idx = mask.nonzero().flatten()
         yi, ki = y[idx], k[idx]
         order = _lexsort(yi, ki)
