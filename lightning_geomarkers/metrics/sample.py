@@ -139,6 +139,7 @@ class PerClassSample(Metric):
     keys: list[torch.Tensor]
     seen_classes: list[torch.Tensor]
     seen_counts: list[torch.Tensor]
+    sample_config: torch.Tensor
 
     #: The pending buffer is merged once it holds max(stored rows, this many) rows.
     compact_min_rows: int = 1024
