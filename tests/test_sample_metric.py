@@ -324,3 +324,22 @@ def test_sync_rejects_different_feature_dims() -> None:
     b.update(torch.randn(4, 5), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(RuntimeError, match="Feature dimensions differ"):
         _sync_as_ranks([a, b])
+
+
+def test_set_dtype_converts_only_the_features_and_to_moves_everything() -> None:
+    x, y = _dataset(40, 3, dim=5)
+    s = PerClassSample(4, seed=0)
+    s.update(x, y)
+    feats, labels, keys = (t.clone() for t in s.state())
+    assert bool((keys > 2**53).any())  # keys a float64 cast would round
+    s.set_dtype(torch.float64)
+    f64, labels64, keys64 = s.state()
+    assert f64.dtype == torch.float64 and torch.equal(f64, feats.double())
+    assert labels64.dtype == keys64.dtype == torch.int64
+    assert torch.equal(labels64, labels) and torch.equal(keys64, keys)
+    assert s.sample_config.dtype == torch.int64 and s.n_seen == {c: int((y == c).sum()) for c in range(3)}
+    s.half()  # torchmetrics ignores plain dtype casts of metric states
+    assert s.state()[0].dtype == torch.float64
+    s.to("cpu")
+    s.update(x[:3] * 10, y[:3])  # still accepts updates after the moves
+    assert s.num_stored == 12

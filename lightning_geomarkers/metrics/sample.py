@@ -19,10 +19,11 @@ package accumulate into it, and ``GeometryMonitor`` holds one per monitored laye
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -38,6 +39,7 @@ __all__ = ["PerClassSample", "sample_keys", "class_priority"]
 
 _DTYPE_CODES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NO_THRESHOLD = _MASK63
+_INT_STATES = ("labels", "keys", "seen_classes", "seen_counts", "sample_config")
 
 
 def _lexsort(labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -386,6 +388,22 @@ class PerClassSample(Metric):
             )
         if self.features:
             self._update_count = max(self._update_count, 1)
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> Module:
+        """``to(device)`` moves every state; ``set_dtype`` converts only the features. The integer states
+        (labels, 63-bit keys, counts, configuration) keep int64: a float cast would lose key bits."""
+        this = super()._apply(fn, exclude_state=(*exclude_state, *_INT_STATES))  # returns self
+        device = self.device  # updated by torchmetrics from fn
+        for name in _INT_STATES:
+            if name in exclude_state:
+                continue
+            value, default = getattr(self, name), self._defaults[name]
+            if isinstance(value, torch.Tensor) and isinstance(default, torch.Tensor):
+                setattr(self, name, value.to(device))
+                self._defaults[name] = default.to(device)
+            else:
+                setattr(self, name, [t.to(device) for t in value])
+        return this
 
     # ------------------------------------------------------------------------------------ sync
     def _sync_dist(
