@@ -1,15 +1,20 @@
-"""torchmetrics classes: batching/order invariance, agreement with the functional layer, and a real
-2-process (gloo) gather of uneven cat states."""
+"""torchmetrics classes: the checks torchmetrics applies to its own metrics (pickle, clone, state_dict,
+reset, a real 2-process gloo gather of uneven shards, higher_is_better), bounded memory, batching/order
+invariance, and agreement with the functional layer on an independently selected sample."""
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import socket
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torchmetrics import Metric, MetricCollection
 
 from lightning_geomarkers.functional import (
     effective_rank,
@@ -29,7 +34,10 @@ from lightning_geomarkers.metrics import (
     NeuralCollapse,
     NumericalRank,
     ParticipationRatio,
+    PerClassSample,
     WithinClassDistance,
+    class_priority,
+    sample_keys,
 )
 from tests.lightning_helpers import gaussian_classes
 
@@ -105,33 +113,308 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SAMPLE = dict(samples_per_class=12, max_classes=3, seed=1)  # 4 classes of 30: both limits bite
+
+
+def _make_metrics() -> dict[str, Metric]:
+    """One instance of every Metric class of the package, with a bounded sample smaller than the data."""
+    return {
+        "PerClassSample": PerClassSample(**SAMPLE),
+        "GeometryMarkers": GeometryMarkers(n_t=30, n_pairs=None, lid_k=5, **SAMPLE),
+        "GlueMarkers": GlueMarkers(n_t=30, n_pairs=None, **SAMPLE),
+        "ParticipationRatio": ParticipationRatio(**SAMPLE),
+        "NumericalRank": NumericalRank(**SAMPLE),
+        "EffectiveRank": EffectiveRank(**SAMPLE),
+        "NeuralCollapse": NeuralCollapse(**SAMPLE),
+        "LocalIntrinsicDimension": LocalIntrinsicDimension(k=5, **SAMPLE),
+        "WithinClassDistance": WithinClassDistance(**SAMPLE),
+    }
+
+
+def _value(out) -> dict[str, torch.Tensor]:
+    """A compute() result as a flat dict of tensors (the sample: its three tensors)."""
+    if isinstance(out, tuple):
+        return dict(zip(("features", "labels", "keys"), out, strict=True))
+    if isinstance(out, dict):
+        return dict(out)
+    return {"value": out}
+
+
+def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], context) -> None:
+    assert got.keys() == expected.keys(), context
+    for name, value in expected.items():
+        if name in ("features", "labels", "keys"):  # the sample itself: exactly the same rows
+            assert torch.equal(got[name].cpu(), value.cpu()), (context, name)
+        else:  # a marker computed from it (thread counts may differ between processes)
+            assert float(got[name]) == pytest.approx(float(value), rel=1e-9, abs=1e-12), (context, name)
+
+
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x, y = gaussian_classes(n_classes=4, per_class=30, dim=12)
         shard = torch.arange(0, 90) if rank == 0 else torch.arange(90, 120)  # uneven; rank 1 has one class
-        metric = GeometryMarkers(**SUITE)
-        metric.update(x[shard], y[shard])
-        values = {k: float(v) for k, v in metric.compute().items()}
-        torch.save(values, os.path.join(out_dir, f"rank{rank}.pt"))
+        results = {}
+        for name, metric in _make_metrics().items():
+            for part in shard.split(25):
+                metric.update(x[part], y[part])
+            results[name] = _value(metric.compute())  # compute() gathers (torchmetrics sync_context)
+        lonely = PerClassSample(**SAMPLE)  # only rank 0 has data: rank 1 takes part with empty states
+        if rank == 0:
+            lonely.update(x, y)
+        lonely.sync()
+        results["lonely"] = _value(lonely.state())
+        results["lonely_n_seen"] = lonely.n_seen
+        lonely.unsync()
+        results["lonely_local_rows"] = lonely.num_stored
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_metric_under_two_process_gloo_equals_single_process(tmp_path):
+def test_every_metric_under_two_process_gloo_equals_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     x, y = gaussian_classes(n_classes=4, per_class=30, dim=12)
-    single = GeometryMarkers(**SUITE)
-    single.update(x, y)
-    expected = {k: float(v) for k, v in single.compute().items()}
+    expected = {}
+    for name, metric in _make_metrics().items():
+        metric.update(x, y)
+        expected[name] = _value(metric.compute())
+    lonely = PerClassSample(**SAMPLE)
+    lonely.update(x, y)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got.keys() == expected.keys()
-        for name, value in expected.items():
-            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), (rank, name)
+        for name, values in expected.items():
+            _assert_same(got[name], values, (rank, name))
+        _assert_same(got["lonely"], _value(lonely.state()), (rank, "lonely"))
+        assert got["lonely_n_seen"] == {c: 30 for c in range(4)}
+        assert got["lonely_local_rows"] == (36 if rank == 0 else 0)  # unsync() restored the local sample
+    assert expected["PerClassSample"]["features"].shape == (36, 12)  # 3 classes x 12 of 4 x 30 rows
 
 
 def test_unknown_protocol_argument_is_rejected_at_construction():
     with pytest.raises(TypeError, match="points_per_clas"):
         GeometryMarkers(points_per_clas=10)
+
+
+# ------------------------------------------------------------------ the checks torchmetrics applies
+
+
+@pytest.mark.parametrize("name", list(_make_metrics()))
+def test_metric_pickle_clone_state_dict_and_reset(name):
+    x, y = gaussian_classes(n_classes=4, per_class=30, dim=12)
+    metric = _make_metrics()[name]
+    for part in torch.arange(120).split(40):
+        metric.update(x[part], y[part])
+    pickled = pickle.loads(pickle.dumps(metric))
+    cloned = metric.clone()
+    metric.persistent(True)
+    buffer = io.BytesIO()
+    torch.save(metric.state_dict(), buffer)  # what a checkpoint does
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert {"features", "labels", "keys", "seen_classes", "seen_counts"} <= set(state)
+    loaded = _make_metrics()[name]
+    loaded.load_state_dict(state)
+
+    expected = _value(metric.compute())
+    for copy in (pickled, cloned, loaded):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. torchmetrics' "compute before update"
+            _assert_same(_value(copy.compute()), expected, (name, type(copy).__name__))
+        assert copy.n_seen == {c: 30 for c in range(4)}
+    cloned.update(x[:5] + 1, y[:5])  # a clone is independent of the original
+    assert metric.n_seen == {c: 30 for c in range(4)}
+    _assert_same(_value(metric.compute()), expected, (name, "after the clone's update"))
+
+    metric.reset()
+    assert metric.num_stored == 0 and metric.n_seen == {} and not metric.is_synced
+    with pytest.warns(UserWarning, match="before the ``update``"):  # torchmetrics' own warning
+        if name == "PerClassSample":
+            assert metric.compute()[0].shape == (0, 0)
+        else:
+            with pytest.raises(ValueError, match="before update"):
+                metric.compute()
+    for part in torch.arange(120).split(40):  # usable again after reset, with the same result
+        metric.update(x[part], y[part])
+    _assert_same(_value(metric.compute()), expected, (name, "after reset"))
+
+
+def test_higher_is_better_follows_the_marker_table():
+    from lightning_geomarkers.functional.suite import MARKERS
+
+    singles = {
+        ParticipationRatio: "participation_ratio",
+        NumericalRank: "numerical_rank",
+        EffectiveRank: "effective_rank",
+        NeuralCollapse: "nc1",
+        LocalIntrinsicDimension: "lid",
+        WithinClassDistance: "within_class_distance",
+    }
+    for cls, marker in singles.items():
+        assert cls.higher_is_better is MARKERS[marker].higher_is_better, cls
+    assert LocalIntrinsicDimension.higher_is_better is MARKERS["lid_twonn"].higher_is_better
+    assert ParticipationRatio.higher_is_better is True and LocalIntrinsicDimension.higher_is_better is False
+    assert NeuralCollapse.higher_is_better is None  # the sign flips between settings
+    suite = GeometryMarkers(markers="all")
+    assert suite.higher_is_better is None  # mixed signs
+    assert suite.higher_is_better_per_marker == {m: MARKERS[m].higher_is_better for m in suite.markers}
+    glue = GlueMarkers()
+    assert glue.higher_is_better is None
+    assert glue.higher_is_better_per_marker["glue_dimension"] is True
+    assert glue.higher_is_better_per_marker["glue_radius"] is False
+    assert sorted(glue.higher_is_better_per_marker) == sorted(GLUE_MARKER_NAMES)
+    with pytest.raises(RuntimeError, match="Can't change const"):
+        suite.higher_is_better = True
+
+
+# ----------------------------------------------------------------- bounded, partition-invariant state
+
+
+def test_metric_memory_stays_bounded_at_100x_capacity():
+    """k=4 per class x 5 kept classes = 20 rows; 100x that (2000 rows of 20 classes) is offered."""
+    x, y = gaussian_classes(n_classes=20, per_class=100, dim=6)
+    metric = GeometryMarkers(markers=["participation_ratio"], samples_per_class=4, max_classes=5)
+    metric.compact_min_rows = 32
+    peak = 0
+    for part in torch.randperm(2000, generator=torch.Generator().manual_seed(0)).split(25):
+        metric.update(x[part], y[part])
+        peak = max(peak, sum(int(t.shape[0]) for t in metric.features))
+        assert metric.num_stored <= 20
+    assert peak <= 32 + 20 + 25, peak  # pending buffer + store + one batch
+    assert metric.num_stored == 20 and len(metric.n_seen) == 20
+    assert len(metric.seen_classes) == 1 and metric.seen_classes[0].numel() == 20
+
+
+def test_metric_state_is_independent_of_batch_split_and_order():
+    x, y = gaussian_classes(n_classes=6, per_class=40, dim=10)
+    results = []
+    for seed, size in ((0, 240), (1, 17), (2, 1), (3, 64)):
+        metric = GeometryMarkers(n_t=30, n_pairs=None, lid_k=5, samples_per_class=15, max_classes=4)
+        perm = torch.randperm(240, generator=torch.Generator().manual_seed(seed))
+        for part in perm.split(size):
+            metric.update(x[part], y[part])
+        results.append((metric.state(), metric.compute()))
+    (f0, y0, k0), v0 = results[0]
+    for (f, yy, k), v in results[1:]:
+        assert torch.equal(f, f0) and torch.equal(yy, y0) and torch.equal(k, k0)
+        assert v.keys() == v0.keys() and all(torch.equal(v[m], v0[m]) for m in v0)
+
+
+def _reference_sample(x, y, k, max_classes, seed):
+    """The bottom-k sample chosen independently: class subset by priority, per class the k smallest keys
+    (the keys hash the features, as update() does by default), ordered by (label, key) by Python sorting."""
+    keys = sample_keys(x, y, seed).tolist()
+    classes = sorted(set(y.tolist()))
+    priority = dict(zip(classes, class_priority(torch.tensor(classes), seed).tolist(), strict=True))
+    kept = sorted(sorted(classes, key=lambda c: (priority[c], c))[:max_classes])
+    rows = []
+    for c in kept:
+        members = [i for i in range(len(y)) if int(y[i]) == c]
+        rows += sorted(members, key=lambda i: keys[i])[:k]
+    rows_t = torch.tensor(rows)
+    return x[rows_t], y[rows_t]
+
+
+def test_metric_classes_equal_functional_on_an_independently_chosen_sample():
+    x, y = gaussian_classes(n_classes=6, per_class=40, dim=10, seed=3)
+    k, m, seed = 15, 4, 5
+    xs, ys = _reference_sample(x, y, k, m, seed)
+    assert xs.shape == (60, 10)
+    cases = [
+        (ParticipationRatio, {}, lambda: participation_ratio(xs)),
+        (NumericalRank, {}, lambda: numerical_rank(xs)),
+        (EffectiveRank, {"centered": False}, lambda: effective_rank(xs, centered=False)),
+        (NeuralCollapse, {}, lambda: neural_collapse(xs, ys)),
+        (LocalIntrinsicDimension, {"k": 6}, lambda: local_intrinsic_dimension(xs, k=6)),
+        (WithinClassDistance, {}, lambda: within_class_distance(xs, ys)),
+    ]
+    for cls, kwargs, fn in cases:
+        metric = cls(samples_per_class=k, max_classes=m, seed=seed, **kwargs)
+        for part in torch.arange(240).flip(0).split(50):
+            metric.update(x[part], y[part])
+        assert float(metric.compute()) == pytest.approx(float(fn()), rel=1e-9), cls.__name__
+    suite = GeometryMarkers(n_t=30, n_pairs=None, lid_k=5, samples_per_class=k, max_classes=m, seed=seed)
+    for part in torch.arange(240).split(33):
+        suite.update(x[part], y[part])
+    direct = geometry_markers(
+        xs, ys, generator=seed, n_t=30, n_pairs=None, lid_k=5, points_per_class=k
+    ).values
+    got = suite.compute()
+    assert got.keys() == direct.keys() and len(got) == 13
+    for name, value in direct.items():
+        assert float(got[name]) == pytest.approx(float(value), rel=1e-9, abs=1e-12), name
+
+
+def test_metric_uses_given_keys_to_pick_the_same_inputs_whatever_the_features():
+    """With keys from the inputs (as the monitor passes), the kept samples do not move when the features do."""
+    x, y = gaussian_classes(n_classes=3, per_class=30, dim=8)
+    keys = sample_keys(x, y, 0)
+    a = ParticipationRatio(samples_per_class=10)
+    b = ParticipationRatio(samples_per_class=10)
+    a.update(x, y, keys)
+    b.update(x * 1.000001 + 1e-6, y, keys)  # perturbed "features" of the same inputs
+    assert torch.equal(a.state()[2], b.state()[2])
+    c = ParticipationRatio(samples_per_class=10)
+    c.update(x * 1.000001 + 1e-6, y)  # keyed on the features: another subset
+    assert not torch.equal(a.state()[2], c.state()[2])
+
+
+def test_forward_and_merge_state_accumulate_like_update():
+    """torchmetrics' forward() (batch value + accumulation) and merge_state() concatenate list states; the
+    sample re-selects on the next read, so both equal plain updates."""
+    x, y = gaussian_classes(n_classes=4, per_class=30, dim=8)
+    plain = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
+    plain.update(x, y)
+    stepped = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
+    for part in torch.arange(120).split(40):
+        batch_value = stepped(x[part], y[part])
+        alone = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
+        alone.update(x[part], y[part])
+        assert batch_value.keys() == alone.compute().keys()
+        assert all(torch.equal(batch_value[m], alone.compute()[m]) for m in batch_value)
+    halves = [PerClassSample(10, 3, seed=0), PerClassSample(10, 3, seed=0)]
+    halves[0].update(x[::2], y[::2])
+    halves[1].update(x[1::2], y[1::2])
+    halves[0].merge_state(halves[1])
+    for got in (stepped, halves[0]):
+        for a, b in zip(got.state(), plain.state(), strict=True):
+            assert torch.equal(a, b)
+        assert got.n_seen == plain.n_seen == {c: 30 for c in range(4)}
+
+
+def test_metric_collection_shares_a_sample_only_between_equal_configurations():
+    """MetricCollection's compute groups share the states of metrics whose states are equal after the
+    first update; the configuration state keeps samples with different arguments apart."""
+    x, y = gaussian_classes(n_classes=4, per_class=400, dim=8)
+    make = {
+        "pr": lambda: ParticipationRatio(samples_per_class=10),
+        "nc1": lambda: NeuralCollapse(samples_per_class=10),
+        "wcd": lambda: WithinClassDistance(samples_per_class=20),
+        "wcd_seed": lambda: WithinClassDistance(samples_per_class=20, seed=1),
+    }
+    collection = MetricCollection({name: fn() for name, fn in make.items()})
+    # small batches: the first one (< 10 rows per class) leaves k=10 and k=20 with equal states; then
+    # enough rows to force merges of the pending buffer
+    for part in torch.randperm(1600, generator=torch.Generator().manual_seed(0)).split(8):
+        collection.update(x[part], y[part])
+    groups = sorted(sorted(g) for g in collection.compute_groups.values())
+    assert groups == [["nc1", "pr"], ["wcd"], ["wcd_seed"]]
+    out = collection.compute()
+    for name, fn in make.items():
+        alone = fn()
+        alone.update(x, y)
+        assert float(out[name]) == pytest.approx(float(alone.compute()), rel=1e-12), name
+
+
+def test_loading_a_state_saved_with_other_arguments_is_refused():
+    x, y = gaussian_classes(n_classes=3, per_class=20, dim=4)
+    saved = PerClassSample(5, max_classes=None, seed=2)
+    saved.update(x, y)
+    saved.persistent(True)
+    other = PerClassSample(8, max_classes=None, seed=2)
+    with pytest.raises(ValueError, match=r"samples_per_class=5, max_classes=None, seed=2.*saved arguments"):
+        other.load_state_dict(saved.state_dict())
+    assert other.num_stored == 0 and other.samples_per_class == 8
+    other.update(x, y)  # still usable with its own arguments
+    assert other.num_stored == 24

@@ -15,7 +15,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import RandomSampler
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels
 from lightning_geomarkers.callbacks._layers import (
@@ -25,7 +24,6 @@ from lightning_geomarkers.callbacks._layers import (
     metric_name,
     resolve_layers,
 )
-from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_keys
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
 from lightning_geomarkers.functional.suite import (
@@ -34,6 +32,7 @@ from lightning_geomarkers.functional.suite import (
     geometry_markers,
     resolve_marker_names,
 )
+from lightning_geomarkers.metrics.sample import PerClassSample, sample_keys
 from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
 
 __all__ = ["GeometryMonitor"]
@@ -193,7 +192,7 @@ class GeometryMonitor(L.Callback):
         self.alert_history: list[dict[str, Any]] = []
         self.last_computed_step: int | None = None
         self._hooks: dict[str, FeatureHook] = {}
-        self._samplers: dict[str, PerClassSampler] = {}
+        self._samplers: dict[str, PerClassSample] = {}
         self._layer_ids: dict[str, str] = {}  # display name -> "<module name>:<input|output>"
         self._alert_targets: list[tuple[str, str]] = []  # (layer display name, marker) per alert
         self._num_classes: int | None = None
@@ -396,9 +395,9 @@ class GeometryMonitor(L.Callback):
             + f". Use an every_n_epochs that is a multiple of {every_val}, e.g. every_n_epochs={every_val}.",
         )
 
-    def _new_sampler(self) -> PerClassSampler:
+    def _new_sampler(self) -> PerClassSample:
         """A fresh, empty per-class sample with this monitor's settings (one per monitored layer)."""
-        return PerClassSampler(self.samples_per_class, self.max_classes, self.seed)
+        return PerClassSample(self.samples_per_class, self.max_classes, seed=self.seed)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.remove_hooks()
@@ -579,7 +578,7 @@ class GeometryMonitor(L.Callback):
         for name, hook in self._hooks.items():
             sampler = self._samplers[name]
             if distributed:  # collective: every rank takes part, whatever happened locally
-                sampler.sync(gather_all_tensors, device=pl_module.device)
+                sampler.to(pl_module.device).sync()  # torchmetrics gather, then bottom-k re-selection
             try:
                 if self._loader_missing is not None:
                     raise RuntimeError(self._loader_missing)
@@ -671,7 +670,7 @@ class GeometryMonitor(L.Callback):
         self,
         name: str,
         hook: FeatureHook,
-        sampler: PerClassSampler,
+        sampler: PerClassSample,
         pl_module: L.LightningModule,
         trainer: L.Trainer,
         fresh: set[str],

@@ -3,8 +3,9 @@
 A row's key is a deterministic function of its exact bytes, its label and a seed (no floating point):
 the bytes are read as int64 words, combined by multiply-and-sum with seeded odd coefficients (wrap-around
 arithmetic, so the result does not depend on summation order or on the other rows of the batch), then
-mixed with the label and the seed by a splitmix64 finalizer. Used by the monitor's bottom-k sampler and
-by the metric classes to put gathered samples into a canonical order under DDP.
+mixed with the label and the seed by a splitmix64 finalizer. The keys of
+``lightning_geomarkers.metrics.PerClassSample``, the bottom-k sample that the metric classes and the
+monitor keep (public there as ``metrics.sample_keys`` / ``metrics.class_priority``).
 """
 
 from __future__ import annotations

@@ -8,12 +8,14 @@ from lightning_geomarkers.metrics.suite import GeometryMarkers
 
 
 class GlueMarkers(GeometryMarkers):
-    """The seven GLUE markers of the accumulated class manifolds: ``GeometryMarkers(markers="glue")``.
+    """The seven GLUE markers of the sampled class manifolds: ``GeometryMarkers(markers="glue")``.
 
     ``compute()`` returns ``{"glue_capacity": ..., "glue_dimension": ..., ...}`` (0-dim float64 tensors).
-    Keyword arguments are the protocol parameters of :func:`lightning_geomarkers.functional.geometry_markers`
-    (``glue_protocol``, ``points_per_class``, ``n_pairs``, ``n_t``, ``center_features``,
-    ``projection_dim``, ...); ``seed`` fixes every draw.
+    Keyword arguments: ``samples_per_class``, ``max_classes`` and ``seed`` of the bounded sample, and the
+    protocol parameters of :func:`lightning_geomarkers.functional.geometry_markers` (``glue_protocol``,
+    ``points_per_class``, ``n_pairs``, ``n_t``, ``center_features``, ``projection_dim``, ...). The signs
+    differ between the GLUE markers (radius and two alignments: lower is better), so
+    ``higher_is_better`` is None; see ``higher_is_better_per_marker``.
 
     Example:
         >>> import torch
@@ -24,9 +26,13 @@ class GlueMarkers(GeometryMarkers):
         >>> metric.update(3 * torch.randn(3, 16, generator=g)[y] + torch.randn(90, 16, generator=g), y)
         >>> sorted(metric.compute())[:2]
         ['glue_axis_alignment', 'glue_capacity']
+        >>> metric.higher_is_better_per_marker["glue_radius"]
+        False
     """
 
-    higher_is_better = True
-
-    def __init__(self, *, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__("glue", seed=seed, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        if "markers" in kwargs:
+            raise TypeError(
+                "GlueMarkers computes the GLUE markers; for another selection use GeometryMarkers(markers=...)."
+            )
+        super().__init__("glue", **kwargs)

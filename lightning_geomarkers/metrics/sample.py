@@ -1,0 +1,456 @@
+"""``PerClassSample``: a bounded, seeded, partition-invariant per-class sample as a torchmetrics ``Metric``.
+
+Under DDP every rank sees a shard of the data, yet the markers must equal those of a single process on the
+same data. Reservoir sampling depends on arrival order and partition, so the sample is **bottom-k
+(priority) sampling**: every sample gets a pseudo-random 63-bit key that is a deterministic function of
+(its content, its label, the seed) (:func:`sample_keys`), and per class the ``samples_per_class`` samples
+with the smallest keys are kept. Bottom-k of a union equals bottom-k of the union of per-shard bottom-k's,
+so "sample each rank, gather, re-select" gives exactly the single-process selection; with i.i.d. uniform
+keys the kept set is a uniform sample without replacement (the distribution of reservoir sampling).
+Classes are subset the same way (``max_classes``): the classes with the smallest seeded
+:func:`class_priority` among those seen are kept, a fixed subset independent of arrival order.
+
+The sample is held in torchmetrics states (``add_state(..., dist_reduce_fx="cat")``), so pickling,
+``clone()``, ``state_dict()`` (after ``persistent(True)``), ``reset()``, ``to(device)`` and the DDP gather
+(torchmetrics' ``sync()``/``unsync()``, ``compute()``) work as for any torchmetrics metric; after the gather
+the bottom-k selection is re-applied, which is the only DDP-specific logic. The metric classes of this
+package accumulate into it, and ``GeometryMonitor`` holds one per monitored layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.nn import Module
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from lightning_geomarkers.functional._hashing import (
+    _MASK63,
+    _as_int64_labels,
+    class_priority,
+    sample_keys,
+)
+from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
+
+__all__ = ["PerClassSample", "sample_keys", "class_priority"]
+
+_DTYPE_CODES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NO_THRESHOLD = _MASK63
+_INT_STATES = ("labels", "keys", "seen_classes", "seen_counts", "sample_config")
+
+
+def _lexsort(labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting rows by (label, key); stable, so equal pairs keep their relative order."""
+    order = torch.argsort(keys, stable=True)
+    return order[torch.argsort(labels[order], stable=True)]
+
+
+def _first_of_duplicates(sorted_labels: torch.Tensor, sorted_keys: torch.Tensor) -> torch.Tensor:
+    """Mask keeping the first of each run of equal (label, key) pairs in (label, key)-sorted rows.
+
+    Equal pairs are the same sample (same content and label), e.g. the copies DistributedSampler adds to
+    even out the ranks' shards: counting them twice would bias the sample and break the equality with a
+    single process.
+    """
+    keep = torch.ones(sorted_labels.shape[0], dtype=torch.bool, device=sorted_labels.device)
+    if sorted_labels.numel() > 1:
+        keep[1:] = (sorted_labels[1:] != sorted_labels[:-1]) | (sorted_keys[1:] != sorted_keys[:-1])
+    return keep
+
+
+def _rank_in_run(sorted_labels: torch.Tensor) -> torch.Tensor:
+    """Position of each element inside its run of equal (sorted) labels."""
+    if sorted_labels.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=sorted_labels.device)
+    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(sorted_labels.numel(), device=sorted_labels.device) - torch.repeat_interleave(
+        starts, counts
+    )
+
+
+def _cat(chunks: Any) -> torch.Tensor:
+    """A list state (chunks) or an already concatenated tensor state as one tensor."""
+    return chunks if isinstance(chunks, torch.Tensor) else torch.cat(list(chunks))
+
+
+def _sum_by_class(classes: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique classes (ascending) and their summed counts."""
+    uniq, inverse = torch.unique(classes, return_inverse=True)
+    return uniq, torch.zeros_like(uniq).index_add_(0, inverse, counts.to(uniq.dtype))
+
+
+def _first_row(stacked: torch.Tensor) -> torch.Tensor:
+    """Reduction of the configuration state: every process holds the same, keep one."""
+    return stacked[0]
+
+
+class PerClassSample(Metric):
+    """Keep, per class, the ``samples_per_class`` samples with the smallest keys (bottom-k sampling).
+
+    The kept set depends only on the multiset of (features, label, key) offered, not on their order, their
+    batching or how the data were split between processes: after torchmetrics' ``sync()`` (or inside
+    ``compute()``) every rank holds exactly the selection one process fed all the data would hold.
+
+    Memory is bounded whatever the number of updates: a batch is first filtered (classes outside the
+    ``max_classes`` subset, samples beyond the k-th smallest key of their class in the batch, samples whose
+    key is not below their full class's current k-th key), the rest goes to a pending buffer that is merged
+    into the store (one vectorised sort, no Python loop over classes) once it is as large as the store (or
+    ``compact_min_rows`` rows, or holds ``compact_max_chunks`` chunks). So at most
+    ``C * k + max(C * k, compact_min_rows)`` rows of features plus one batch are held (``C`` classes kept,
+    ``k = samples_per_class``), plus one count per class seen. Readers (:meth:`state`,
+    :attr:`num_stored`, ...) merge first, so they always see at most k samples per class.
+
+    Args:
+        samples_per_class: ``k``, samples kept per class (>= 2).
+        max_classes: keep only this many classes (>= 2), those with the smallest :func:`class_priority`
+            among the classes seen; None keeps every class.
+        seed: seeds the class subset and the default keys (:meth:`update` without ``keys``).
+        **kwargs: torchmetrics ``Metric`` options (``process_group``, ``dist_sync_fn``, ``compute_on_cpu``,
+            ...).
+
+    States (torchmetrics list states, gathered with ``cat``): ``features`` (S, N), ``labels`` and ``keys``
+    (S,) int64, ``seen_classes``/``seen_counts`` (int64); and ``sample_config`` (the arguments, so that a
+    ``MetricCollection`` shares one sample only between metrics with the same arguments, and a loaded
+    state is checked against them). Features are stored detached in the floating dtype
+    of the first update; labels and keys live on the features' device (a collective needs them there).
+
+    Example:
+        >>> import torch
+        >>> from lightning_geomarkers.metrics import PerClassSample, sample_keys
+        >>> sample = PerClassSample(samples_per_class=3, seed=0)
+        >>> x = torch.arange(40.0).reshape(20, 2)
+        >>> y = torch.arange(20) % 2
+        >>> for part in torch.arange(20).split(6):  # any batching or order gives the same sample
+        ...     sample.update(x[part], y[part], sample_keys(x[part], y[part], seed=0))
+        >>> feats, labels, keys = sample.state()  # sorted by (label, key)
+        >>> feats.shape, labels.tolist(), sample.n_seen
+        (torch.Size([6, 2]), [0, 0, 0, 1, 1, 1], {0: 10, 1: 10})
+        >>> bool((keys[:3].diff() > 0).all())
+        True
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    features: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    seen_classes: list[torch.Tensor]
+    seen_counts: list[torch.Tensor]
+    sample_config: torch.Tensor
+
+    #: The pending buffer is merged once it holds max(stored rows, this many) rows.
+    compact_min_rows: int = 1024
+    #: ... or once it holds this many chunks (many tiny batches).
+    compact_max_chunks: int = 256
+
+    def __init__(
+        self,
+        samples_per_class: int = 50,
+        max_classes: int | None = 100,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.samples_per_class = check_positive_int(samples_per_class, "samples_per_class", minimum=2)
+        self.max_classes = (
+            None if max_classes is None else check_positive_int(max_classes, "max_classes", minimum=2)
+        )
+        self.seed = check_seed(seed)
+        for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        # The configuration as a state too: a MetricCollection then groups (shares the state of) only
+        # samples with the same configuration, and a loaded state is checked against it.
+        self.add_state("sample_config", default=self._config_tensor(), dist_reduce_fx=_first_row)
+        # Derived, never a state: (the store's labels tensor it was computed from, classes, k-th keys).
+        self._thr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _config_tensor(self) -> torch.Tensor:
+        mc = -1 if self.max_classes is None else self.max_classes
+        return torch.tensor([self.samples_per_class, mc, self.seed % (1 << 63)], dtype=torch.int64)
+
+    # ------------------------------------------------------------------------------------ reading
+    @property
+    def n_seen(self) -> dict[int, int]:
+        """Samples seen per class before subsampling (all classes, also those left out by ``max_classes``)."""
+        classes, counts = self._seen()
+        return dict(zip(classes.tolist(), counts.tolist(), strict=True))
+
+    @property
+    def num_stored(self) -> int:
+        """Rows in the sample (at most ``samples_per_class`` per kept class)."""
+        return int(self.state()[1].numel())
+
+    @property
+    def num_stored_per_class(self) -> dict[int, int]:
+        cls, counts = torch.unique_consecutive(self.state()[1], return_counts=True)
+        return dict(zip(cls.tolist(), counts.tolist(), strict=True))
+
+    @property
+    def classes(self) -> list[int]:
+        """Class ids with stored samples, ascending."""
+        return torch.unique_consecutive(self.state()[1]).tolist()
+
+    @property
+    def feature_dim(self) -> int | None:
+        """N of the stored features (None before the first update)."""
+        return int(self.features[0].shape[1]) if self.features else None
+
+    @property
+    def is_synced(self) -> bool:
+        """True between torchmetrics' ``sync()`` and ``unsync()``/``reset()``."""
+        return self._is_synced
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(features (S, N), labels (S,), keys (S,))`` sorted by (label, key): a canonical order.
+
+        The local sample, or the global one between ``sync()`` and ``unsync()``. Empty storage gives
+        ``(0, N)`` features (``N = 0`` before the first update).
+        """
+        self._compact()
+        if not self.features:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return torch.zeros((0, 0), dtype=self.dtype, device=self.device), empty, empty.clone()
+        return self.features[0], self.labels[0], self.keys[0]
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`state` of the sample gathered over all processes (the local one outside DDP)."""
+        return self.state()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(samples_per_class={self.samples_per_class}, "
+            f"max_classes={self.max_classes}, seed={self.seed})"
+        )
+
+    # ------------------------------------------------------------------------------------ update
+    def update(self, features: torch.Tensor, labels: Any, keys: torch.Tensor | None = None) -> None:
+        """Offer a batch: ``features (B, N)``, integer ``labels (B,)``, int64 ``keys (B,)``.
+
+        ``keys`` identify the samples (:func:`sample_keys` of the raw inputs, so the same inputs are kept
+        whatever the model's weights); None hashes the features themselves with this metric's seed.
+        """
+        if self._is_synced:
+            raise RuntimeError(
+                f"{type(self).__name__}.update() after sync(): the stored samples are the global selection. "
+                "Call unsync() to go on accumulating locally, or reset() before a new epoch."
+            )
+        f, y, k = self._check_batch(features, labels, keys)
+        if f.shape[0] == 0:
+            if not self.features:
+                self._append(f, y, k)  # records N, dtype and device for a later sync
+            return
+        classes, counts = torch.unique(y, return_counts=True)
+        self._add_seen(classes, counts)
+        mask = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        admitted = self._admitted()
+        if admitted is not None:
+            mask &= torch.isin(y, admitted)
+        cache = self._valid_cache()
+        if cache is not None and cache[1].numel():
+            thr_cls, thr = cache[1], cache[2]
+            pos = torch.searchsorted(thr_cls, y).clamp_(max=thr_cls.numel() - 1)
+            t = torch.where(thr_cls[pos] == y, thr[pos], _NO_THRESHOLD)
+            mask &= (k < t) | (t == _NO_THRESHOLD)  # a class not (yet) full takes any key
+        idx = mask.nonzero().flatten()
+        yi, ki = y[idx], k[idx]
+        order = _lexsort(yi, ki)
+        order = order[_first_of_duplicates(yi[order], ki[order])]
+        rows = idx[order[_rank_in_run(yi[order]) < self.samples_per_class]]
+        if rows.numel() or not self.features:
+            self._append(f[rows], y[rows], k[rows])
+        store = int(self.labels[0].shape[0]) if cache is not None else 0
+        pending = sum(int(t.shape[0]) for t in self.labels) - store
+        if pending >= max(store, self.compact_min_rows) or len(self.labels) > self.compact_max_chunks:
+            self._compact(force=True)
+
+    def _check_batch(
+        self, features: Any, labels: Any, keys: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"`features` must be a tensor, got {type(features).__name__}.")
+        if features.ndim != 2:
+            raise ValueError(
+                f"`features` must be 2-D (batch, features), got shape {tuple(features.shape)}. "
+                "Flatten or pool spatial/token dimensions first."
+            )
+        if not features.is_floating_point():
+            raise TypeError(f"`features` must be floating point, got {features.dtype}; cast with .float().")
+        b, n = features.shape
+        f = features.detach()
+        if self.features:
+            store = self.features[0]
+            if n != store.shape[1]:
+                raise ValueError(
+                    f"`features` has {n} columns but earlier updates had {store.shape[1]}; the feature "
+                    "dimension must stay fixed between reset() calls (one sample per layer)."
+                )
+            f = f.to(device=store.device, dtype=store.dtype)
+        y = _as_int64_labels(labels, b, f.device)
+        if keys is None:
+            k = sample_keys(f, y, self.seed)
+        else:
+            if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
+                raise TypeError(
+                    "`keys` must be an int64 tensor; compute them with sample_keys(inputs, labels, seed)."
+                )
+            if keys.shape != (b,):
+                raise ValueError(f"`keys` must have shape ({b},), got {tuple(keys.shape)}.")
+            k = keys.detach().to(f.device)
+        return f, y, k
+
+    def _append(self, f: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> None:
+        self.features.append(f)
+        self.labels.append(y)
+        self.keys.append(k)
+
+    def _seen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classes ascending, counts) summed over the ``seen_*`` chunks (several after a gather)."""
+        if len(self.seen_classes) == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty.clone()
+        return _sum_by_class(_cat(self.seen_classes).reshape(-1), _cat(self.seen_counts).reshape(-1))
+
+    def _add_seen(self, classes: torch.Tensor, counts: torch.Tensor) -> None:
+        if len(self.seen_classes):
+            old_c, old_n = self._seen()
+            classes, counts = _sum_by_class(
+                torch.cat([old_c.to(classes.device), classes]), torch.cat([old_n.to(classes.device), counts])
+            )
+        self.seen_classes, self.seen_counts = [classes], [counts]
+
+    def _admitted(self) -> torch.Tensor | None:
+        """The kept classes (ascending): the ``max_classes`` seen classes of smallest (priority, id)."""
+        if self.max_classes is None:
+            return None
+        seen = self._seen()[0]
+        if seen.numel() <= self.max_classes:
+            return seen
+        order = _lexsort(class_priority(seen, self.seed), seen)
+        return seen[order[: self.max_classes]].sort().values
+
+    def _valid_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The per-class k-th keys of the store, if still those of ``labels[0]`` (else None)."""
+        cache = self._thr_cache
+        if (
+            cache is None
+            or not isinstance(self.labels, list)
+            or not self.labels
+            or self.labels[0] is not cache[0]
+        ):
+            return None
+        return cache
+
+    def _compact(self, force: bool = False) -> None:
+        """Merge every chunk into one store: per kept class the k smallest keys, sorted by (label, key)."""
+        if not isinstance(self.features, list):  # a concatenated state (e.g. set by hand): normalise
+            self.features, self.labels, self.keys = [self.features], [_cat(self.labels)], [_cat(self.keys)]
+            force = True
+        if not self.features:
+            return
+        admitted = self._admitted()
+        if not force and len(self.features) == 1:
+            cache = self._valid_cache()
+            if cache is not None and (admitted is None or bool(torch.isin(cache[1], admitted).all())):
+                return
+        feats, labels, keys = torch.cat(self.features), torch.cat(self.labels), torch.cat(self.keys)
+        order = _lexsort(labels, keys)
+        order = order[_first_of_duplicates(labels[order], keys[order])]
+        keep = _rank_in_run(labels[order]) < self.samples_per_class
+        if admitted is not None:
+            keep &= torch.isin(labels[order], admitted.to(labels.device))
+        sel = order[keep]
+        self.features, self.labels, self.keys = [feats[sel]], [labels[sel]], [keys[sel]]
+        store_y, store_k = self.labels[0], self.keys[0]
+        cls, counts = torch.unique_consecutive(store_y, return_counts=True)
+        last = torch.cumsum(counts, 0) - 1
+        thr = torch.where(counts >= self.samples_per_class, store_k[last], _NO_THRESHOLD)
+        self._thr_cache = (store_y, cls, thr)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Load the states (saved after ``persistent(True)``); a loaded sample counts as updated."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = self.sample_config.cpu().tolist()
+        if saved != self._config_tensor().tolist():
+            self.sample_config = self._config_tensor().to(self.sample_config.device)
+            self.reset()
+            k, mc, seed = saved
+            raise ValueError(
+                f"The loaded state was saved by a sample with samples_per_class={k}, "
+                f"max_classes={None if mc < 0 else mc}, seed={seed}, but this {type(self).__name__} has "
+                f"samples_per_class={self.samples_per_class}, max_classes={self.max_classes}, seed={self.seed}. "
+                "Construct it with the saved arguments."
+            )
+        if self.features:
+            self._update_count = max(self._update_count, 1)
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> Module:
+        """``to(device)`` moves every state; ``set_dtype`` converts only the features. The integer states
+        (labels, 63-bit keys, counts, configuration) keep int64: a float cast would lose key bits."""
+        this = super()._apply(fn, exclude_state=(*exclude_state, *_INT_STATES))  # returns self
+        device = self.device  # updated by torchmetrics from fn
+        for name in _INT_STATES:
+            if name in exclude_state:
+                continue
+            value, default = getattr(self, name), self._defaults[name]
+            if isinstance(value, torch.Tensor) and isinstance(default, torch.Tensor):
+                setattr(self, name, value.to(device))
+                self._defaults[name] = default.to(device)
+            else:
+                setattr(self, name, [t.to(device) for t in value])
+        return this
+
+    # ------------------------------------------------------------------------------------ sync
+    def _sync_dist(
+        self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None
+    ) -> None:
+        """Gather every rank's sample (torchmetrics ``cat``) and re-apply the bottom-k selection.
+
+        Called by torchmetrics' ``sync()`` (and so by ``compute()`` under DDP) on every rank. A rank that
+        stored nothing takes part with empty ``(0, N)`` states (N and the dtype are gathered first). The
+        ``seen`` counts are summed per class, the class subset and the bottom-k selection re-applied and
+        duplicates (the same sample on two ranks) dropped, so every rank ends with the single-process
+        selection.
+        """
+        group = process_group or self.process_group
+        self._compact()
+        local = self.features[0] if self.features else None
+        device = local.device if local is not None else self.device
+        dim = int(local.shape[1]) if local is not None else 0
+        code = _DTYPE_CODES.index(local.dtype) + 1 if local is not None and local.dtype in _DTYPE_CODES else 0
+        meta = torch.tensor([dim, code], dtype=torch.int64, device=device)
+        metas = [t.reshape(-1).tolist() for t in dist_sync_fn(meta, group=group)]
+        dims = {m[0] for m in metas if m[0] > 0}
+        if len(dims) > 1:
+            raise RuntimeError(
+                f"Feature dimensions differ across processes: {sorted(dims)}; every rank must feed the same "
+                "layer's features to this sample."
+            )
+        if not dims:  # nobody has anything: no further collective, on any rank
+            for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
+                setattr(self, name, [])
+            return
+        dim = dims.pop()
+        codes = [m[1] for m in metas if m[1] > 0]
+        dtype = _DTYPE_CODES[max(codes) - 1] if codes else (local.dtype if local is not None else self.dtype)
+        empty_i = torch.zeros(0, dtype=torch.int64, device=device)
+        if local is None:
+            self.features = [torch.zeros((0, dim), dtype=dtype, device=device)]
+            self.labels, self.keys = [empty_i], [empty_i.clone()]
+        else:
+            self.features = [local.to(device=device, dtype=dtype)]
+        seen_c, seen_n = self._seen()
+        self.seen_classes, self.seen_counts = [seen_c.to(device)], [seen_n.to(device)]
+        self.sample_config = self.sample_config.to(device)
+        super()._sync_dist(dist_sync_fn, process_group=process_group)
+        # torchmetrics leaves concatenated tensors: back to list states, then re-select.
+        self.features = [_cat(self.features).reshape(-1, dim)]
+        self.labels, self.keys = [_cat(self.labels).reshape(-1)], [_cat(self.keys).reshape(-1)]
+        seen_c, seen_n = self._seen()
+        self.seen_classes, self.seen_counts = [seen_c], [seen_n]
+        self._compact(force=True)
