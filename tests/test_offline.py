@@ -39,7 +39,9 @@ def fit_with_checkpoints(tmp_path: Path, monitor: GeometryMonitor, epochs: int =
     "settings",
     [
         dict(samples_per_class=20, **SMALL),  # bottom-k sampling keeps 20 of 32 validation samples per class
-        dict(layers=["body.1", "fc:input"], samples_per_class=6, max_classes=3, glue_protocol="joint", **SMALL),
+        dict(
+            layers=["body.1", "fc:input"], samples_per_class=6, max_classes=3, glue_protocol="joint", **SMALL
+        ),
     ],
     ids=["default-layer", "two-layers-class-subset-joint"],
 )
@@ -51,7 +53,11 @@ def test_checkpoint_evaluated_offline_equals_the_values_logged_live(tmp_path, se
     for entry in monitor.history:
         for marker, value in entry.items():
             if marker not in ("epoch", "step", "layer"):
-                key = f"geometry/{marker}" if "layers" not in settings else f"geometry/{entry['layer']}/{marker}"
+                key = (
+                    f"geometry/{marker}"
+                    if "layers" not in settings
+                    else f"geometry/{entry['layer']}/{marker}"
+                )
                 live.setdefault(entry["epoch"], {})[key] = value
     assert sorted(live) == [0, 1, 2]
     fresh = GeometryMonitor(**settings)  # a monitor with the same settings that never saw a Trainer
@@ -87,7 +93,9 @@ def test_plain_module_equals_a_direct_computation_and_leaves_no_trace():
     with torch.no_grad():
         model(x)  # give the BatchNorm running statistics something (it stays in eval mode)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    monitor = GeometryMonitor(markers=["glue_dimension", "glue_utility", "participation_ratio", "nc1"], seed=3, **SMALL)
+    monitor = GeometryMonitor(
+        markers=["glue_dimension", "glue_utility", "participation_ratio", "nc1"], seed=3, **SMALL
+    )
     values = monitor.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=17))
 
     # The monitored layer is the head's input (layers=None), in eval mode: no dropout.
@@ -146,7 +154,9 @@ def test_hooks_removed_and_mode_restored_when_the_forward_raises():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        GeometryMonitor(**SMALL).evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8), forward_fn=broken)
+        GeometryMonitor(**SMALL).evaluate(
+            model, DataLoader(TensorDataset(x, y), batch_size=8), forward_fn=broken
+        )
     assert model.training and all(m.training for m in model.modules())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
@@ -160,7 +170,9 @@ def test_a_layer_that_never_runs_warns_and_no_value_raises():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ValueError, match="computed no marker.*never ran"):
-            monitor.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=25), forward_fn=lambda m, b: None)
+            monitor.evaluate(
+                model, DataLoader(TensorDataset(x, y), batch_size=25), forward_fn=lambda m, b: None
+            )
     assert any(issubclass(w.category, MonitorWarning) for w in caught)
 
 
@@ -185,7 +197,12 @@ def test_evaluate_during_a_live_fit_does_not_disturb_it(tmp_path):
         monitor = GeometryMonitor(samples_per_class=20, **SMALL)
         extra = [EvaluateDuringFit(monitor, DataLoader(TensorDataset(other_x, other_y), batch_size=50))]
         # The interfering callback runs before the monitor's own batch-end capture.
-        tr = trainer(tmp_path / str(interfere), [*extra, monitor] if interfere else [monitor], max_epochs=1, logger=False)
+        tr = trainer(
+            tmp_path / str(interfere),
+            [*extra, monitor] if interfere else [monitor],
+            max_epochs=1,
+            logger=False,
+        )
         train, val = loaders(x, y)
         tr.fit(TinyMLP(), train, val)
         results.append(monitor.history)
@@ -235,7 +252,9 @@ def test_per_class_view_equals_a_direct_loop():
     assert int((~m.isnan()).sum()) == 2 * 9
     as_dict = view.to_dict()
     assert set(as_dict) == set(view.classes.tolist())
-    assert as_dict[2]["glue_dimension"] == pytest.approx(expected_dim := direct_per_class(res, "dimension")[2])
+    assert as_dict[2]["glue_dimension"] == pytest.approx(
+        expected_dim := direct_per_class(res, "dimension")[2]
+    )
     assert expected_dim > 0 and as_dict[2]["n_pairs"] == counts[2]
 
 

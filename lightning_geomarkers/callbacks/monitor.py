@@ -479,8 +479,12 @@ class GeometryMonitor(L.Callback):
         view = class_view(report.glue)  # per-class view (pairs protocol only)
         if view is not None and values:
             self.per_class_history.append(
-                {"epoch": trainer.current_epoch, "step": self._log_step(trainer), "layer": name,
-                 "per_class": view.to_dict()}
+                {
+                    "epoch": trainer.current_epoch,
+                    "step": self._log_step(trainer),
+                    "layer": name,
+                    "per_class": view.to_dict(),
+                }
             )
         self._log_tensorboard(trainer, name, feats.to(pl_module.device), values, view)
         return values
@@ -618,7 +622,11 @@ class GeometryMonitor(L.Callback):
             )
             writer.add_histogram(tag, spectrum, self._log_step(trainer))
         if self.log_class_heatmap and view is not None:
-            tag = f"{self.prefix}/pairwise_capacity" if len(self._hooks) == 1 else f"{self.prefix}/{layer}/pairwise_capacity"
+            tag = (
+                f"{self.prefix}/pairwise_capacity"
+                if len(self._hooks) == 1
+                else f"{self.prefix}/{layer}/pairwise_capacity"
+            )
             write_class_heatmap(writer, tag, view, self._log_step(trainer))
         if self.custom_scalars and not self._layout_written:
             writer.add_custom_scalars(self._layout())

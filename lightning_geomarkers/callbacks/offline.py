@@ -64,26 +64,36 @@ def model_device(model: nn.Module) -> torch.device:
     for a model with neither)."""
     if isinstance(model, L.LightningModule):
         return model.device
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
 def _pick_loader(dataloader: Any, index: int) -> Iterable[Any]:
     """A single loader: ``dataloader`` itself, or entry ``index`` of a list/tuple/dict of DataLoaders."""
-    if isinstance(dataloader, (list, tuple)) and dataloader and all(isinstance(d, DataLoader) for d in dataloader):
+    if (
+        isinstance(dataloader, (list, tuple))
+        and dataloader
+        and all(isinstance(d, DataLoader) for d in dataloader)
+    ):
         if index >= len(dataloader):
             raise ValueError(
                 f"The monitor watches dataloader_idx={index}, but {len(dataloader)} dataloaders were given; pass "
                 "the loader it should measure, or a monitor with a valid `dataloader_idx`."
             )
         return dataloader[index]
-    if isinstance(dataloader, dict) and dataloader and all(isinstance(d, DataLoader) for d in dataloader.values()):
+    if (
+        isinstance(dataloader, dict)
+        and dataloader
+        and all(isinstance(d, DataLoader) for d in dataloader.values())
+    ):
         loaders = list(dataloader.values())
         if index >= len(loaders):
-            raise ValueError(f"The monitor watches dataloader_idx={index}, but {len(loaders)} dataloaders were given.")
+            raise ValueError(
+                f"The monitor watches dataloader_idx={index}, but {len(loaders)} dataloaders were given."
+            )
         return loaders[index]
     if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
         raise TypeError(
@@ -172,7 +182,7 @@ def evaluate_model(
         model.eval()
         batches: Iterable[Any] = loader
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
             batches = tqdm(loader, desc="batches", leave=False, unit="batch")
         with torch.no_grad():
@@ -205,7 +215,9 @@ def evaluate_model(
                 if shadow.strict:
                     raise
                 result.skipped[name] = str(err)
-                warnings.warn(f"GeometryMonitor.evaluate skipped layer {name!r}: {err}", MonitorWarning, stacklevel=3)
+                warnings.warn(
+                    f"GeometryMonitor.evaluate skipped layer {name!r}: {err}", MonitorWarning, stacklevel=3
+                )
                 continue
             result.reports[name] = report
             result.n_sampled[name] = n_kept

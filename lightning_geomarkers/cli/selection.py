@@ -108,7 +108,9 @@ class RankingResult:
             for s in self.scores
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -131,7 +133,9 @@ def both_higher_counts(dimension: Sequence[float], utility: Sequence[float]) -> 
     d = np.asarray(dimension, dtype=np.float64)
     u = np.asarray(utility, dtype=np.float64)
     if d.shape != u.shape or d.ndim != 1:
-        raise ValueError(f"`dimension` and `utility` must be 1-D of equal length, got {d.shape} and {u.shape}.")
+        raise ValueError(
+            f"`dimension` and `utility` must be 1-D of equal length, got {d.shape} and {u.shape}."
+        )
     with np.errstate(invalid="ignore"):
         beats = (d[:, None] > d[None, :]) & (u[:, None] > u[None, :])  # beats[i, j]: i beats j
     return beats.sum(axis=1), beats.sum(axis=0)
@@ -244,7 +248,11 @@ def rank_scores(
     for r, s in enumerate(ranked, start=1):
         s.rank = r
     choice = next(
-        (s for s in ranked if s.eligible and math.isfinite(s.get(dim_key)) and math.isfinite(s.get(util_key))),
+        (
+            s
+            for s in ranked
+            if s.eligible and math.isfinite(s.get(dim_key)) and math.isfinite(s.get(util_key))
+        ),
         None,
     )
     pareto = sorted((s for s in ranked if s.pareto), key=lambda s: -s.get(dim_key))
@@ -263,7 +271,9 @@ def rank_scores(
 # ------------------------------------------------------------------------------------------ writers
 
 
-def write_csv(scores: Sequence[CheckpointScore], path: str | os.PathLike[str], marker_order: Sequence[str] = ()) -> Path:
+def write_csv(
+    scores: Sequence[CheckpointScore], path: str | os.PathLike[str], marker_order: Sequence[str] = ()
+) -> Path:
     """One row per checkpoint (in the given order): ``path, epoch, step`` and every marker key.
 
     Markers follow ``marker_order`` where given, then alphabetical; empty cells where a value is unknown.
@@ -320,7 +330,11 @@ def to_markdown(result: RankingResult) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for s in result.scores:
-        thr = "" if not (result.floors or result.ceilings) else ("pass" if s.eligible else "fails " + "; ".join(s.failed))
+        thr = (
+            ""
+            if not (result.floors or result.ceilings)
+            else ("pass" if s.eligible else "fails " + "; ".join(s.failed))
+        )
         row = [
             str(s.rank),
             f"`{_md_escape(s.path)}`",
@@ -411,7 +425,9 @@ def write_plot(result: RankingResult, path: str | os.PathLike[str]) -> Path:
             edgecolors="tab:blue",
             zorder=3,
         )
-        ax.annotate(s.label or Path(s.path).stem, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.annotate(
+            s.label or Path(s.path).stem, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7
+        )
     front = sorted(((x, y) for s, x, y in pts if s.pareto), key=lambda p: p[0])
     if front:
         ax.plot(
@@ -428,8 +444,14 @@ def write_plot(result: RankingResult, path: str | os.PathLike[str]) -> Path:
     c = result.choice
     if c is not None:
         ax.scatter(
-            [c.get(d_key)], [c.get(u_key)], s=260, facecolors="none", edgecolors="tab:red", linewidths=2,
-            label="choice (both-higher rule)", zorder=4,
+            [c.get(d_key)],
+            [c.get(u_key)],
+            s=260,
+            facecolors="none",
+            edgecolors="tab:red",
+            linewidths=2,
+            label="choice (both-higher rule)",
+            zorder=4,
         )
     ax.set_xlabel(f"D_eff ({d_key})")
     ax.set_ylabel(f"Psi_eff ({u_key})")
