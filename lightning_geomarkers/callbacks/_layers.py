@@ -23,7 +23,9 @@ __all__ = [
     "Where",
     "Pooling",
     "find_classifier_head",
+    "head_candidates",
     "resolve_layers",
+    "metric_name",
     "check_pooling",
     "pool_features",
     "FeatureHook",
@@ -100,6 +102,27 @@ def _describe_linear(name: str, lin: nn.Linear) -> str:
     return f"{name!r} (Linear {lin.in_features} -> {lin.out_features})"
 
 
+def head_candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers that look like the *end* of a network branch (possible classifier heads).
+
+    A candidate Linear (see :func:`find_classifier_head`) is a possible head unless something shows it
+    feeds further layers: it is followed by another module inside its ``nn.Sequential`` parent, or a
+    later-registered candidate takes ``in_features`` equal to its ``out_features`` (a chain
+    ``fc1 -> fc2``). A multi-task model (a main head and an auxiliary ``nn.Sequential(..., nn.Linear)``)
+    has several.
+    """
+    candidates = _linear_candidates(model)
+    out = []
+    for i, (name, lin) in enumerate(candidates):
+        parent = model.get_submodule(_parent_name(name)) if name else None
+        if isinstance(parent, nn.Sequential) and name.rpartition(".")[2] != list(parent._modules)[-1]:
+            continue
+        if any(later.in_features == lin.out_features for _, later in candidates[i + 1 :]):
+            continue
+        out.append((name, lin))
+    return out
+
+
 def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
     """Return ``(name, module)`` of the model's classifier head: its final ``nn.Linear``.
 
@@ -118,7 +141,9 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
 
     Raises:
         ValueError: no candidate ``nn.Linear`` exists (the message lists the model's leaf modules), or the
-            head is ambiguous. Pass ``layers="<module name>"`` to the monitor in both cases.
+            head is ambiguous: parallel heads as above, or several branch ends (:func:`head_candidates`,
+            e.g. a main and an auxiliary head of a multi-task model). Pass ``layers="<module name>"`` to
+            the monitor in all cases.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
@@ -145,10 +170,41 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
                 f'Pass layers="<module name>:input" (e.g. layers="{last_name}:input" for the penultimate '
                 'features) or layers="<module name>" to choose explicitly.'
             )
+    ends = head_candidates(model)
+    if len(ends) >= 2:
+        names = ", ".join(_describe_linear(n, m) for n, m in ends)
+        raise ValueError(
+            f"Several possible classifier heads: {names} (a multi-task model?). The monitor will not guess "
+            "which one your labels belong to. Pass the classifier's input explicitly, e.g. "
+            f'layers="{ends[0][0]}:input".'
+        )
     return last_name, last
 
 
 # ------------------------------------------------------------------------------------------ layers
+
+
+def metric_name(display_name: str) -> str:
+    """A layer's display name as used inside logged keys: ``":"`` becomes ``"_"`` (``"fc:input"`` ->
+    ``"fc_input"``), since MLflow and other loggers rename keys containing ``":"``."""
+    return display_name.replace(":", "_")
+
+
+def _uncompiled(model: nn.Module, name: str, module: nn.Module) -> tuple[str, nn.Module]:
+    """For a module inside a ``torch.compile`` wrapper (``<name>._orig_mod``), the wrapper and its name.
+
+    Hooks on the original module run inside the compiled region: Dynamo traces them, guards on their
+    Python state, and recompiles when it changes (every batch). Hooks on the wrapper run eagerly around
+    the compiled call and see the same input and output.
+    """
+    parts = name.split(".")
+    if "_orig_mod" not in parts:
+        return name, module
+    cut = len(parts) - 1 - parts[::-1].index("_orig_mod")
+    outer = ".".join(parts[:cut])
+    if cut != len(parts) - 1:
+        return name, module  # a submodule inside a compiled block: no eager place to hook
+    return outer, model.get_submodule(outer) if outer else model
 
 
 def _display_name(name: str, where: str) -> str:
@@ -196,11 +252,14 @@ def resolve_layers(
     * an ``nn.Module`` instance that is part of ``model``: its output, found by identity.
     * a list/tuple mixing the above. Duplicates (same display name) are kept once.
 
-    The root module can be named ``""`` (display name ``"root"``).
+    The root module can be named ``""`` (display name ``"root"``). A module compiled in place
+    (``self.fc = torch.compile(nn.Linear(...))``) is hooked on its compile wrapper, so hooks run outside
+    the compiled region (no recompilation); its display name drops the ``"._orig_mod"`` part.
     """
     if layers is None:
         name, head = find_classifier_head(model)
-        return {name: (head, "input")}
+        name, wrapped = _uncompiled(model, name, head)
+        return {name: (wrapped, "input")}
     specs = [layers] if isinstance(layers, (str, nn.Module)) else layers
     if not isinstance(specs, (list, tuple)):
         raise TypeError(
@@ -227,6 +286,7 @@ def resolve_layers(
             module = _lookup(model, name)
         else:
             raise TypeError(f"Entries of `layers` must be str or nn.Module, got {type(spec).__name__}.")
+        name, module = _uncompiled(model, name, module)
         out.setdefault(_display_name(name, where), (module, where))  # type: ignore[arg-type]
     return out
 

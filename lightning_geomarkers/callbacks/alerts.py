@@ -55,6 +55,8 @@ class MarkerAlert:
         mode: "max", "min", or None for the marker's literature sign.
         action: "warn" (a ``GeometryWarning``), "stop" (stop training on all ranks, and warn), or a
             callable receiving the :class:`AlertEvent`.
+        min_standard_errors: ``k`` above (None: no noise test). GLUE markers (``glue_*``) only, the
+            markers that carry a standard error.
 
     Example:
         >>> alert = MarkerAlert("glue_dimension", relative_drop=0.2, patience=2)
@@ -74,6 +76,7 @@ class MarkerAlert:
         warmup: int = 0,
         mode: str | None = None,
         action: str | Callable[[AlertEvent], Any] = "warn",
+        min_standard_errors: float | None = None,
     ) -> None:
         if not isinstance(marker, str) or not marker:
             raise TypeError(f"`marker` must be a marker name such as 'glue_dimension', got {marker!r}.")
@@ -102,6 +105,21 @@ class MarkerAlert:
             raise ValueError(
                 f"`relative_drop` must be a fraction in (0, 1) (e.g. 0.2 for 20%), got {relative_drop!r}."
             )
+        if min_standard_errors is not None:
+            if (
+                isinstance(min_standard_errors, bool)
+                or not isinstance(min_standard_errors, int | float)
+                or not math.isfinite(min_standard_errors)
+                or min_standard_errors <= 0
+            ):
+                raise ValueError(
+                    f"`min_standard_errors` must be a positive number (e.g. 2.0), got {min_standard_errors!r}."
+                )
+            if not base.startswith("glue_"):
+                raise ValueError(
+                    f"`min_standard_errors` needs a standard error, which only the GLUE markers (glue_*) carry; "
+                    f"{base!r} has none. Drop min_standard_errors or alert on a glue_* marker."
+                )
         if not (callable(action) or action in ("warn", "stop")):
             raise ValueError(f"`action` must be 'warn', 'stop' or a callable, got {action!r}.")
         self.marker = marker
@@ -113,15 +131,22 @@ class MarkerAlert:
         self.warmup = warmup
         self.mode = mode
         self.action = action
-        self._reset_state()
+        self.min_standard_errors = None if min_standard_errors is None else float(min_standard_errors)
+        self.reset()
 
-    def _reset_state(self) -> None:
+    def reset(self) -> None:
+        """Forget every value seen (a new run); the configuration is kept."""
         self.n_values = 0
         self.wait = 0
         self.armed = True
         self.best: float | None = None
         self.first: float | None = None
         self.recent: deque[float] = deque(maxlen=self.window)
+        self.best_se: float | None = None
+        self.first_se: float | None = None
+        self.recent_se: deque[float | None] = deque(maxlen=self.window)
+
+    _reset_state = reset
 
     @property
     def action_name(self) -> str:
@@ -135,12 +160,35 @@ class MarkerAlert:
             return self.first
         return sum(self.recent) / len(self.recent) if self.recent else None
 
+    def reference_se(self) -> float | None:
+        """Standard error of :meth:`reference_value` (None if unknown)."""
+        if self.reference == "best":
+            return self.best_se
+        if self.reference == "first":
+            return self.first_se
+        if not self.recent_se or any(se is None for se in self.recent_se):
+            return None
+        return math.sqrt(sum(se * se for se in self.recent_se if se is not None)) / len(self.recent_se)
+
+    def _beyond_noise(self, distance: float, se: float | None) -> tuple[bool, str]:
+        """Whether ``distance`` exceeds ``min_standard_errors`` times ``se`` (always, without a test)."""
+        if self.min_standard_errors is None or se is None:
+            return True, ""
+        if se == 0:
+            return distance > 0, ""
+        z = distance / se
+        return z > self.min_standard_errors, f" ({z:.1f} standard errors)"
+
     def _worse(self, value: float, bound: float) -> bool:
         return value < bound if self.mode == "max" else value > bound
 
-    def update(self, value: float, *, epoch: int, step: int) -> AlertEvent | None:
-        """Feed one computed value; returns the :class:`AlertEvent` if the alert fires now."""
+    def update(self, value: float, *, epoch: int, step: int, se: float | None = None) -> AlertEvent | None:
+        """Feed one computed value (and its standard error, if known); returns the :class:`AlertEvent` if
+        the alert fires now."""
         value = float(value)
+        if se is not None and not (math.isfinite(float(se)) and float(se) >= 0):
+            se = None
+        se = None if se is None else float(se)
         if not math.isfinite(value):
             return None
         self.n_values += 1
@@ -149,17 +197,22 @@ class MarkerAlert:
         ref = self.reference_value()
         reasons = []
         if self.threshold is not None and self._worse(value, self.threshold):
-            side = "below the floor" if self.mode == "max" else "above the ceiling"
-            reasons.append(f"{side} {self.threshold:.4g}")
+            beyond, z = self._beyond_noise(abs(value - self.threshold), se)
+            if beyond:
+                side = "below the floor" if self.mode == "max" else "above the ceiling"
+                reasons.append(f"{side} {self.threshold:.4g}{z}")
         if self.relative_drop is not None and ref is not None:
             allowed = abs(ref) * self.relative_drop
             bound = ref - allowed if self.mode == "max" else ref + allowed
-            if self._worse(value, bound):
+            ref_se = self.reference_se()
+            diff_se = None if se is None or ref_se is None else math.sqrt(se * se + ref_se * ref_se)
+            beyond, z = self._beyond_noise(abs(value - ref), diff_se)
+            if self._worse(value, bound) and beyond:
                 change = abs(value - ref) / abs(ref) if ref else math.inf
                 word = "below" if self.mode == "max" else "above"
                 reasons.append(
                     f"{change:.1%} {word} its {self.reference.replace('_', ' ')} value {ref:.4g} "
-                    f"(allowed {self.relative_drop:.0%})"
+                    f"(allowed {self.relative_drop:.0%}){z}"
                 )
         event = None
         if reasons:
@@ -182,10 +235,11 @@ class MarkerAlert:
             self.wait = 0
             self.armed = True
         if self.first is None:
-            self.first = value
+            self.first, self.first_se = value, se
         if self.best is None or not self._worse(value, self.best):
-            self.best = value
+            self.best, self.best_se = value, se
         self.recent.append(value)
+        self.recent_se.append(se)
         return event
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,6 +251,9 @@ class MarkerAlert:
             "best": self.best,
             "first": self.first,
             "recent": list(self.recent),
+            "best_se": self.best_se,
+            "first_se": self.first_se,
+            "recent_se": list(self.recent_se),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -207,10 +264,14 @@ class MarkerAlert:
         self.n_values, self.wait, self.armed = state["n_values"], state["wait"], state["armed"]
         self.best, self.first = state["best"], state["first"]
         self.recent = deque(state["recent"], maxlen=self.window)
+        # standard errors were added later: older checkpoints have none (reference SE unknown)
+        self.best_se, self.first_se = state.get("best_se"), state.get("first_se")
+        recent_se = state.get("recent_se") or [None] * len(self.recent)
+        self.recent_se = deque(recent_se, maxlen=self.window)
 
     def __repr__(self) -> str:
         parts = [repr(self.marker)]
-        for name in ("threshold", "relative_drop"):
+        for name in ("threshold", "relative_drop", "min_standard_errors"):
             if getattr(self, name) is not None:
                 parts.append(f"{name}={getattr(self, name)}")
         parts += [f"reference={self.reference!r}", f"patience={self.patience}", f"mode={self.mode!r}"]

@@ -28,8 +28,12 @@ class MarkerCheckpoint(ModelCheckpoint):
       ``["geometry/glue_dimension", "geometry/glue_utility"]``). Only epochs where the markers were
       freshly computed count. Replaces ``monitor`` (leave it None); keeps one checkpoint.
 
-    All other arguments are those of ``ModelCheckpoint``. A listed key that was never logged makes the
-    epoch ineligible (with a message when ``verbose``).
+    All other arguments are those of ``ModelCheckpoint``. A listed key that was never logged, or a marker
+    not computed at this validation (``every_n_epochs``, a skipped computation), makes the epoch
+    ineligible (with a message when ``verbose``): a floor is never checked against an earlier epoch's
+    value. At setup every listed key that names a geometry marker must be one the trainer's
+    monitors log (``"geometry/glue_dimension"``, not ``"glue_dimension"``), else a
+    ``ValueError`` lists the valid keys.
 
     Example::
 
@@ -76,16 +80,50 @@ class MarkerCheckpoint(ModelCheckpoint):
             prefer=self.prefer_higher,
         )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._check_keys(trainer, pl_module)
+
+    def _check_keys(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse marker keys no monitor logs (a floor on a key that never appears saves nothing)."""
+        from lightning_geomarkers.callbacks.monitor import GeometryMonitor
+        from lightning_geomarkers.functional.suite import MARKERS
+
+        monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GeometryMonitor)]
+        valid = [k for m in monitors for k in m.logged_keys(pl_module)]
+        prefixes = {m.prefix + "/" for m in monitors}
+        listed = [*self.floors, *self.ceilings, *self.prefer_higher]
+        if self.monitor is not None:
+            listed.append(self.monitor)
+        for key in listed:
+            looks_like_marker = key.rsplit("/", 1)[-1].removesuffix("_se") in MARKERS or any(
+                key.startswith(p) for p in prefixes
+            )
+            if key in valid or not looks_like_marker:
+                continue
+            close = [k for k in valid if k.endswith("/" + key.rsplit("/", 1)[-1])]
+            raise ValueError(
+                f"MarkerCheckpoint lists {key!r}, which no GeometryMonitor logs"
+                + (" (there is no GeometryMonitor in Trainer(callbacks=...))" if not monitors else "")
+                + ", so no epoch would ever be eligible. Use the logged key"
+                + (f", e.g. {close[0]!r}" if close else "")
+                + f". Keys logged: {valid[:12]}{' ...' if len(valid) > 12 else ''}."
+            )
+
     def eligible(self, values: Mapping[str, Any]) -> tuple[bool, str]:
         """Whether logged ``values`` pass every floor and ceiling, and if not, why."""
         for key, bound in self.floors.items():
             if key not in values:
                 return False, f"{key!r} was not logged"
+            if values[key] is None:
+                return False, f"{key!r} was not computed at this validation"
             if not float(values[key]) >= bound:
                 return False, f"{key} = {float(values[key]):.4g} < floor {bound:.4g}"
         for key, bound in self.ceilings.items():
             if key not in values:
                 return False, f"{key!r} was not logged"
+            if values[key] is None:
+                return False, f"{key!r} was not computed at this validation"
             if not float(values[key]) <= bound:
                 return False, f"{key} = {float(values[key]):.4g} > ceiling {bound:.4g}"
         return True, ""
@@ -94,7 +132,7 @@ class MarkerCheckpoint(ModelCheckpoint):
         """Were the geometry markers computed at this validation (not stale from an earlier one)?"""
         from lightning_geomarkers.callbacks.monitor import GeometryMonitor
 
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, GeometryMonitor)]
+        monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GeometryMonitor)]
         return not monitors or any(m.last_computed_step == trainer.global_step for m in monitors)
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
@@ -107,7 +145,7 @@ class MarkerCheckpoint(ModelCheckpoint):
         if not self.prefer_higher:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
             return
-        if not self._fresh(trainer) or any(k not in monitor_candidates for k in self.prefer_higher):
+        if not self._fresh(trainer) or any(monitor_candidates.get(k) is None for k in self.prefer_higher):
             return
         current = {k: float(monitor_candidates[k]) for k in self.prefer_higher}
         better = self.kept_marker_values is None or all(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import RandomSampler
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_geomarkers.callbacks._heatmap import class_view, write_class_heatmap
@@ -20,6 +23,7 @@ from lightning_geomarkers.callbacks._layers import (
     FeatureHook,
     check_pooling,
     find_classifier_head,
+    metric_name,
     resolve_layers,
 )
 from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_keys
@@ -66,6 +70,11 @@ class GeometryMonitor(L.Callback):
             tokens), "mean", "cls" (token 0), "max", or a callable.
         label_fn: ``label_fn(batch) -> (B,) labels``; default ``batch[1]`` or a dict key among
             "label", "labels", "y", "target", "targets".
+        input_fn: ``input_fn(batch) -> (B, ...) tensor`` identifying each sample (its raw input), whose
+            bytes key the sampling; default ``batch[0]`` or a dict key among "x", "input", "inputs",
+            "image", "images", "input_ids", "pixel_values". When no input is found, samples are keyed
+            by their position in the validation loader (stable only without shuffling; a warning says
+            so once). Never keyed on the features, which change with the weights.
         markers: "all", "glue", or a list of names from ``lightning_geomarkers.functional.MARKERS``.
         samples_per_class: per-class sample kept each epoch (the GLUE protocols draw from it).
         max_classes: at most this many classes are monitored (a fixed, seeded subset).
@@ -77,7 +86,9 @@ class GeometryMonitor(L.Callback):
         center_features, projection_dim: GLUE preprocessing (global centering; random projection of
             wider features).
         lid_k: neighbours of the local intrinsic dimension.
-        every_n_epochs: compute on every n-th validation epoch.
+        every_n_epochs: compute at validations that end a training epoch ``e`` with
+            ``(e + 1) % every_n_epochs == 0`` (epochs counted from 0). ``trainer.validate`` always computes.
+            With ``check_val_every_n_epoch`` > 1 choose a multiple of it (a warning at setup otherwise).
         dataloader_idx: which validation dataloader to monitor.
         alerts: :class:`MarkerAlert` objects.
         seed: seeds sampling, GLUE probes and projections (fixed across epochs, so markers move only when
@@ -88,7 +99,9 @@ class GeometryMonitor(L.Callback):
         log_class_heatmap: with a ``TensorBoardLogger`` and the pairs protocol, write a class-by-class heat
             map of pairwise GLUE capacity as an image at each computation (up to 50 monitored classes).
             Per-class values go to :attr:`per_class_history` either way (pairs protocol only).
-        prefix: logging namespace.
+        prefix: logging namespace. Two monitors must not log the same keys (refused at setup).
+        log_standard_errors: also log ``<prefix>/<marker>_se``, the standard error of each GLUE marker
+            (they are always in :attr:`history` when the markers report one).
         strict: raise instead of warning on data problems (for debugging a setup).
 
     Example::
@@ -103,6 +116,7 @@ class GeometryMonitor(L.Callback):
         *,
         pooling: str | Callable[[Any], torch.Tensor] = "auto",
         label_fn: Callable[[Any], torch.Tensor] | None = None,
+        input_fn: Callable[[Any], torch.Tensor] | None = None,
         markers: str | Iterable[str] = "all",
         samples_per_class: int = 50,
         max_classes: int | None = 100,
@@ -122,6 +136,7 @@ class GeometryMonitor(L.Callback):
         custom_scalars: bool = True,
         log_class_heatmap: bool = True,
         prefix: str = "geometry",
+        log_standard_errors: bool = False,
         strict: bool = False,
     ) -> None:
         super().__init__()
@@ -130,6 +145,9 @@ class GeometryMonitor(L.Callback):
         if label_fn is not None and not callable(label_fn):
             raise TypeError(f"`label_fn` must be callable (batch -> labels), got {label_fn!r}.")
         self.label_fn = label_fn
+        if input_fn is not None and not callable(input_fn):
+            raise TypeError(f"`input_fn` must be callable (batch -> inputs tensor), got {input_fn!r}.")
+        self.input_fn = input_fn
         self.markers = resolve_marker_names(markers)
         self.samples_per_class = check_positive_int(samples_per_class, "samples_per_class", minimum=2)
         self.max_classes = (
@@ -139,7 +157,7 @@ class GeometryMonitor(L.Callback):
             raise ValueError(f"`glue_protocol` must be 'pairs' or 'joint', got {glue_protocol!r}.")
         if points_per_class is not None:
             check_positive_int(points_per_class, "points_per_class", minimum=2)
-        self.glue_kwargs = dict(
+        self.glue_kwargs: dict[str, Any] = dict(
             glue_protocol=glue_protocol,
             points_per_class=points_per_class or self.samples_per_class,
             n_pairs=None if n_pairs is None else check_positive_int(n_pairs, "n_pairs"),
@@ -157,7 +175,7 @@ class GeometryMonitor(L.Callback):
         for alert in alerts:
             if not isinstance(alert, MarkerAlert):
                 raise TypeError(f"`alerts` must contain MarkerAlert objects, got {type(alert).__name__}.")
-            if alert.marker.rsplit("/", 1)[-1] not in self.markers:
+            if alert.marker.rsplit("/", 1)[-1] not in self.markers:  # "<prefix>/<layer>/<marker>" too
                 raise ValueError(
                     f"Alert on {alert.marker!r} but that marker is not computed; add it to `markers` "
                     f"(currently {list(self.markers)})."
@@ -170,6 +188,7 @@ class GeometryMonitor(L.Callback):
         if not isinstance(prefix, str) or not prefix:
             raise ValueError("`prefix` must be a non-empty string such as 'geometry'.")
         self.prefix = prefix.rstrip("/")
+        self.log_standard_errors = bool(log_standard_errors)
         self.strict = bool(strict)
 
         self.history: list[dict[str, Any]] = []
@@ -179,14 +198,25 @@ class GeometryMonitor(L.Callback):
         self.last_computed_step: int | None = None
         self._hooks: dict[str, FeatureHook] = {}
         self._samplers: dict[str, PerClassSampler] = {}
+        self._layer_ids: dict[str, str] = {}  # display name -> "<module name>:<input|output>"
+        self._alert_targets: list[tuple[str, str]] = []  # (layer display name, marker) per alert
         self._num_classes: int | None = None
+        self._head_name: str | None = None
         self._capturing = False
+        self._loader_missing: str | None = None
+        self._position = 0  # samples seen so far in this epoch's monitored loader (position keys)
         self._epoch_problems: set[str] = set()
+        self._run_warnings: set[str] = set()
         self._layout_written = False
 
     # ------------------------------------------------------------------ identity and state
     @property
     def state_key(self) -> str:
+        """Identifies this monitor's state in a checkpoint: its prefix and the *resolved* layers once set
+        up (``layers=None`` and ``layers="fc:input"`` watching the same input share one key), the
+        ``layers`` argument before."""
+        if self._layer_ids:
+            return self._generate_state_key(prefix=self.prefix, layers=sorted(self._layer_ids.values()))
         return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,6 +227,7 @@ class GeometryMonitor(L.Callback):
             "alerts": [a.state_dict() for a in self.alerts],
             "seed": self.seed,
             "last_computed_step": self.last_computed_step,
+            "layers": sorted(self._layer_ids.values()),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -210,32 +241,160 @@ class GeometryMonitor(L.Callback):
         self.alert_history = [dict(a) for a in state_dict.get("alert_history", [])]
         self.per_class_history = [dict(h) for h in state_dict.get("per_class_history", [])]
         self.last_computed_step = state_dict.get("last_computed_step")
-        saved = state_dict.get("alerts", [])
-        if len(saved) == len(self.alerts):
-            for alert, st in zip(self.alerts, saved, strict=True):
-                alert.load_state_dict(st)
-        elif saved:
+        # Alerts are matched to saved state by marker (in order among alerts on the same marker), never
+        # by position: adding or reordering alerts must not hand one alert another's best value.
+        saved: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for st in state_dict.get("alerts", []):
+            saved[self._normalise_alert_name(str(st.get("marker")))].append(st)
+        fresh = []
+        for alert in self.alerts:
+            queue = saved.get(self._normalise_alert_name(alert.marker))
+            if queue:
+                alert.load_state_dict({**queue.pop(0), "marker": alert.marker})
+            else:
+                fresh.append(alert.marker)
+        left = [m for m, q in saved.items() for _ in q]
+        if fresh or left:
             rank_zero_warn(
-                "GeometryMonitor: the checkpoint holds state for a different set of alerts; alerts start afresh.",
+                f"GeometryMonitor: the checkpoint holds no alert state for {fresh} (they start afresh)"
+                + (f" and state for alerts no longer configured: {left} (ignored)" if left else "")
+                + ".",
                 category=MonitorWarning,
             )
 
+    def _normalise_alert_name(self, marker: str) -> str:
+        """``"<prefix>/<layer>/<marker>"``, ``"<layer>/<marker>"`` or ``"<marker>"`` without the prefix
+        and with the layer as in logged keys (``"fc:input"`` -> ``"fc_input"``)."""
+        if marker.startswith(self.prefix + "/"):
+            marker = marker[len(self.prefix) + 1 :]
+        layer, _, base = marker.rpartition("/")
+        return f"{metric_name(layer)}/{base}" if layer else base
+
+    def _reset_run_state(self) -> None:
+        """Forget everything a previous ``fit`` learned (history, alert references), so a monitor reused
+        for a new model (a sweep in a notebook) does not compare it with the last one. A resumed fit gets
+        its state back from the checkpoint right after (``load_state_dict`` runs after ``setup``)."""
+        self.history = []
+        self.alert_history = []
+        self.last_computed_step = None
+        for alert in self.alerts:
+            alert.reset()
+        self._layout_written = False
+        self._run_warnings = set()
+
+    def logged_keys(self, pl_module: nn.Module | None = None) -> list[str]:
+        """Every key this monitor logs with ``pl_module.log`` (markers, their standard errors when
+        ``log_standard_errors``, alerts), for the layers it watches (resolved on ``pl_module`` when it is
+        not set up yet)."""
+        if self._hooks:
+            layers = list(self._hooks)
+        elif pl_module is not None:
+            layers = list(resolve_layers(pl_module, self.layers))
+        else:
+            raise ValueError("logged_keys() needs the model before the monitor is set up.")
+        single = len(layers) == 1
+        keys = []
+        for layer in layers:
+            for marker in self.markers:
+                keys.append(self._key(layer, marker, single=single))
+                if self.log_standard_errors and marker in GLUE_MARKER_NAMES:
+                    keys.append(self._key(layer, marker + "_se", single=single))
+        keys += sorted({f"{self.prefix}/alert/{self._normalise_alert_name(a.marker)}" for a in self.alerts})
+        return keys
+
     # ------------------------------------------------------------------ set-up and tear-down
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._hooks:
+        if stage == "test":
+            self._warn_run(
+                "test",
+                "GeometryMonitor computes markers at validation only: trainer.test logs no geometry marker. "
+                "To measure a test set, run trainer.validate(model, dataloaders=test_loader) with the monitor.",
+            )
+        if stage in ("test", "predict") or self._hooks:
             return
+        if stage == "fit":
+            self._reset_run_state()
         resolved = resolve_layers(pl_module, self.layers)  # raises, listing names, on a bad layer
+        self._num_classes, self._head_name = None, None
         if self.layers is None:
-            self._num_classes = find_classifier_head(pl_module)[1].out_features
+            self._head_name, head = find_classifier_head(pl_module)
+            self._num_classes = head.out_features
+        names_by_id: dict[int, str] = {}
+        for n, m in pl_module.named_modules():
+            names_by_id.setdefault(id(m), n)
         for name, (module, where) in resolved.items():
             self._hooks[name] = FeatureHook(module, where, self.pooling, name=name, strict=self.strict)
             self._samplers[name] = self._new_sampler()
-        for alert in self.alerts:
-            if "/" in alert.marker and alert.marker.rsplit("/", 1)[0] not in self._hooks:
+            self._layer_ids[name] = f"{names_by_id.get(id(module), name)}:{where}"
+        try:
+            self._alert_targets = [self._alert_target(a) for a in self.alerts]
+            self._check_callbacks(trainer, pl_module)
+        except Exception:
+            self.remove_hooks()
+            raise
+        if stage == "fit":
+            self._check_schedule(trainer)
+
+    def _alert_target(self, alert: MarkerAlert) -> tuple[str, str]:
+        """(layer display name, marker) an alert watches; accepts the logged key ``"<prefix>/..."``."""
+        name = self._normalise_alert_name(alert.marker)
+        layer, _, marker = name.rpartition("/")
+        if not layer:
+            return next(iter(self._hooks)), marker  # an unqualified alert watches the first layer
+        for display in self._hooks:
+            if metric_name(display) == layer:
+                return display, marker
+        raise ValueError(
+            f"Alert on {alert.marker!r} names a layer that is not monitored; monitored layers: "
+            f"{list(self._hooks)}. Use MarkerAlert('<marker>'), MarkerAlert('<layer>/<marker>') or the "
+            f"logged key, e.g. MarkerAlert({self._key(next(iter(self._hooks)), marker)!r})."
+        )
+
+    def _check_callbacks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse set-ups that would log, compare or stop on a number under a key it does not belong to."""
+        mine = set(self.logged_keys())
+        for cb in getattr(trainer, "callbacks", []):
+            if cb is self:
+                continue
+            if isinstance(cb, GeometryMonitor):
+                clash = sorted(mine & set(cb.logged_keys(pl_module)))
+                if clash:
+                    raise ValueError(
+                        f"Two GeometryMonitors would both log {clash[:4]}{' ...' if len(clash) > 4 else ''} "
+                        f"(layers={self.layers!r} and layers={cb.layers!r}, both with prefix={self.prefix!r}); "
+                        "Lightning would silently average their values. Give each monitor its own prefix, "
+                        f"e.g. GeometryMonitor(..., prefix='{self.prefix}_<layer>'), or use one monitor "
+                        "with layers=[...] (keys '<prefix>/<layer>/<marker>')."
+                    )
+            if isinstance(cb, EarlyStopping) and cb.monitor in mine and cb.strict:
                 raise ValueError(
-                    f"Alert on {alert.marker!r} names a layer that is not monitored; monitored layers: "
-                    f"{list(self._hooks)}."
+                    f"EarlyStopping(monitor={cb.monitor!r}) needs strict=False: the marker has no value at "
+                    "validations where it is not computed (the sanity check, epochs skipped by "
+                    f"every_n_epochs={self.every_n_epochs}, data problems), and GeometryMonitor never puts "
+                    "a placeholder where EarlyStopping would act on it. Pass "
+                    f"EarlyStopping(monitor={cb.monitor!r}, strict=False, ...) (patience then counts computed "
+                    "epochs only), or stop on a geometry alert: MarkerAlert(<marker>, relative_drop=..., "
+                    "action='stop')."
                 )
+
+    def _check_schedule(self, trainer: L.Trainer) -> None:
+        every_val = getattr(trainer, "check_val_every_n_epoch", None)
+        n = self.every_n_epochs
+        if not every_val or n == 1 or n % every_val == 0:
+            return
+        meet = n * every_val // math.gcd(n, every_val)
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        never = max_epochs is not None and meet > max_epochs
+        self._warn_run(
+            "schedule",
+            f"GeometryMonitor(every_n_epochs={n}) with Trainer(check_val_every_n_epoch={every_val}): markers are "
+            + (
+                f"never computed in {max_epochs} epochs"
+                if never
+                else f"computed only every {meet} epochs (when both schedules meet)"
+            )
+            + f". Use an every_n_epochs that is a multiple of {every_val}, e.g. every_n_epochs={every_val}.",
+        )
 
     def _new_sampler(self) -> PerClassSampler:
         """A fresh, empty per-class sample with this monitor's settings (one per monitored layer)."""
@@ -255,6 +414,7 @@ class GeometryMonitor(L.Callback):
             hook.remove()
         self._hooks.clear()
         self._samplers.clear()
+        self._layer_ids.clear()
         self._capturing = False
 
     # ------------------------------------------------------------------ offline
@@ -314,12 +474,24 @@ class GeometryMonitor(L.Callback):
 
     # ------------------------------------------------------------------ capture
     def _due(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if trainer.sanity_checking:
+            return False
+        if not trainer.training and trainer.state.fn == "validate":
+            return True  # a standalone trainer.validate always computes
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._capturing = bool(self._hooks) and self._due(trainer)
         self._epoch_problems = set()
+        self._position = 0
+        self._loader_missing = None
         if self._capturing:
+            n_loaders = len(trainer.num_val_batches)
+            if self.dataloader_idx >= n_loaders:
+                self._loader_missing = (
+                    f"dataloader_idx={self.dataloader_idx} but the validation has {n_loaders} dataloader(s), "
+                    f"so nothing was captured. Pass dataloader_idx in 0..{n_loaders - 1}, or add the loader."
+                )
             for name, hook in self._hooks.items():
                 hook.clear()
                 hook.enabled = False
@@ -351,7 +523,7 @@ class GeometryMonitor(L.Callback):
         for hook in self._hooks.values():
             hook.enabled = False
         try:
-            self._capture_batch(batch)
+            self._capture_batch(batch, trainer)
         except Exception as err:
             if self.strict:
                 raise
@@ -360,18 +532,22 @@ class GeometryMonitor(L.Callback):
                 f"GeometryMonitor could not use validation batch {batch_idx} and skipped it: {err}",
             )
 
-    def _capture_batch(self, batch: Any) -> None:
+    def _capture_batch(self, batch: Any, trainer: L.Trainer | None = None) -> None:
         labels = extract_labels(batch, self.label_fn)
-        inputs = batch_inputs(batch)
+        inputs = self._inputs(batch, labels.shape[0], trainer)
         keep = labels >= 0
         if self._num_classes is not None:
             keep &= labels < self._num_classes
         if not bool(keep.all()):
             bad = labels[~keep].unique().tolist()[:10]
+            share = float((~keep).float().mean())
             self._problem(
                 "labels-range",
-                f"GeometryMonitor ignored samples with labels {bad} outside the class range "
-                f"[0, {self._num_classes}) (e.g. an ignore index)."
+                f"GeometryMonitor ignored samples with labels {bad} outside the class range of the watched "
+                f"head {self._head_name!r} ({self._num_classes} outputs: classes 0..{self._num_classes - 1}; "
+                f"{share:.0%} of this batch). If that head is not the classifier of these labels (a "
+                "multi-task model, an auxiliary head), pass layers='<classifier>:input'; if the labels are "
+                "an ignore index (e.g. -100) or extra classes, this is expected."
                 if self._num_classes is not None
                 else f"GeometryMonitor ignored samples with negative labels {bad} (e.g. an ignore index).",
             )
@@ -387,16 +563,62 @@ class GeometryMonitor(L.Callback):
                     "Monitor a layer that runs once per sample, or pass `label_fn`.",
                 )
                 continue
-            content = inputs if inputs is not None and inputs.shape[0] == feats.shape[0] else feats
-            keys = sample_keys(content[keep.to(content.device)], labels[keep], self.seed)
+            keys = sample_keys(inputs[keep.to(inputs.device)], labels[keep], self.seed)
             self._samplers[name].update(feats[keep.to(feats.device)], labels[keep], keys)
+
+    def _inputs(self, batch: Any, n: int, trainer: L.Trainer | None) -> torch.Tensor:
+        """What identifies each sample for the sampling keys: the raw inputs (``input_fn`` or found in the
+        batch), else the sample's position in the monitored loader. Never the features: they change
+        with the weights, so the sample would change with every update."""
+        start, self._position = self._position, self._position + n
+        if self.input_fn is not None:
+            inputs = self.input_fn(batch)
+            if not isinstance(inputs, torch.Tensor) or inputs.ndim == 0 or inputs.shape[0] != n:
+                raise ValueError(
+                    f"input_fn(batch) must return a (batch, ...) tensor with {n} rows, got "
+                    f"{type(inputs).__name__} {tuple(getattr(inputs, 'shape', ()))}."
+                )
+            return inputs
+        found = batch_inputs(batch)
+        if found is not None and found.ndim > 0 and found.shape[0] == n:
+            return found
+        rank = trainer.global_rank if trainer is not None else 0
+        shuffled = self._loader_shuffled(trainer)
+        self._warn_run(
+            "position-keys",
+            "GeometryMonitor could not find the inputs of the validation batch "
+            f"({type(batch).__name__}), so samples are keyed by their position in the validation loader"
+            + (
+                ". That loader SHUFFLES, so the sample changes every epoch and adds noise to the markers. "
+                "Use shuffle=False for validation, or"
+                if shuffled
+                else " (stable across epochs without shuffling; with several processes the sample depends "
+                "on the sharding). For keys that follow each input whatever its position,"
+            )
+            + " pass input_fn=lambda batch: <the inputs tensor>, e.g. input_fn=lambda b: b['img'].",
+        )
+        pos = torch.arange(start, start + n, dtype=torch.int64)
+        return torch.stack([torch.full_like(pos, rank), pos], dim=1)
+
+    def _loader_shuffled(self, trainer: L.Trainer | None) -> bool:
+        loaders = getattr(trainer, "val_dataloaders", None) if trainer is not None else None
+        if loaders is None:
+            return False
+        if isinstance(loaders, (list, tuple)):
+            if self.dataloader_idx >= len(loaders):
+                return False
+            loaders = loaders[self.dataloader_idx]
+        elif isinstance(loaders, dict):
+            return False
+        sampler = getattr(loaders, "sampler", None)
+        return isinstance(sampler, RandomSampler) or bool(getattr(sampler, "shuffle", False))
 
     # ------------------------------------------------------------------ compute and log
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._hooks:
             return
         if not self._capturing:
-            self._log_missing(trainer)
+            self._no_fresh_values(trainer, set())
             return
         self._capturing = False
         for hook in self._hooks.values():
@@ -407,24 +629,33 @@ class GeometryMonitor(L.Callback):
         epoch, step = trainer.current_epoch, self._log_step(trainer)
         fired: list[AlertEvent] = []
         computed_any = False
+        fresh: set[str] = set()
+        alert_flags: dict[str, float] = {}
         for name, hook in self._hooks.items():
             sampler = self._samplers[name]
             if distributed:  # collective: every rank takes part, whatever happened locally
                 sampler.sync(gather_all_tensors, device=pl_module.device)
             try:
-                values = self._compute_layer(name, hook, sampler, pl_module, trainer)
+                if self._loader_missing is not None:
+                    raise RuntimeError(self._loader_missing)
+                values, ses = self._compute_layer(name, hook, sampler, pl_module, trainer, fresh)
             except Exception as err:
                 if self.strict:
                     raise
                 self._problem(
                     f"compute:{name}", f"GeometryMonitor skipped layer {name!r} at epoch {epoch}: {err}"
                 )
-                values = {}
+                values, ses = {}, {}
             if values:
                 computed_any = True
-                self.history.append({"epoch": epoch, "step": step, "layer": name, **values})
-            fired += self._run_alerts(name, values, epoch, step, pl_module)
-        self._log_missing(trainer)
+                entry = {"epoch": epoch, "step": step, "layer": name, **values}
+                entry.update({f"{m}_se": v for m, v in ses.items()})
+                self.history.append(entry)
+            fired += self._run_alerts(name, values, ses, epoch, step, alert_flags)
+        for key, flag in alert_flags.items():  # one value per key, even with several alerts on a marker
+            pl_module.log(key, flag, on_epoch=True, on_step=False)
+            fresh.add(key)
+        self._no_fresh_values(trainer, fresh)
         if computed_any:
             self.last_computed_step = trainer.global_step
         if any(a.action == "stop" for a in self.alerts):
@@ -433,8 +664,11 @@ class GeometryMonitor(L.Callback):
                 trainer.should_stop = True
                 rank_zero_info(f"GeometryMonitor: stopping training at epoch {epoch} on a geometry alert.")
 
-    def _key(self, layer: str, marker: str) -> str:
-        return f"{self.prefix}/{marker}" if len(self._hooks) == 1 else f"{self.prefix}/{layer}/{marker}"
+    def _key(self, layer: str, marker: str, *, single: bool | None = None) -> str:
+        """``<prefix>/<marker>`` with one layer, else ``<prefix>/<layer>/<marker>`` with ``":"`` in the
+        layer name replaced by ``"_"`` (MLflow and others rename such keys)."""
+        single = len(self._hooks) == 1 if single is None else single
+        return f"{self.prefix}/{marker}" if single else f"{self.prefix}/{metric_name(layer)}/{marker}"
 
     @staticmethod
     def _log_step(trainer: L.Trainer) -> int:
@@ -442,18 +676,39 @@ class GeometryMonitor(L.Callback):
         histogram, the history and alert messages line up with the scalar charts."""
         return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
-    def _log_missing(self, trainer: L.Trainer) -> None:
-        """Make every marker key exist in ``trainer.callback_metrics`` before its first value.
+    def _no_fresh_values(self, trainer: L.Trainer, fresh: set[str]) -> None:
+        """Mark every key not computed at this validation as having no value (``None``).
 
-        A ``ModelCheckpoint``/``EarlyStopping`` monitoring a marker raises when its key is missing, which
-        happens before the first computation (``every_n_epochs > 1``, or a first computation skipped on
-        bad data). Such keys get NaN, which ``ModelCheckpoint`` ranks last; it is not sent to the loggers.
-        Once logged, Lightning keeps a key's latest value there by itself on epochs without a fresh one.
+        ``ModelCheckpoint`` raises on a missing monitored key once validation has run, and would rank a NaN
+        placeholder (-inf) or keep a stale value from an earlier epoch as this epoch's score. With ``None``
+        the key exists but ``ModelCheckpoint`` keeps nothing for the epoch, ``EarlyStopping(strict=False)``
+        skips the epoch, and ``MarkerCheckpoint`` makes it ineligible. Loggers never see it (they get
+        ``pl_module.log`` values only).
         """
-        metrics = trainer.callback_metrics  # Lightning's persistent dict, read by ModelCheckpoint
-        for layer in self._hooks:
-            for marker in self.markers:
-                metrics.setdefault(self._key(layer, marker), torch.tensor(math.nan))
+        metrics: dict[str, Any] = trainer.callback_metrics  # Lightning's dict, read by ModelCheckpoint
+        for key in self.logged_keys():
+            if key not in fresh:
+                metrics[key] = None
+
+    def _log_value(self, pl_module: L.LightningModule, key: str, value: float, fresh: set[str]) -> None:
+        """``pl_module.log`` unless another logger already logged ``key`` in this loop (two sources of one
+        key are averaged silently by Lightning): then warn and leave the key to it."""
+        trainer = pl_module._trainer
+        results = getattr(trainer, "_results", None) if trainer is not None else None
+        here = getattr(pl_module, "_current_fx_name", None)
+        if results is not None:
+            for other in results.values():
+                meta = getattr(other, "meta", None)
+                if meta is not None and meta.name == key and meta.fx != here and not other.has_reset:
+                    self._problem(
+                        f"collision:{key}",
+                        f"GeometryMonitor did not log {key!r}: {meta.fx} already logs that key, and Lightning "
+                        f"would mix the two values. Give the monitor another prefix (prefix='{self.prefix}_x') "
+                        "or rename the other metric.",
+                    )
+                    return
+        pl_module.log(key, value, on_epoch=True, on_step=False, sync_dist=False)
+        fresh.add(key)
 
     def _compute_layer(
         self,
@@ -462,7 +717,8 @@ class GeometryMonitor(L.Callback):
         sampler: PerClassSampler,
         pl_module: L.LightningModule,
         trainer: L.Trainer,
-    ) -> dict[str, float]:
+        fresh: set[str],
+    ) -> tuple[dict[str, float], dict[str, float]]:
         feats, labels, _ = sampler.state()
         if sampler.num_stored == 0:
             if hook.calls == 0 and hook.error is None:
@@ -474,8 +730,16 @@ class GeometryMonitor(L.Callback):
         feats, labels = self._validate_sample(name, feats, labels)
         report = self.compute_markers(feats, labels, device=pl_module.device, layer=name)
         values = {m: float(v) for m, v in report.values.items()}
+        ses = {
+            m: float(se)
+            for m, se in (getattr(report, "standard_errors", None) or {}).items()
+            if m in values and se is not None and math.isfinite(float(se))
+        }
         for marker, value in values.items():
-            pl_module.log(self._key(name, marker), value, on_epoch=True, on_step=False, sync_dist=False)
+            self._log_value(pl_module, self._key(name, marker), value, fresh)
+        if self.log_standard_errors:
+            for marker, se in ses.items():
+                self._log_value(pl_module, self._key(name, marker + "_se"), se, fresh)
         view = class_view(report.glue)  # per-class view (pairs protocol only)
         if view is not None and values:
             self.per_class_history.append(
@@ -487,7 +751,7 @@ class GeometryMonitor(L.Callback):
                 }
             )
         self._log_tensorboard(trainer, name, feats.to(pl_module.device), values, view)
-        return values
+        return values, ses
 
     def _validate_sample(
         self, name: str, feats: torch.Tensor, labels: torch.Tensor
@@ -567,21 +831,28 @@ class GeometryMonitor(L.Callback):
         return report
 
     def _run_alerts(
-        self, layer: str, values: dict[str, float], epoch: int, step: int, pl_module: L.LightningModule
+        self,
+        layer: str,
+        values: dict[str, float],
+        ses: dict[str, float],
+        epoch: int,
+        step: int,
+        flags: dict[str, float],
     ) -> list[AlertEvent]:
         fired = []
-        for alert in self.alerts:
-            a_layer, _, marker = alert.marker.rpartition("/")
-            if a_layer and a_layer != layer:
+        for alert, (a_layer, marker) in zip(self.alerts, self._alert_targets, strict=True):
+            if a_layer != layer or marker not in values:
                 continue
-            if not a_layer and len(self._hooks) > 1 and layer != next(iter(self._hooks)):
-                continue  # an unqualified alert watches the first layer
-            if marker not in values:
-                continue
-            event = alert.update(values[marker], epoch=epoch, step=step)
-            pl_module.log(
-                f"{self.prefix}/alert/{alert.marker}", float(event is not None), on_epoch=True, on_step=False
-            )
+            se = ses.get(marker)
+            if alert.min_standard_errors is not None and se is None:
+                self._warn_run(
+                    f"no-se:{alert.marker}",
+                    f"GeometryMonitor: {alert!r} asks for min_standard_errors but {marker} has no standard "
+                    "error here; the alert fires on the drop alone.",
+                )
+            event = alert.update(values[marker], epoch=epoch, step=step, se=se)
+            key = f"{self.prefix}/alert/{self._normalise_alert_name(alert.marker)}"
+            flags[key] = max(flags.get(key, 0.0), float(event is not None))
             if event is None:
                 continue
             fired.append(event)
@@ -653,11 +924,23 @@ class GeometryMonitor(L.Callback):
             layout[f"{self.prefix} {layer}" if len(self._hooks) > 1 else self.prefix] = charts
         if self.alerts:
             layout[f"{self.prefix} alerts"] = {
-                "alerts": ["Multiline", [f"{self.prefix}/alert/{a.marker}" for a in self.alerts]]
+                "alerts": [
+                    "Multiline",
+                    sorted(
+                        {f"{self.prefix}/alert/{self._normalise_alert_name(a.marker)}" for a in self.alerts}
+                    ),
+                ]
             }
         return layout
 
     # ------------------------------------------------------------------ messages
+    def _warn_run(self, key: str, message: str) -> None:
+        """Warn once per ``fit`` (set-up advice that does not change from epoch to epoch)."""
+        if key in self._run_warnings:
+            return
+        self._run_warnings.add(key)
+        rank_zero_warn(message, category=MonitorWarning)
+
     def _problem(self, key: str, message: str, category: type[Warning] = MonitorWarning) -> None:
         """Warn once per epoch and problem kind (a 1000-batch epoch must not print 1000 warnings)."""
         if key in self._epoch_problems:

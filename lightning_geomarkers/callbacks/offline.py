@@ -124,6 +124,23 @@ def _transfer(model: nn.Module, batch: Any, device: torch.device) -> Any:
     return move_data_to_device(batch, device)
 
 
+def _shadow(monitor: GeometryMonitor) -> GeometryMonitor:
+    """A copy of the monitor with the same settings (and so the same code paths) but its own run and
+    epoch state: private containers (hooks, samples, layer ids, warning dedupe sets, ...) are replaced
+    by empty ones and the per-epoch scalars reset, so nothing it does reaches the original."""
+    shadow = copy.copy(monitor)
+    for name, value in vars(monitor).items():
+        if name.startswith("_") and isinstance(value, (dict, list, set)):
+            setattr(shadow, name, type(value)())
+    shadow.history, shadow.alert_history, shadow.per_class_history = [], [], []
+    shadow._capturing = False
+    shadow._num_classes = None
+    for name, value in (("_position", 0), ("_loader_missing", None), ("_head_name", None)):
+        if hasattr(monitor, name):
+            setattr(shadow, name, value)
+    return shadow
+
+
 def evaluate_model(
     monitor: GeometryMonitor,
     model: nn.Module,
@@ -162,15 +179,7 @@ def evaluate_model(
     run_device = torch.device(device) if device is not None else model_device(model)
     forward = forward_fn or _default_forward
 
-    # A shadow of the monitor: the same settings and code paths, its own hooks, samples and dedupe set.
-    shadow = copy.copy(monitor)
-    shadow._hooks = {}
-    shadow._samplers = {}
-    shadow._num_classes = None
-    shadow._capturing = False
-    shadow._epoch_problems = set()
-    shadow.history = []
-    shadow.alert_history = []
+    shadow = _shadow(monitor)
 
     modes = {m: m.training for m in model.modules()}
     live_hooks = {name: hook.enabled for name, hook in monitor._hooks.items()}

@@ -1,0 +1,497 @@
+"""Issue 8: every way the monitor used to log, keep or compare a wrong number silently.
+
+Each case either works or is refused at setup/construction with a message naming the problem and the
+fix. Tiny models, small samples, 1-4 epochs."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_geomarkers.callbacks.monitor as monitor_module
+from lightning_geomarkers import (
+    GeometryMonitor,
+    GeometryWarning,
+    MarkerAlert,
+    MarkerCheckpoint,
+    MonitorWarning,
+)
+from lightning_geomarkers.functional import geometry_markers
+from tests.lightning_helpers import TinyMLP, gaussian_classes, loaders, penultimate, trainer
+
+FAST = dict(n_t=30, n_pairs=None, samples_per_class=30, lid_k=10)
+CHEAP = dict(markers=["participation_ratio"], samples_per_class=50, lid_k=10)  # >= per class: no subsampling
+
+
+def fit(tmp_path, callbacks, *, model=None, max_epochs=1, data=None, val=None, **kwargs):
+    L.seed_everything(0, verbose=False)
+    x, y = data if data is not None else gaussian_classes()
+    model = model or TinyMLP()
+    tr = trainer(tmp_path, list(callbacks), max_epochs=max_epochs, logger=False, **kwargs)
+    train, val_loader = loaders(x, y)
+    tr.fit(model, train, val if val is not None else val_loader)
+    return tr, model
+
+
+# ------------------------------------------------------------------ 1. one key, one source
+
+
+def test_two_monitors_with_the_same_keys_are_refused_at_setup(tmp_path):
+    a = GeometryMonitor(layers="fc:input", **CHEAP)
+    b = GeometryMonitor(layers="body.1", **CHEAP)
+    with pytest.raises(ValueError, match=r"both log \['geometry/participation_ratio'\].*own prefix"):
+        fit(tmp_path, [a, b])
+    # the fix from the message: distinct prefixes, each logging its own layer's value (not an average)
+    a = GeometryMonitor(layers="fc:input", prefix="head", **CHEAP)
+    b = GeometryMonitor(layers="body.1", prefix="body", **CHEAP)
+    tr, model = fit(tmp_path, [a, b])
+    x, y = gaussian_classes()
+    with torch.no_grad():
+        body = model.body[1](model.body[0](x))
+    for key, feats in (("head", penultimate(model, x)), ("body", body)):
+        expected = geometry_markers(feats, y, markers=["participation_ratio"]).values["participation_ratio"]
+        assert float(tr.callback_metrics[f"{key}/participation_ratio"]) == pytest.approx(
+            float(expected), rel=1e-5
+        )
+
+
+def test_a_key_the_module_already_logs_is_left_to_it_with_a_warning(tmp_path):
+    class LogsOurKey(TinyMLP):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            super().validation_step(batch, batch_idx)
+            self.log("geometry/participation_ratio", 123.0)
+
+    monitor = GeometryMonitor(**CHEAP)
+    with pytest.warns(MonitorWarning, match=r"did not log 'geometry/participation_ratio'.*validation_step"):
+        tr, _ = fit(tmp_path, [monitor], model=LogsOurKey())
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == 123.0
+    assert len(monitor.history) == 1  # the value is still computed and kept in the history
+
+
+# ------------------------------------------------------------------ 2. the head the labels belong to
+
+
+class MultiTask(TinyMLP):
+    """Main head (8 classes) registered first, auxiliary 2-way head registered after it."""
+
+    def __init__(self):
+        super().__init__(n_classes=8)
+        self.aux = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.features(x)
+        return nn.functional.cross_entropy(self.fc(h), y) + nn.functional.cross_entropy(self.aux(h), y % 2)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        h = self.features(batch[0])
+        self.fc(h), self.aux(h)
+
+
+def test_multi_task_model_is_refused_with_the_candidates_and_the_fix(tmp_path):
+    data = gaussian_classes(n_classes=8, per_class=20)
+    with pytest.raises(
+        ValueError, match=r"Several possible classifier heads: 'fc' .*'aux.2'.*layers=\"fc:input\""
+    ):
+        fit(tmp_path, [GeometryMonitor(**CHEAP)], model=MultiTask(), data=data)
+    monitor = GeometryMonitor(layers="fc:input", **CHEAP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)  # no label is dropped any more
+        fit(tmp_path, [monitor], model=MultiTask(), data=data)
+    assert monitor.history[0]["layer"] == "fc:input"
+
+
+def test_labels_beyond_the_head_say_wrong_head_not_only_ignore_index(tmp_path):
+    x, y = gaussian_classes(n_classes=5)
+    model = TinyMLP(n_classes=2)  # a head with 2 outputs watched for 5-class labels
+
+    class TwoWay(TinyMLP):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch[0], batch[1] % 2), batch_idx)
+
+    model = TwoWay(n_classes=2)
+    with pytest.warns(MonitorWarning, match=r"head 'fc' \(2 outputs.*not the classifier of these labels"):
+        fit(tmp_path, [GeometryMonitor(**CHEAP)], model=model, data=(x, y))
+
+
+# ------------------------------------------------------------------ 3. schedules
+
+
+def test_strict_early_stopping_on_a_marker_is_refused_at_setup(tmp_path):
+    monitor = GeometryMonitor(every_n_epochs=2, **CHEAP)
+    stop = EarlyStopping(monitor="geometry/participation_ratio", mode="max")
+    with pytest.raises(ValueError, match=r"strict=False"):
+        fit(tmp_path, [monitor, stop])
+
+
+def test_non_strict_early_stopping_acts_only_on_computed_epochs(tmp_path):
+    monitor = GeometryMonitor(every_n_epochs=2, **CHEAP)
+    stop = EarlyStopping(monitor="geometry/participation_ratio", mode="max", strict=False, verbose=False)
+    tr, _ = fit(tmp_path, [monitor, stop], max_epochs=4)
+    assert tr.current_epoch == 4  # used to stop after epoch 0 on the NaN placeholder
+    assert [h["epoch"] for h in monitor.history] == [1, 3]
+    assert stop.best_score == pytest.approx(max(h["participation_ratio"] for h in monitor.history))
+
+
+def test_trainer_validate_computes_whatever_every_n_epochs(tmp_path):
+    monitor = GeometryMonitor(every_n_epochs=2, **CHEAP)
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes()
+    tr = trainer(tmp_path, [monitor], logger=False)
+    model = TinyMLP()
+    tr.validate(model, loaders(x, y)[1], verbose=False)
+    assert len(monitor.history) == 1
+    expected = geometry_markers(penultimate(model, x), y, markers=["participation_ratio"]).values
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
+        float(expected["participation_ratio"]), rel=1e-5
+    )
+
+
+def test_every_n_epochs_that_never_meets_validation_warns_with_the_fix(tmp_path):
+    monitor = GeometryMonitor(every_n_epochs=3, **CHEAP)
+    with pytest.warns(MonitorWarning, match=r"never computed in 4 epochs.*multiple of 2"):
+        fit(tmp_path, [monitor], max_epochs=4, check_val_every_n_epoch=2)
+    assert monitor.history == []
+
+
+# ------------------------------------------------------------------ 4. stable sample without inputs
+
+
+class DictBatches(TinyMLP):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["img"], batch["target"]), batch_idx)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self(batch["img"])
+
+
+def _dict_loader(x, y, shuffle=False):
+    return DataLoader([{"img": x[i], "target": y[i]} for i in range(len(y))], batch_size=40, shuffle=shuffle)
+
+
+def _validate_and_record(tmp_path, monitor, model, loader):
+    seen = {}
+    original = monitor.compute_markers
+
+    def record(features, labels, device=None, **kwargs):
+        seen["features"], seen["labels"] = features.clone(), labels.clone()
+        return original(features, labels, device, **kwargs)
+
+    monitor.compute_markers = record
+    trainer(tmp_path, [monitor], logger=False).validate(model, loader, verbose=False)
+    return seen
+
+
+@pytest.mark.parametrize("input_fn", [None, lambda batch: batch["img"]])
+def test_sample_does_not_move_with_the_weights_when_inputs_are_not_found(tmp_path, input_fn):
+    x, y = gaussian_classes(per_class=60)
+    loader = _dict_loader(x, y)
+    model = DictBatches()
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(1e-6 * torch.randn_like(p))
+    kwargs = dict(samples_per_class=20, markers=["participation_ratio"], input_fn=input_fn)
+    ctx = (
+        pytest.warns(MonitorWarning, match="position in the validation loader") if input_fn is None else None
+    )
+    if ctx is not None:
+        with ctx:
+            a = _validate_and_record(tmp_path, GeometryMonitor(**kwargs), model, loader)
+    else:
+        a = _validate_and_record(tmp_path, GeometryMonitor(**kwargs), model, loader)
+    b = _validate_and_record(tmp_path, GeometryMonitor(**kwargs), perturbed, loader)
+    assert a["features"].shape == (100, 32)
+    assert torch.equal(a["labels"], b["labels"])
+    # same rows selected: the features differ by the perturbation only, not by the choice of samples
+    assert torch.allclose(a["features"], b["features"], atol=1e-4)
+    assert not torch.equal(a["features"], b["features"])  # the perturbation did reach the features
+
+
+def test_position_keys_on_a_shuffled_loader_say_so(tmp_path):
+    x, y = gaussian_classes()
+    monitor = GeometryMonitor(**CHEAP)
+    with pytest.warns(MonitorWarning, match=r"SHUFFLES.*input_fn"):
+        trainer(tmp_path, [monitor], logger=False).validate(
+            DictBatches(), _dict_loader(x, y, shuffle=True), verbose=False
+        )
+
+
+# ------------------------------------------------------------------ 5. a new fit starts afresh
+
+
+def test_a_reused_monitor_does_not_carry_history_or_alerts_to_a_new_fit(tmp_path):
+    alert = MarkerAlert("glue_dimension", relative_drop=0.5)
+    monitor = GeometryMonitor(markers=["glue_dimension"], alerts=[alert], **FAST)
+    fit(tmp_path / "a", [monitor], max_epochs=2)
+    best_a = alert.best
+    assert [h["epoch"] for h in monitor.history] == [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeometryWarning)
+        warnings.simplefilter("ignore", UserWarning)  # degenerate probes on 4-dim collapsed features
+        fit(tmp_path / "b", [monitor], model=TinyMLP(collapse_at=0), max_epochs=1)
+    # the fresh, collapsed model is far below the first model's best: carried state would have fired
+    assert monitor.history[0]["glue_dimension"] < 0.5 * best_a
+    assert [h["epoch"] for h in monitor.history] == [0]
+    assert monitor.alert_history == []
+    assert alert.best == pytest.approx(monitor.history[0]["glue_dimension"])
+
+
+# ------------------------------------------------------------------ 6. checkpoints
+
+
+def test_marker_checkpoint_with_an_unprefixed_key_is_refused_listing_valid_keys(tmp_path):
+    ckpt = MarkerCheckpoint(floors={"participation_ratio": 0.5}, dirpath=tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"'participation_ratio'.*e\.g\. 'geometry/participation_ratio'"):
+        fit(tmp_path, [GeometryMonitor(**CHEAP), ckpt])
+
+
+def test_model_checkpoint_keeps_nothing_when_no_marker_was_computed(tmp_path):
+    x, y = gaussian_classes()
+
+    class NoLabels(TinyMLP):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            self(batch[0])
+
+    val = DataLoader(TensorDataset(x), batch_size=32)  # batches without labels: never computed
+    ckpt = ModelCheckpoint(monitor="geometry/participation_ratio", mode="max", dirpath=tmp_path / "ck")
+    with pytest.warns(MonitorWarning, match="label"):
+        fit(tmp_path, [GeometryMonitor(**CHEAP), ckpt], model=NoLabels(), max_epochs=2, val=val)
+    assert ckpt.best_model_path == "" and ckpt.best_model_score is None
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").iterdir())
+
+
+def test_model_checkpoint_never_ranks_an_uncomputed_epoch(tmp_path):
+    ckpt = ModelCheckpoint(monitor="geometry/participation_ratio", mode="max", save_top_k=3, dirpath=tmp_path)
+    monitor = GeometryMonitor(every_n_epochs=2, **CHEAP)
+    fit(tmp_path, [monitor, ckpt], max_epochs=4)
+    kept = sorted(ckpt.best_k_models)
+    assert len(kept) == 2 and "epoch=1" in kept[0] and "epoch=3" in kept[1]
+    assert all(math.isfinite(float(v)) for v in ckpt.best_k_models.values())
+
+
+# ------------------------------------------------------------------ 7. alerts named by the logged key
+
+
+def test_alert_on_the_full_logged_key_is_accepted(tmp_path):
+    alert = MarkerAlert("geometry/participation_ratio", threshold=1e9)  # fires at once
+    monitor = GeometryMonitor(alerts=[alert], **CHEAP)
+    with pytest.warns(GeometryWarning, match="participation_ratio"):
+        tr, _ = fit(tmp_path, [monitor])
+    assert [e["epoch"] for e in monitor.alert_history] == [0]
+    assert float(tr.callback_metrics["geometry/alert/participation_ratio"]) == 1.0
+    bad = GeometryMonitor(alerts=[MarkerAlert("head/participation_ratio", threshold=1.0)], **CHEAP)
+    with pytest.raises(ValueError, match=r"not monitored.*MarkerAlert\('geometry/participation_ratio'\)"):
+        fit(tmp_path, [bad])
+
+
+# ------------------------------------------------------------------ 8. the rest
+
+
+def test_trainer_test_warns_that_nothing_is_computed(tmp_path):
+    x, y = gaussian_classes()
+
+    class WithTest(TinyMLP):
+        def test_step(self, batch, batch_idx):
+            self(batch[0])
+
+    monitor = GeometryMonitor(**CHEAP)
+    with pytest.warns(MonitorWarning, match=r"trainer.test logs no geometry marker.*trainer.validate"):
+        trainer(tmp_path, [monitor], logger=False).test(WithTest(), loaders(x, y)[1], verbose=False)
+    assert monitor.history == []
+
+
+def test_dataloader_idx_beyond_the_loaders_names_the_real_problem(tmp_path):
+    monitor = GeometryMonitor(dataloader_idx=3, **CHEAP)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [monitor])
+    messages = [str(w.message) for w in caught if issubclass(w.category, MonitorWarning)]
+    assert any("dataloader_idx=3 but the validation has 1 dataloader" in m for m in messages)
+    assert not any("never called" in m for m in messages)
+
+
+def test_resume_with_an_equivalent_layer_spec_keeps_the_history(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    first = GeometryMonitor(layers=None, **CHEAP)
+    fit(tmp_path / "a", [first, ckpt], max_epochs=2)
+    resumed = GeometryMonitor(layers="fc:input", **CHEAP)
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes()
+    tr = trainer(tmp_path / "b", [resumed], max_epochs=3, logger=False)
+    tr.fit(TinyMLP(), *loaders(x, y), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+
+
+def test_alert_state_is_matched_by_marker_not_position():
+    dim = MarkerAlert("glue_dimension", relative_drop=0.2)
+    util = MarkerAlert("geometry/glue_utility", relative_drop=0.2)
+    saver = GeometryMonitor(markers="glue", alerts=[dim, util])
+    dim.update(10.0, epoch=0, step=0)
+    util.update(0.5, epoch=0, step=0)
+    state = saver.state_dict()
+    new_util, new_dim, extra = (
+        MarkerAlert("glue_utility", relative_drop=0.2),
+        MarkerAlert("glue_dimension", relative_drop=0.2),
+        MarkerAlert("glue_radius", threshold=3.0),
+    )
+    loader = GeometryMonitor(markers="glue", alerts=[new_util, new_dim, extra])
+    with pytest.warns(MonitorWarning, match=r"no alert state for \['glue_radius'\]"):
+        loader.load_state_dict(state)
+    assert new_dim.best == 10.0 and new_util.best == 0.5 and extra.best is None
+
+
+def test_layer_names_with_a_colon_are_sanitised_in_keys(tmp_path):
+    monitor = GeometryMonitor(
+        layers=["fc:input", "body.1"],
+        alerts=[MarkerAlert("fc:input/participation_ratio", threshold=1e9)],
+        **CHEAP,
+    )
+    with pytest.warns(GeometryWarning):
+        tr, _ = fit(tmp_path, [monitor])
+    keys = set(tr.callback_metrics)
+    assert {"geometry/fc_input/participation_ratio", "geometry/body.1/participation_ratio"} <= keys
+    assert "geometry/alert/fc_input/participation_ratio" in keys
+    assert not any(":" in k for k in keys)
+
+
+def test_compiled_head_is_hooked_outside_the_compiled_region(tmp_path):
+    from torch._dynamo.utils import counters
+
+    class Compiled(TinyMLP):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.compile(self.fc, backend="eager")
+
+    x, y = gaussian_classes()
+
+    def graphs(callbacks):
+        torch._dynamo.reset()
+        counters.clear()
+        L.seed_everything(0, verbose=False)
+        tr = trainer(tmp_path, callbacks, logger=False, max_epochs=2)
+        model = Compiled()
+        tr.fit(model, *[DataLoader(TensorDataset(x, y), batch_size=16) for _ in range(2)])
+        return counters["stats"]["unique_graphs"], model
+
+    baseline, _ = graphs([])
+    monitor = GeometryMonitor(**CHEAP)
+    with_monitor, model = graphs([monitor])
+    # 13 validation batches per epoch: hooks traced inside the compiled call (on `_orig_mod`) made Dynamo
+    # recompile whenever the hook's Python state changed. Hooked on the wrapper, nothing is added.
+    assert with_monitor == baseline
+    assert monitor.history[-1]["layer"] == "fc"
+    ref = geometry_markers(penultimate(model, x), y, markers=["participation_ratio"]).values
+    assert monitor.history[-1]["participation_ratio"] == pytest.approx(
+        float(ref["participation_ratio"]), rel=1e-5
+    )
+
+
+def test_a_hook_inside_the_compiled_region_would_recompile():
+    """Why the wrapper is hooked: the same capture on `_orig_mod` recompiles as it is toggled."""
+    from torch._dynamo.utils import counters
+
+    from lightning_geomarkers.callbacks._layers import FeatureHook, resolve_layers
+
+    model = TinyMLP()
+    model.fc = torch.compile(model.fc, backend="eager")
+    ((module, where),) = resolve_layers(model).values()
+    assert module is model.fc  # the OptimizedModule, not model.fc._orig_mod
+    counts = []
+    for target in (module, model.fc._orig_mod):
+        torch._dynamo.reset()
+        counters.clear()
+        hook = FeatureHook(target, "input")
+        for i in range(6):
+            hook.enabled = i % 2 == 0
+            model(torch.randn(8, 16))
+            hook.pop()
+        hook.remove()
+        counts.append(counters["stats"]["unique_graphs"])
+    assert counts[0] == 1 and counts[1] > 1
+
+
+# ------------------------------------------------------------------ noise-aware alerts
+
+
+def test_standard_errors_reach_history_logs_and_alerts(tmp_path, monkeypatch):
+    """The markers report carries ``standard_errors`` (added by the markers layer); the monitor puts
+    them in the history, logs them on request and feeds them to the alerts."""
+    real = geometry_markers
+
+    def with_se(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report.standard_errors = {"glue_dimension": 0.25, "glue_utility": float("nan")}
+        return report
+
+    monkeypatch.setattr(monitor_module, "geometry_markers", with_se)
+    fed = []
+
+    class Spy(MarkerAlert):
+        def update(self, value, *, epoch, step, se=None):
+            fed.append(se)
+            return super().update(value, epoch=epoch, step=step, se=se)
+
+    monitor = GeometryMonitor(
+        markers=["glue_dimension", "glue_utility"],
+        alerts=[Spy("glue_dimension", relative_drop=0.9, min_standard_errors=2.0)],
+        log_standard_errors=True,
+        **FAST,
+    )
+    tr, _ = fit(tmp_path, [monitor], max_epochs=2)
+    assert [h["glue_dimension_se"] for h in monitor.history] == [0.25, 0.25]
+    assert "glue_utility_se" not in monitor.history[0]  # NaN standard errors are dropped
+    assert float(tr.callback_metrics["geometry/glue_dimension_se"]) == 0.25
+    assert tr.callback_metrics["geometry/glue_utility_se"] is None  # exists, never had a value
+    assert fed == [0.25, 0.25]
+
+
+def test_min_standard_errors_ignores_drops_within_the_noise():
+    values = [10.0, 7.0]  # a 30% drop from the best value
+    noisy = MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=2.0)
+    assert noisy.update(values[0], epoch=0, step=0, se=1.5) is None
+    # difference 3.0, its standard error sqrt(1.5^2 + 1.5^2) = 2.12: 1.41 standard errors < 2
+    assert noisy.update(values[1], epoch=1, step=1, se=1.5) is None
+    sharp = MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=2.0)
+    sharp.update(values[0], epoch=0, step=0, se=0.5)
+    event = sharp.update(values[1], epoch=1, step=1, se=0.5)  # 3.0 / 0.707 = 4.2 standard errors
+    assert event is not None and "4.2 standard errors" in event.message
+    plain = MarkerAlert("glue_dimension", relative_drop=0.2)
+    plain.update(values[0], epoch=0, step=0, se=1.5)
+    assert plain.update(values[1], epoch=1, step=1, se=1.5) is not None  # k unset: the drop alone
+    # threshold: |value - threshold| against the value's own standard error
+    floor = MarkerAlert("glue_dimension", threshold=8.0, min_standard_errors=2.0)
+    assert floor.update(7.5, epoch=0, step=0, se=0.5) is None  # 1 standard error below
+    assert floor.update(6.5, epoch=1, step=1, se=0.5) is not None  # 3 standard errors below
+    # moving average reference: se of the mean of n values is sqrt(sum se_i^2) / n
+    avg = MarkerAlert("glue_dimension", relative_drop=0.1, reference="moving_average", window=2)
+    avg.update(10.0, epoch=0, step=0, se=0.3)
+    avg.update(10.0, epoch=1, step=1, se=0.4)
+    assert avg.reference_se() == pytest.approx(0.25)
+
+
+def test_min_standard_errors_state_round_trip_and_old_checkpoints():
+    alert = MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=2.0)
+    alert.update(10.0, epoch=0, step=0, se=0.5)
+    restored = MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=2.0)
+    restored.load_state_dict(alert.state_dict())
+    assert restored.best_se == 0.5 and list(restored.recent_se) == [0.5]
+    old = {k: v for k, v in alert.state_dict().items() if not k.endswith("_se")}
+    restored.load_state_dict(old)  # a checkpoint from before standard errors existed
+    assert restored.best == 10.0 and restored.best_se is None
+    assert restored.update(7.0, epoch=1, step=1, se=0.1) is not None  # reference SE unknown: drop alone
+
+
+def test_min_standard_errors_is_validated():
+    with pytest.raises(ValueError, match="positive number"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=0)
+    with pytest.raises(ValueError, match=r"only the GLUE markers"):
+        MarkerAlert("participation_ratio", relative_drop=0.2, min_standard_errors=2.0)
