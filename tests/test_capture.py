@@ -15,6 +15,8 @@ from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels
 from lightning_geomarkers.callbacks._layers import (
     FeatureHook,
     find_classifier_head,
+    head_candidates,
+    metric_name,
     pool_features,
     resolve_layers,
 )
@@ -154,6 +156,33 @@ def test_head_parallel_heads_ambiguous() -> None:
     with pytest.raises(ValueError, match="Ambiguous") as info:
         find_classifier_head(ModuleListHeads())
     assert "heads.0" in str(info.value) and "heads.1" in str(info.value)
+
+
+def test_head_branch_ends_multi_task_is_ambiguous() -> None:
+    class MultiTask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+            self.fc = nn.Linear(32, 8)
+            self.aux = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    model = MultiTask()
+    assert [n for n, _ in head_candidates(model)] == ["fc", "aux.2"]
+    with pytest.raises(ValueError, match=r"Several possible classifier heads: 'fc' .*'aux.2'") as info:
+        find_classifier_head(model)
+    assert 'layers="fc:input"' in str(info.value)
+    # chains and trunks ending in an activation are not branch ends: one candidate each
+    for single, expected in (
+        (AttrMLP(), "head"),
+        (ChainSameWidth(), "fc2"),
+        (SmallCNN(), "classifier"),
+        (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "2"),
+    ):
+        assert [n for n, _ in head_candidates(single)] == [expected]
+
+
+def test_metric_name_replaces_colons() -> None:
+    assert metric_name("fc:input") == "fc_input" and metric_name("body.3") == "body.3"
 
 
 # ---------------------------------------------------------------------------------- resolve_layers

@@ -53,15 +53,20 @@ class GeometryMonitor(L.Callback):
     module's device. Every marker is logged with ``pl_module.log`` as ``<prefix>/<marker>`` (with several
     layers ``<prefix>/<layer>/<marker>``), so ``ModelCheckpoint``/``EarlyStopping`` can monitor it.
 
-    Sampling is bottom-k by an exact hash of each input: per class the ``samples_per_class`` samples with
+    Sampling is bottom-k by an exact hash of each input (or of its position in the validation loader
+    when the inputs are not found; see ``input_fn``): per class the ``samples_per_class`` samples with
     the smallest seeded keys, from at most ``max_classes`` classes (a fixed, seeded subset). Memory is
     bounded whatever the validation set's length, the same samples are tracked epoch after epoch, and
     under DDP the union of the ranks' samples re-selects exactly what one process would keep.
 
     The monitor never crashes a run: problems (no labels, NaN features, too few classes, a layer that
     is never called, non-separable data) produce a ``MonitorWarning`` and that computation is skipped;
-    already logged values are kept. Configuration errors (unknown layer name, unknown marker) raise at
-    setup, before training starts.
+    already logged values are kept. Configuration errors (unknown or ambiguous layer, unknown marker,
+    keys that another monitor also logs, a strict ``EarlyStopping`` on a marker) raise at construction or
+    setup, before training starts. At a validation without a fresh value, a marker key that a callback
+    monitors is ``None`` in ``trainer.callback_metrics`` (others are removed): never a placeholder or
+    an earlier epoch's value. Each ``fit`` starts with an empty history and fresh alerts (a resume then
+    loads the checkpoint's).
 
     Args:
         layers: None (the input of the model's final ``nn.Linear``), a module name (its output;
@@ -217,6 +222,12 @@ class GeometryMonitor(L.Callback):
         ``layers`` argument before."""
         if self._layer_ids:
             return self._generate_state_key(prefix=self.prefix, layers=sorted(self._layer_ids.values()))
+        return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
+
+    @property
+    def _legacy_state_key(self) -> Any:  # Lightning's fallback key when loading a checkpoint
+        """The key of checkpoints written before ``state_key`` used the resolved layers (``prefix`` and
+        ``str(layers)``), so they still restore."""
         return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
 
     def state_dict(self) -> dict[str, Any]:
@@ -677,18 +688,30 @@ class GeometryMonitor(L.Callback):
         return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
     def _no_fresh_values(self, trainer: L.Trainer, fresh: set[str]) -> None:
-        """Mark every key not computed at this validation as having no value (``None``).
+        """Take every key not computed at this validation out of ``trainer.callback_metrics``.
 
-        ``ModelCheckpoint`` raises on a missing monitored key once validation has run, and would rank a NaN
-        placeholder (-inf) or keep a stale value from an earlier epoch as this epoch's score. With ``None``
-        the key exists but ``ModelCheckpoint`` keeps nothing for the epoch, ``EarlyStopping(strict=False)``
-        skips the epoch, and ``MarkerCheckpoint`` makes it ineligible. Loggers never see it (they get
-        ``pl_module.log`` values only).
+        No stale value from an earlier epoch and no NaN placeholder may stand for this epoch. A key that
+        a callback monitors (``ModelCheckpoint``, ``EarlyStopping``, ``MarkerCheckpoint``'s floors,
+        ceilings and ``prefer_higher``) is set to ``None``: ``ModelCheckpoint`` raises on a missing key
+        once validation has run, but with ``None`` it keeps nothing for the epoch (it used to keep a NaN
+        placeholder scored -inf, or rank a stale value as this epoch's), ``EarlyStopping(strict=False)``
+        skips the epoch, and ``MarkerCheckpoint`` makes it ineligible. Other keys are removed. Loggers
+        never see either (they get ``pl_module.log`` values only).
         """
         metrics: dict[str, Any] = trainer.callback_metrics  # Lightning's dict, read by ModelCheckpoint
+        watched: set[str] = set()
+        for cb in getattr(trainer, "callbacks", []):
+            if isinstance(getattr(cb, "monitor", None), str):
+                watched.add(cb.monitor)
+            for name in ("floors", "ceilings", "prefer_higher"):
+                watched.update(getattr(cb, name, None) or ())
         for key in self.logged_keys():
-            if key not in fresh:
+            if key in fresh:
+                continue
+            if key in watched:
                 metrics[key] = None
+            else:
+                metrics.pop(key, None)
 
     def _log_value(self, pl_module: L.LightningModule, key: str, value: float, fresh: set[str]) -> None:
         """``pl_module.log`` unless another logger already logged ``key`` in this loop (two sources of one
