@@ -67,10 +67,7 @@ def run(tmp_path_factory):
     tr = trainer(tmp, [monitor, ckpt], max_epochs=3, logger=False)
     train, val = loaders(x, y)
     tr.fit(TinyMLP(), train, val)
-    live = {
-        h["epoch"]: {k: v for k, v in h.items() if k not in ("epoch", "step", "layer")}
-        for h in monitor.history
-    }
+    live = {h["epoch"]: {k: v for k, v in h.items() if k in monitor.markers} for h in monitor.history}
     return sorted((tmp / "ckpt").glob("*.ckpt")), live
 
 
