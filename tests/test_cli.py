@@ -352,6 +352,14 @@ def test_ranking_rules_against_brute_force():
             finite = [j for j in range(n) if not (math.isnan(d[j]) or math.isnan(u[j]))]
             dominated = any(d[j] >= d[i] and u[j] >= u[i] and (d[j] > d[i] or u[j] > u[i]) for j in finite)
             assert front[i] == (i in finite and not dominated)
+        ranked = rank_scores(
+            [
+                CheckpointScore(str(i), {"geometry/glue_dimension": d[i], "geometry/glue_utility": u[i]})
+                for i in range(n)
+            ]
+        )
+        if ranked.choice is not None:  # the top of the ranking is never beaten on both
+            assert ranked.choice is ranked.scores[0] and ranked.choice.losses == 0
     # the ranking: wins, then losses, then D_eff; unknown values last; thresholds pick the choice
     vals = [(3.0, 0.5), (2.0, 0.6), (1.0, 0.1), (math.nan, 0.9), (2.5, 0.55)]
     scores = [
