@@ -92,7 +92,9 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # one directory for every variant
+    warnings.filterwarnings(
+        "ignore", message=".*exists and is not empty.*"
+    )  # one directory for every variant
 
 
 def train_variants(names: Sequence[str], epochs: int, out: Path, seed: int) -> list[tuple[str, Path]]:
@@ -101,20 +103,26 @@ def train_variants(names: Sequence[str], epochs: int, out: Path, seed: int) -> l
         batch_size=64, val_fraction=0.3, seed=DATA_SEED, classes=ID_CLASSES
     )
     every = max(1, epochs // 2)
+    ckpt_dir = out / "checkpoints"
     saved: list[tuple[str, Path]] = []
     for name in names:
+        for stale in ckpt_dir.glob(f"{name}-epoch=*.ckpt"):  # this script's own files from an earlier run
+            stale.unlink()
         L.seed_everything(seed, workers=True, verbose=False)
         model = DigitsCNN(num_classes=len(ID_CLASSES), **VARIANTS[name])
         ckpt = ModelCheckpoint(
-            dirpath=out / "checkpoints", filename=f"{name}-{{epoch}}", save_top_k=-1, every_n_epochs=every
+            dirpath=ckpt_dir, filename=f"{name}-{{epoch}}", save_top_k=-1, every_n_epochs=every
         )
         trainer = make_trainer(epochs, [ckpt], logger=False, enable_checkpointing=True)
         with cpu_threads(1):
             trainer.fit(model, train_loader, val_loader)
-        # save_top_k=-1 keeps every checkpoint it saved in best_k_models (stale files of earlier runs are not)
-        for path in sorted(ckpt.best_k_models, key=lambda p: torch.load(p, weights_only=False)["epoch"]):
-            saved.append((name, Path(path)))
+        for path in sorted(ckpt_dir.glob(f"{name}-epoch=*.ckpt"), key=_epoch_of):
+            saved.append((name, path))
     return saved
+
+
+def _epoch_of(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
 
 
 @torch.no_grad()
