@@ -307,6 +307,9 @@ def test_monitor_per_class_history_and_heatmap_image_in_tensorboard(tmp_path):
     restored = GeometryMonitor(samples_per_class=20, **SMALL)
     restored.load_state_dict(monitor.state_dict())
     assert restored.per_class_history == monitor.per_class_history
+    # a new fit with the same monitor starts a new per-class history, as it does the marker history
+    trainer(tmp_path / "again", [monitor], max_epochs=1, logger=False).fit(TinyMLP(), train, val)
+    assert [h["epoch"] for h in monitor.per_class_history] == [0] and len(monitor.history) == 1
 
 
 def test_joint_protocol_and_switch_off_write_no_heatmap(tmp_path):

@@ -287,6 +287,7 @@ class GeometryMonitor(L.Callback):
         its state back from the checkpoint right after (``load_state_dict`` runs after ``setup``)."""
         self.history = []
         self.alert_history = []
+        self.per_class_history = []
         self.last_computed_step = None
         for alert in self.alerts:
             alert.reset()
