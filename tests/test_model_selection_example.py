@@ -30,9 +30,10 @@ def test_model_selection_fast(tmp_path, monkeypatch, capsys):
     u = {Path(r["path"]).stem: float(r["geometry/glue_utility"]) for r in table}
     wins = {a: sum(d[a] > d[b] and u[a] > u[b] for b in d) for a in d}
     assert wins[out["choice"]] == max(wins.values())
-    assert f"`{next(r['path'] for r in table if Path(r['path']).stem == out['choice'])}`" in (
-        ranking / "ranking.md"
-    ).read_text()
+    assert (
+        f"`{next(r['path'] for r in table if Path(r['path']).stem == out['choice'])}`"
+        in (ranking / "ranking.md").read_text()
+    )
 
     # What it prints: the table with the transfer accuracy, and the three picks.
     assert "transfer acc" in printed and "<- rule" in printed and "<- best transfer" in printed
