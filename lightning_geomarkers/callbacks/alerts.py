@@ -62,6 +62,16 @@ class MarkerAlert:
         >>> alert = MarkerAlert("glue_dimension", relative_drop=0.2, patience=2)
         >>> [alert.update(v, epoch=i, step=i) is not None for i, v in enumerate([10.0, 9.0, 7.5, 7.0, 6.0])]
         [False, False, False, True, False]
+
+        With standard errors: a 30% drop with SE 1.5 on both values is 3 / sqrt(1.5**2 + 1.5**2) = 1.4
+        standard errors of the difference, within the noise for ``k = 2``; with SE 0.5 it is 4.2:
+
+        >>> noisy = MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=2.0)
+        >>> [noisy.update(v, epoch=i, step=i, se=1.5) is not None for i, v in enumerate([10.0, 7.0])]
+        [False, False]
+        >>> sharp = MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=2.0)
+        >>> [sharp.update(v, epoch=i, step=i, se=0.5) is not None for i, v in enumerate([10.0, 7.0])]
+        [False, True]
     """
 
     def __init__(

@@ -826,6 +826,15 @@ class GeometryMonitor(L.Callback):
 
         Returns:
             The :class:`~lightning_geomarkers.functional.MarkerReport` (``values`` are 0-dim tensors).
+
+        Example:
+            >>> import torch
+            >>> from lightning_geomarkers.functional import participation_ratio
+            >>> x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+            >>> y = torch.arange(4).repeat(10)
+            >>> report = GeometryMonitor(markers=["participation_ratio"]).compute_markers(x, y)
+            >>> bool(torch.isclose(report.values["participation_ratio"], participation_ratio(x)))
+            True
         """
         where = "" if layer is None else f", layer {layer!r}"
         if device is not None:
