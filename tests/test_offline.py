@@ -332,3 +332,23 @@ def test_evaluate_model_reports_per_layer_details():
     assert out.n_batches == 1 and out.n_sampled == {"head": 50}
     assert out.reports["head"].glue is not None
     assert per_class_glue(out.reports["head"].glue).classes.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_docstring_examples_of_the_offline_and_per_class_code_run():
+    import doctest
+
+    import lightning_geomarkers.callbacks._heatmap as heatmap
+    import lightning_geomarkers.cli.rank as rank
+    import lightning_geomarkers.cli.selection as selection
+    import lightning_geomarkers.functional.per_class as per_class
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for m in (per_class, heatmap, selection, rank) for t in finder.find(m)]
+    tests += finder.find(
+        GeometryMonitor.evaluate, "GeometryMonitor.evaluate", globs={"GeometryMonitor": GeometryMonitor}
+    )
+    report: list[str] = []
+    for test in tests:
+        runner.run(test, out=report.append)
+    assert runner.tries >= 9 and runner.failures == 0, "".join(report)
