@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import RandomSampler
 
+from lightning_geomarkers.callbacks._heatmap import class_view, write_class_heatmap
 from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels
 from lightning_geomarkers.callbacks._layers import (
     FeatureHook,
@@ -25,6 +26,7 @@ from lightning_geomarkers.callbacks._layers import (
     resolve_layers,
 )
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
+from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
 from lightning_geomarkers.functional.suite import (
     GLUE_MARKER_NAMES,
@@ -98,6 +100,9 @@ class GeometryMonitor(L.Callback):
         log_spectrum: with a ``TensorBoardLogger``, log the singular-value spectrum of the features as a
             histogram.
         custom_scalars: with a ``TensorBoardLogger``, write a custom-scalars layout grouping the markers.
+        log_class_heatmap: with a ``TensorBoardLogger`` and the pairs protocol, write a class-by-class heat
+            map of pairwise GLUE capacity as an image at each computation (up to 50 monitored classes).
+            Per-class values go to :attr:`per_class_history` either way (pairs protocol only).
         prefix: logging namespace. Two monitors must not log the same keys (refused at setup).
         log_standard_errors: also log ``<prefix>/<marker>_se``, the standard error of each GLUE marker
             (they are always in :attr:`history` when the markers report one).
@@ -133,6 +138,7 @@ class GeometryMonitor(L.Callback):
         seed: int = 0,
         log_spectrum: bool = True,
         custom_scalars: bool = True,
+        log_class_heatmap: bool = True,
         prefix: str = "geometry",
         log_standard_errors: bool = False,
         strict: bool = False,
@@ -182,6 +188,7 @@ class GeometryMonitor(L.Callback):
         self.seed = check_seed(seed)
         self.log_spectrum = bool(log_spectrum)
         self.custom_scalars = bool(custom_scalars)
+        self.log_class_heatmap = bool(log_class_heatmap)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError("`prefix` must be a non-empty string such as 'geometry'.")
         self.prefix = prefix.rstrip("/")
@@ -190,6 +197,8 @@ class GeometryMonitor(L.Callback):
 
         self.history: list[dict[str, Any]] = []
         self.alert_history: list[dict[str, Any]] = []
+        #: Pairs protocol: one ``{"epoch", "step", "layer", "per_class": {class_id: {...}}}`` per computation.
+        self.per_class_history: list[dict[str, Any]] = []
         self.last_computed_step: int | None = None
         self._hooks: dict[str, FeatureHook] = {}
         self._samplers: dict[str, PerClassSample] = {}
@@ -224,6 +233,7 @@ class GeometryMonitor(L.Callback):
         return {
             "history": [dict(h) for h in self.history],
             "alert_history": [dict(a) for a in self.alert_history],
+            "per_class_history": [dict(h) for h in self.per_class_history],
             "alerts": [a.state_dict() for a in self.alerts],
             "seed": self.seed,
             "last_computed_step": self.last_computed_step,
@@ -239,6 +249,7 @@ class GeometryMonitor(L.Callback):
             )
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.alert_history = [dict(a) for a in state_dict.get("alert_history", [])]
+        self.per_class_history = [dict(h) for h in state_dict.get("per_class_history", [])]
         self.last_computed_step = state_dict.get("last_computed_step")
         # Alerts are matched to saved state by marker (in order among alerts on the same marker), never
         # by position: adding or reordering alerts must not hand one alert another's best value.
@@ -275,6 +286,7 @@ class GeometryMonitor(L.Callback):
         its state back from the checkpoint right after (``load_state_dict`` runs after ``setup``)."""
         self.history = []
         self.alert_history = []
+        self.per_class_history = []
         self.last_computed_step = None
         for alert in self.alerts:
             alert.reset()
@@ -415,6 +427,61 @@ class GeometryMonitor(L.Callback):
         self._samplers.clear()
         self._layer_ids.clear()
         self._capturing = False
+
+    # ------------------------------------------------------------------ offline
+    def evaluate(
+        self,
+        model: nn.Module,
+        dataloader: Any,
+        *,
+        forward_fn: ForwardFn | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """The values this monitor would log for ``model`` on ``dataloader``, without a Trainer.
+
+        Same settings as the live monitor (layers, with ``layers=None`` head detection; pooling; labels and
+        ``label_fn``; sampling keys from the inputs and ``seed``; ``samples_per_class``, ``max_classes``;
+        protocol; markers) and the same keys: ``<prefix>/<marker>``, or ``<prefix>/<layer>/<marker>`` with
+        several layers. The model runs on its own device, in eval mode under ``torch.no_grad()`` (the
+        previous train/eval mode of every submodule is restored), with temporary hooks that are removed
+        afterwards, also on error. The monitor's own state (hooks of a live fit, history, alerts) is not
+        touched. A checkpoint saved during a monitored fit and evaluated on the same validation loader
+        gives the values logged at that epoch.
+
+        Works for any ``nn.Module``. Each batch is moved to the model's device (through a
+        LightningModule's batch-transfer hooks) and the model is called as ``model(inputs)``, the inputs
+        found as the monitor finds them (``batch[0]``, a dict's ``"x"``/``"input"``/... key, or a bare
+        tensor). Pass ``forward_fn(model, batch)`` for other batches, e.g. ``lambda m, b: m(**b)``.
+
+        Args:
+            model: the model to measure (a LightningModule or any ``nn.Module``).
+            dataloader: an iterable of validation batches (a list of DataLoaders: entry
+                ``dataloader_idx``).
+            forward_fn: runs the model on one batch; its output is ignored (the hooks capture the layers).
+            progress: show a progress bar over the batches.
+
+        Returns:
+            ``{key: value}`` for every marker computed. A marker that cannot be computed is left out with a
+            ``MonitorWarning``, as the live monitor does.
+
+        Raises:
+            ValueError: unknown layer, empty dataloader, or no marker could be computed (with the reason).
+            TypeError: inputs not found in the batches (pass ``forward_fn``).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> g = torch.Generator().manual_seed(0)
+            >>> y = torch.arange(3).repeat_interleave(20)
+            >>> x = 3 * torch.randn(3, 8, generator=g)[y] + torch.randn(60, 8, generator=g)
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+            >>> monitor = GeometryMonitor(markers=["glue_dimension", "participation_ratio"], n_t=20)
+            >>> values = monitor.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=16))
+            >>> sorted(values)
+            ['geometry/glue_dimension', 'geometry/participation_ratio']
+        """
+        return evaluate_model(self, model, dataloader, forward_fn=forward_fn, progress=progress).values
 
     # ------------------------------------------------------------------ capture
     def _due(self, trainer: L.Trainer) -> bool:
@@ -696,7 +763,17 @@ class GeometryMonitor(L.Callback):
         if self.log_standard_errors:
             for marker, se in ses.items():
                 self._log_value(pl_module, self._key(name, marker + "_se"), se, fresh)
-        self._log_tensorboard(trainer, name, feats.to(pl_module.device), values)
+        view = class_view(report.glue)  # per-class view (pairs protocol only)
+        if view is not None and values:
+            self.per_class_history.append(
+                {
+                    "epoch": trainer.current_epoch,
+                    "step": self._log_step(trainer),
+                    "layer": name,
+                    "per_class": view.to_dict(),
+                }
+            )
+        self._log_tensorboard(trainer, name, feats.to(pl_module.device), values, view)
         return values, ses
 
     def _validate_sample(
@@ -833,7 +910,7 @@ class GeometryMonitor(L.Callback):
         return None
 
     def _log_tensorboard(
-        self, trainer: L.Trainer, layer: str, feats: torch.Tensor, values: dict[str, float]
+        self, trainer: L.Trainer, layer: str, feats: torch.Tensor, values: dict[str, float], view: Any = None
     ) -> None:
         writer = self._tensorboard(trainer)
         if writer is None:
@@ -847,6 +924,13 @@ class GeometryMonitor(L.Callback):
                 else f"{self.prefix}/{layer}/feature_spectrum"
             )
             writer.add_histogram(tag, spectrum, self._log_step(trainer))
+        if self.log_class_heatmap and view is not None:
+            tag = (
+                f"{self.prefix}/pairwise_capacity"
+                if len(self._hooks) == 1
+                else f"{self.prefix}/{layer}/pairwise_capacity"
+            )
+            write_class_heatmap(writer, tag, view, self._log_step(trainer))
         if self.custom_scalars and not self._layout_written:
             writer.add_custom_scalars(self._layout())
             self._layout_written = True

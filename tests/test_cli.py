@@ -1,0 +1,394 @@
+"""The ``lightning-geomarkers rank`` command line and ``rank_checkpoints``: files, values equal to the live
+logs, the ranking rules against brute force, the YAML config, and clear errors. Run in-process (``main``),
+plus one subprocess smoke test of ``python -m lightning_geomarkers``."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_geomarkers import GeometryMonitor
+from lightning_geomarkers.cli import (
+    CheckpointScore,
+    CLIError,
+    both_higher_counts,
+    load_object,
+    main,
+    monitor_from_config,
+    pareto_front,
+    rank_checkpoints,
+    rank_scores,
+)
+from tests.lightning_helpers import TinyMLP, gaussian_classes, loaders, trainer
+
+SETTINGS = dict(samples_per_class=20, n_t=30, n_pairs=None, lid_k=10, seed=1)
+OPTIONS = ["--samples-per-class", "20", "--n-t", "30", "--n-pairs", "all", "--lid-k", "10", "--seed", "1"]
+MODEL = "tests.lightning_helpers:TinyMLP"
+DATA = "tests.test_cli:val_loader"
+
+
+def val_loader() -> DataLoader:
+    """The validation loader of the fixture's run (the --data function of these tests)."""
+    x, y = gaussian_classes(per_class=30)
+    return loaders(x, y)[1]
+
+
+class ValData(L.LightningDataModule):
+    def setup(self, stage: str) -> None:
+        self.loader = val_loader()
+
+    def val_dataloader(self):
+        return self.loader
+
+
+def needs_args(batch_size):
+    return val_loader()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Three checkpoints of a monitored fit, and the values the monitor logged at each epoch."""
+    tmp = tmp_path_factory.mktemp("fit")
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes(per_class=30)
+    monitor = GeometryMonitor(**SETTINGS)
+    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, filename="e{epoch}")
+    tr = trainer(tmp, [monitor, ckpt], max_epochs=3, logger=False)
+    train, val = loaders(x, y)
+    tr.fit(TinyMLP(), train, val)
+    live = {h["epoch"]: {k: v for k, v in h.items() if k in monitor.markers} for h in monitor.history}
+    return sorted((tmp / "ckpt").glob("*.ckpt")), live
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def brute_force_choice(rows, floor):
+    """The both-higher ranking by explicit loops: most wins, then fewest losses, then highest D_eff."""
+    best = None
+    for r in rows:
+        d, u = float(r["geometry/glue_dimension"]), float(r["geometry/glue_utility"])
+        wins = sum(
+            d > float(o["geometry/glue_dimension"]) and u > float(o["geometry/glue_utility"]) for o in rows
+        )
+        losses = sum(
+            d < float(o["geometry/glue_dimension"]) and u < float(o["geometry/glue_utility"]) for o in rows
+        )
+        if d < floor:
+            continue
+        key = (-wins, losses, -d)
+        if best is None or key < best[0]:
+            best = (key, r["path"])
+    return best[1]
+
+
+def test_rank_writes_csv_markdown_png_with_the_live_values(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    paths, live = run
+    out = tmp_path / "out"
+    floor = sorted(v["glue_dimension"] for v in live.values())[0] + 1e-6  # excludes the lowest-D_eff epoch
+    code = main(
+        [
+            "rank",
+            *paths,
+            "--model",
+            MODEL,
+            "--data",
+            DATA,
+            *OPTIONS,
+            "--out",
+            out,
+            "--floor",
+            f"glue_dimension={floor!r}",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr()
+    rows = read_csv(out / "markers.csv")
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    for r, p in zip(rows, paths, strict=True):
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        assert int(r["epoch"]) == ckpt["epoch"] and int(r["step"]) == ckpt["global_step"]
+        for marker, value in live[ckpt["epoch"]].items():  # every marker, equal to the live log
+            assert float(r[f"geometry/{marker}"]) == pytest.approx(value, rel=1e-5), (p.name, marker)
+    assert len(rows[0]) == 3 + 13
+    choice = brute_force_choice(rows, floor)
+    md = (out / "ranking.md").read_text()
+    assert f"**Choice: `{choice}`**" in md and "## Ranking" in md and "Pareto front" in md
+    assert f"`geometry/glue_dimension` >= {floor:g}" in md and "fails geometry/glue_dimension" in md
+    assert "`n_t`: `30`" in md and "`seed`: `1`" in md
+    assert (out / "markers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Choice (both-higher rule): {choice}" in printed.out
+    assert "checkpoints" in printed.err  # the progress bar
+
+
+def test_python_api_config_file_and_datamodule_give_the_same_values(run, tmp_path):
+    paths, _ = run
+    by_api = rank_checkpoints(
+        paths,
+        TinyMLP,
+        val_loader,
+        monitor=GeometryMonitor(**SETTINGS),
+        out=None,
+        device="cpu",
+        progress=False,
+    )
+    assert [s.rank for s in by_api.scores] == [1, 2, 3] and by_api.files == {}
+    assert by_api.choice is by_api.scores[0] and by_api.choice.losses == 0 and by_api.choice.pareto
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_epochs: 3\n"
+        "  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_top_k: -1}\n"
+        "    - class_path: lightning_geomarkers.GeometryMonitor\n"
+        "      init_args:\n"
+        "        samples_per_class: 20\n"
+        "        n_t: 30\n"
+        "        n_pairs: null\n"
+        "        lid_k: 10\n"
+        "        seed: 1\n"
+        "        every_n_epochs: 2\n"
+        "        alerts:\n"
+        "          - class_path: lightning_geomarkers.MarkerAlert\n"
+        "            init_args: {marker: glue_dimension, relative_drop: 0.2}\n"
+    )
+    assert monitor_from_config(config) == dict(samples_per_class=20, n_t=30, n_pairs=None, lid_k=10, seed=1)
+    out = tmp_path / "cfg"
+    assert (
+        main(
+            [
+                "rank",
+                *paths,
+                "--model",
+                MODEL,
+                "--data",
+                "tests.test_cli:ValData",
+                "--config",
+                config,
+                "--out",
+                out,
+                "--quiet",
+                "--no-plot",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    rows = read_csv(out / "markers.csv")
+    for score, row in zip(sorted(by_api.scores, key=lambda s: s.path), rows, strict=True):
+        assert score.path == row["path"]
+        assert {k: float(row[k]) for k in score.values} == pytest.approx(score.values, rel=1e-12)
+    assert not (out / "markers.png").exists()
+    # An option on the command line overrides the config file.
+    out2 = tmp_path / "override"
+    assert (
+        main(
+            [
+                "rank",
+                paths[0],
+                "--model",
+                MODEL,
+                "--data",
+                DATA,
+                "--config",
+                config,
+                "--seed",
+                "2",
+                "--out",
+                out2,
+                "--quiet",
+                "--no-plot",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert float(read_csv(out2 / "markers.csv")[0]["geometry/glue_dimension"]) != pytest.approx(
+        float(rows[0]["geometry/glue_dimension"]), rel=1e-9
+    )
+
+
+def test_without_matplotlib_the_png_is_skipped_with_the_install_hint(run, tmp_path, monkeypatch, capsys):
+    paths, _ = run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.warns(UserWarning, match="pip install matplotlib"):
+        code = main(
+            [
+                "rank",
+                paths[0],
+                "--model",
+                MODEL,
+                "--data",
+                DATA,
+                "--markers",
+                "glue",
+                *OPTIONS,
+                "--out",
+                tmp_path,
+                "--device",
+                "cpu",
+            ]
+        )
+    assert code == 0
+    assert (tmp_path / "ranking.md").is_file() and not (tmp_path / "markers.png").exists()
+    assert "pip install matplotlib" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "tests.lightning_helpers", "--data", DATA], "not of the form MODULE:NAME"),
+        (
+            ["--model", "no_such_pkg.models:Net", "--data", DATA],
+            "could not import module 'no_such_pkg.models'",
+        ),
+        (["--model", "tests.lightning_helpers:TinyMPL", "--data", DATA], "Did you mean 'TinyMLP'"),
+        (
+            ["--model", "tests.lightning_helpers:gaussian_classes", "--data", DATA],
+            "must name a LightningModule class",
+        ),
+        (["--model", MODEL, "--data", "tests.test_cli:needs_args"], "callable without arguments"),
+        (["--model", MODEL, "--data", "tests.test_cli:GeometryMonitor"], "not a LightningDataModule"),
+        (["--model", MODEL, "--data", DATA, "--floor", "glue_dimension"], "MARKER=NUMBER"),
+        (["--model", MODEL, "--data", DATA, "--floor", "glue_dim=2"], "no such marker was computed"),
+        (["--model", MODEL, "--data", DATA, "--samples-per-class", "1"], "Invalid monitor settings"),
+        (["--model", MODEL, "--data", DATA, "--layers", "body.9"], "no submodule named 'body.9'"),
+    ],
+)
+def test_clear_errors_name_the_problem_and_the_fix(run, tmp_path, capsys, argv, message):
+    paths, _ = run
+    code = main(
+        [
+            "rank",
+            paths[0],
+            "--markers",
+            "glue",
+            *OPTIONS,
+            *argv,
+            "--out",
+            tmp_path,
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-geomarkers rank: error:") and message in err, err
+
+
+def test_missing_checkpoint_bad_config_and_wrong_checkpoint(run, tmp_path, capsys):
+    paths, _ = run
+    base = ["--model", MODEL, "--data", DATA, "--out", tmp_path, "--quiet", "--device", "cpu"]
+    assert main(["rank", paths[0], tmp_path / "nope.ckpt", *base]) == 1
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("class_path: my.OtherCallback\ninit_args: {}\n")
+    assert main(["rank", paths[0], *base, "--config", bad]) == 1
+    assert "no GeometryMonitor entry" in capsys.readouterr().err
+    bad.write_text("class_path: lightning_geomarkers.GeometryMonitor\ninit_args: {n_probes: 3}\n")
+    assert main(["rank", paths[0], *base, "--config", bad]) == 1
+    assert "unknown GeometryMonitor argument(s) ['n_probes']" in capsys.readouterr().err
+    bad.write_text("class_path: somewhere.GeometryMonitor\n")
+    assert main(["rank", paths[0], *base, "--config", bad]) == 1
+    assert "is not the monitor" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.ckpt"  # a checkpoint of another architecture
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "epoch": 0, "global_step": 0}, wrong)
+    assert main(["rank", wrong, *base]) == 1
+    assert "Is --model the class the checkpoint was saved from?" in capsys.readouterr().err
+    # A directory stands for its checkpoints.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no \*\.ckpt"):
+        rank_checkpoints([empty], TinyMLP, val_loader, out=None, progress=False)
+    with pytest.raises(SystemExit) as usage:  # argparse: --model and --data are required
+        main(["rank", paths[0]])
+    assert usage.value.code == 2
+
+
+def test_file_path_specs(tmp_path):
+    module = tmp_path / "my_models.py"
+    module.write_text("from helper_mod import VALUE\nclass Thing:\n    value = VALUE\n")
+    (tmp_path / "helper_mod.py").write_text("VALUE = 41\n")
+    assert load_object(f"{module}:Thing").value == 41  # the file's sibling import works
+    with pytest.raises(CLIError, match="no file"):
+        load_object(f"{tmp_path / 'missing.py'}:Thing")
+
+
+def test_ranking_rules_against_brute_force():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(1, 9))
+        d = rng.integers(0, 4, n).astype(float)  # ties on purpose
+        u = rng.integers(0, 4, n).astype(float)
+        if trial % 4 == 0 and n > 1:
+            d[0] = math.nan
+        wins, losses = both_higher_counts(d, u)
+        front = pareto_front(d, u)
+        for i in range(n):
+            assert wins[i] == sum(d[i] > d[j] and u[i] > u[j] for j in range(n))
+            assert losses[i] == sum(d[j] > d[i] and u[j] > u[i] for j in range(n))
+            finite = [j for j in range(n) if not (math.isnan(d[j]) or math.isnan(u[j]))]
+            dominated = any(d[j] >= d[i] and u[j] >= u[i] and (d[j] > d[i] or u[j] > u[i]) for j in finite)
+            assert front[i] == (i in finite and not dominated)
+        ranked = rank_scores(
+            [
+                CheckpointScore(str(i), {"geometry/glue_dimension": d[i], "geometry/glue_utility": u[i]})
+                for i in range(n)
+            ]
+        )
+        if ranked.choice is not None:  # the top of the ranking is never beaten on both
+            assert ranked.choice is ranked.scores[0] and ranked.choice.losses == 0
+    # the ranking: wins, then losses, then D_eff; unknown values last; thresholds pick the choice
+    vals = [(3.0, 0.5), (2.0, 0.6), (1.0, 0.1), (math.nan, 0.9), (2.5, 0.55)]
+    scores = [
+        CheckpointScore(
+            f"c{i}", {"geometry/glue_dimension": a, "geometry/glue_utility": b, "geometry/lid": 10.0 + i}
+        )
+        for i, (a, b) in enumerate(vals)
+    ]
+    res = rank_scores(scores, ceilings={"lid": 10.5})
+    assert [s.path for s in res.scores] == ["c0", "c4", "c1", "c2", "c3"]
+    assert [s.wins for s in res.scores] == [1, 1, 1, 0, 0]
+    assert res.choice.path == "c0" and [s.eligible for s in res.scores] == [True, False, False, False, False]
+    assert {s.path for s in res.pareto} == {"c0", "c1", "c4"}
+    res = rank_scores(scores, floors={"geometry/glue_utility": 0.58})
+    assert res.choice.path == "c1"
+    with pytest.raises(ValueError, match="No checkpoints"):
+        rank_scores([])
+
+
+def test_console_entry_point_help_in_a_subprocess():
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_geomarkers", "rank", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--model MODULE:CLASS" in proc.stdout and "--floor MARKER=VALUE" in proc.stdout
+    assert list(itertools.islice(proc.stdout.splitlines(), 1))[0].startswith(
+        "usage: lightning-geomarkers rank"
+    )
