@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_geomarkers import GeometryMonitor, MarkerAlert
-from tests.lightning_helpers import TinyMLP, gaussian_classes
+from tests.lightning_helpers import TinyMLP, free_port, gaussian_classes
 
 MARKER_TAGS = (
     "geometry/glue_capacity",
@@ -39,12 +38,6 @@ MARKER_TAGS = (
     "geometry/lid",
 )
 START_TIMEOUT_S = 40.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get_json(base: str, path: str, **params: str):
@@ -87,7 +80,7 @@ def logdir(tmp_path):
 @pytest.fixture
 def server(logdir, tmp_path) -> Iterator[str]:
     """``tensorboard`` on 127.0.0.1:<free port> over ``logdir``; yields the base URL, always stopped."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path = tmp_path / "tensorboard.log"
     log_file = open(log_path, "wb")  # a file, not a pipe: a full pipe would block the server

@@ -94,7 +94,7 @@ class MarkerCheckpoint(ModelCheckpoint):
         """Were the geometry markers computed at this validation (not stale from an earlier one)?"""
         from lightning_geomarkers.callbacks.monitor import GeometryMonitor
 
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, GeometryMonitor)]
+        monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GeometryMonitor)]
         return not monitors or any(m.last_computed_step == trainer.global_step for m in monitors)
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:

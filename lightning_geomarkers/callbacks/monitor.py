@@ -25,7 +25,7 @@ from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_key
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
 from lightning_geomarkers.functional.suite import GLUE_MARKER_NAMES, geometry_markers, resolve_marker_names
-from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
+from lightning_geomarkers.utilities.checks import check_positive_int, check_protocol, check_seed
 
 __all__ = ["GeometryMonitor"]
 
@@ -124,21 +124,15 @@ class GeometryMonitor(L.Callback):
         self.max_classes = (
             None if max_classes is None else check_positive_int(max_classes, "max_classes", minimum=2)
         )
-        if glue_protocol not in ("pairs", "joint"):
-            raise ValueError(f"`glue_protocol` must be 'pairs' or 'joint', got {glue_protocol!r}.")
-        if points_per_class is not None:
-            check_positive_int(points_per_class, "points_per_class", minimum=2)
-        self.glue_kwargs = dict(
-            glue_protocol=glue_protocol,
-            points_per_class=points_per_class or self.samples_per_class,
-            n_pairs=None if n_pairs is None else check_positive_int(n_pairs, "n_pairs"),
-            n_t=check_positive_int(n_t, "n_t"),
+        self.glue_kwargs = check_protocol(
+            glue_protocol,
+            points_per_class=self.samples_per_class if points_per_class is None else points_per_class,
+            n_pairs=n_pairs,
+            n_t=n_t,
             dichotomies=dichotomies,
-            center_features=bool(center_features),
-            projection_dim=None
-            if projection_dim is None
-            else check_positive_int(projection_dim, "projection_dim"),
-            lid_k=check_positive_int(lid_k, "lid_k", minimum=2),
+            center_features=center_features,
+            projection_dim=projection_dim,
+            lid_k=lid_k,
         )
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.dataloader_idx = check_positive_int(dataloader_idx, "dataloader_idx", minimum=0)

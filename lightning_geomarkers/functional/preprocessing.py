@@ -1,4 +1,4 @@
-"""Preprocessing of pooled features before the geometry markers (spec section 2).
+"""Preprocessing of pooled features before the geometry markers (``docs/markers.md`` section 5.3).
 
 Features are ``(S, N)``: one row per sample. Three steps are provided:
 
@@ -27,6 +27,7 @@ import torch
 from lightning_geomarkers.utilities.checks import (
     check_features,
     check_features_labels,
+    check_labels,
     check_positive_int,
 )
 from lightning_geomarkers.utilities.seeds import as_generator
@@ -189,28 +190,10 @@ def per_class_subsample(
 
 
 def _as_class_ids(classes: Any) -> torch.Tensor:
-    """Validate a ``classes`` argument: a non-empty 1-D sequence of distinct integers."""
-    if isinstance(classes, (str, bytes)):
-        raise TypeError(f"`classes` must be a sequence of integer class ids, got {classes!r}.")
-    if isinstance(classes, torch.Tensor):
-        t = classes.detach().cpu()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(classes))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"`classes` must be a sequence of integer class ids, got {classes!r}.") from err
-    if t.ndim == 0:
-        t = t.reshape(1)
-    if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(
-            f"`classes` must be a non-empty 1-D sequence of class ids, got shape {tuple(t.shape)}."
-        )
-    if t.is_floating_point():
-        if not bool(torch.isfinite(t).all()) or not torch.equal(t, t.round()):
-            raise ValueError("`classes` must hold integer class ids, got non-integer values.")
-    elif t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"`classes` must hold integer class ids, got dtype {t.dtype}.")
-    t = t.to(torch.long)
+    """Validate a ``classes`` argument: a non-empty 1-D sequence of distinct integers (``check_labels``)."""
+    t = check_labels(classes, name="`classes`", device="cpu")
+    if t.numel() == 0:
+        raise ValueError("`classes` must be a non-empty 1-D sequence of class ids, got an empty one.")
     if torch.unique(t).numel() != t.numel():
         raise ValueError(f"`classes` contains duplicates ({t.tolist()}); list every class once.")
     return t
