@@ -159,10 +159,16 @@ def test_tensorboard_serves_marker_scalars_and_layout(server):
 
     layout = _get_json(server, "/data/plugin/custom_scalars/layout")
     categories = {cat["title"]: cat for cat in layout["category"]}
-    assert "geometry" in categories, layout
-    charts = {chart["title"]: chart["multiline"]["tag"] for chart in categories["geometry"]["chart"]}
-    assert "geometry/glue_dimension" in charts["GLUE geometry"]
-    assert "geometry/participation_ratio" in charts["Spectrum"]
+    assert {"geometry: GLUE", "geometry: Spectrum"} <= set(categories), layout
+    charts = {
+        chart["title"]: chart["multiline"]["tag"]
+        for title, cat in categories.items()
+        if title.startswith("geometry:")
+        for chart in cat["chart"]
+    }
+    by_tag = {tuple(tags): title for title, tags in charts.items()}
+    assert by_tag[("geometry/glue_dimension",)].startswith("glue_dimension: GLUE effective dimension")
+    assert ("geometry/participation_ratio",) in by_tag  # a chart of its own, not next to the ranks
     laid_out = {tag for chart_tags in charts.values() for tag in chart_tags}
     assert laid_out <= served  # every chart of the layout points at a served tag
     assert "geometry alerts" in categories

@@ -24,12 +24,18 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_keys
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
-from lightning_geomarkers.functional.suite import GLUE_MARKER_NAMES, geometry_markers, resolve_marker_names
+from lightning_geomarkers.functional.suite import (
+    GLUE_MARKER_NAMES,
+    MARKERS,
+    geometry_markers,
+    resolve_marker_names,
+)
 from lightning_geomarkers.utilities.checks import check_positive_int, check_protocol, check_seed
 
 __all__ = ["GeometryMonitor"]
 
 Layers = str | nn.Module | Sequence[str | nn.Module] | None
+_SIGN = {True: "higher", False: "lower", None: "sign varies"}
 
 
 class GeometryMonitor(L.Callback):
@@ -498,12 +504,21 @@ class GeometryMonitor(L.Callback):
             writer.add_histogram(tag, spectrum, self._log_step(trainer))
         if self.custom_scalars and not self._layout_written:
             writer.add_custom_scalars(self._layout())
+            # What each marker measures, readable in TensorBoard's Text tab next to the charts.
+            rows = [
+                f"| `{self._key(layer, m)}` | {MARKERS[m].description} | {_SIGN[MARKERS[m].higher_is_better]} |"
+                for layer in self._hooks
+                for m in self.markers
+            ]
+            table = "| tag | what it measures | better transfer in the literature |\n|---|---|---|\n"
+            writer.add_text(f"{self.prefix}/markers", table + "\n".join(rows), self._log_step(trainer))
             self._layout_written = True
 
     def _layout(self) -> dict[str, dict[str, list[Any]]]:
+        """One chart per marker (markers differ in scale: a numerical rank of ~100 next to a participation
+        ratio of ~5 would flatten the latter), except the three GLUE alignments, which share [0, 1]."""
         groups = {
-            "GLUE geometry": [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" not in m],
-            "GLUE alignments": [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" in m],
+            "GLUE": [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" not in m],
             "Spectrum": [
                 m for m in self.markers if m in ("participation_ratio", "numerical_rank", "effective_rank")
             ],
@@ -511,14 +526,20 @@ class GeometryMonitor(L.Callback):
                 m for m in self.markers if m in ("nc1", "lid", "lid_twonn", "within_class_distance")
             ],
         }
+        alignments = [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" in m]
         layout: dict[str, dict[str, list[Any]]] = {}
         for layer in self._hooks:
-            charts = {
-                title: ["Multiline", [self._key(layer, m) for m in names]]
-                for title, names in groups.items()
-                if names
-            }
-            layout[f"{self.prefix} {layer}" if len(self._hooks) > 1 else self.prefix] = charts
+            head = f"{self.prefix} {layer}" if len(self._hooks) > 1 else self.prefix
+            for group, names in groups.items():
+                if names:
+                    layout[f"{head}: {group}"] = {
+                        f"{m}: {MARKERS[m].description}": ["Multiline", [self._key(layer, m)]] for m in names
+                    }
+            if alignments:
+                layout.setdefault(f"{head}: GLUE", {})["GLUE alignments (mean |cos|, 0 to 1)"] = [
+                    "Multiline",
+                    [self._key(layer, m) for m in alignments],
+                ]
         if self.alerts:
             layout[f"{self.prefix} alerts"] = {
                 "alerts": ["Multiline", [f"{self.prefix}/alert/{a.marker}" for a in self.alerts]]
