@@ -24,6 +24,7 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks._sampling import PerClassSampler, sample_keys
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
+from lightning_geomarkers.functional.preprocessing import center
 from lightning_geomarkers.functional.suite import (
     GLUE_MARKER_NAMES,
     MARKERS,
@@ -494,8 +495,7 @@ class GeometryMonitor(L.Callback):
         if writer is None:
             return
         if self.log_spectrum:
-            centred = feats.double() - feats.double().mean(0, keepdim=True)
-            spectrum = torch.linalg.svdvals(centred).cpu()
+            spectrum = torch.linalg.svdvals(center(feats.double())).cpu()
             tag = (
                 f"{self.prefix}/feature_spectrum"
                 if len(self._hooks) == 1

@@ -61,9 +61,8 @@ def center(features: Any) -> torch.Tensor:
                 [ 1.,  2.]])
     """
     x = check_features(features)
-    xs, shift = _scaled64(x)
-    shifted = xs - xs[:1]
-    out = _unscale(shifted - shifted.mean(dim=0, keepdim=True), shift).to(x.dtype)
+    xc, shift = _center_scaled(x)
+    out = _unscale(xc, shift).to(x.dtype)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"Centring overflowed {x.dtype}: `features` values are too large (max |x| = "
@@ -227,13 +226,18 @@ def _unscale(t: torch.Tensor, shift: int) -> torch.Tensor:
     return _times_pow2(t, -shift)
 
 
+def _center_scaled(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The one centring rule: ``x`` scaled to float64 by a power of two (:func:`_scaled64`), minus its column
+    means, and the ``shift`` that :func:`_unscale` undoes. The first row is subtracted before the mean, so
+    exactly constant columns centre to exactly zero."""
+    xs, shift = _scaled64(x)
+    shifted = xs - xs[:1]
+    return shifted - shifted.mean(dim=0, keepdim=True), shift
+
+
 def _centered64(x: torch.Tensor) -> torch.Tensor:
     """Centred float64 working copy of ``x`` with ``max |x|`` in ``[0.5, 1)`` (or exactly zero).
 
-    The first row is subtracted before the mean, so exactly constant columns centre to exactly zero. Only
-    for scale-invariant markers: the overall scale is not preserved.
+    Only for scale-invariant markers: the overall scale is not preserved.
     """
-    xs, _ = _scaled64(x)
-    shifted = xs - xs[:1]
-    xc = shifted - shifted.mean(dim=0, keepdim=True)
-    return _scaled64(xc)[0]
+    return _scaled64(_center_scaled(x)[0])[0]
