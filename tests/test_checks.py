@@ -21,7 +21,6 @@ def test_check_labels_accepts_class_ids_in_every_container() -> None:
         want,
         want.int(),
         want.float(),
-        want[:, None],
         want.numpy(),
         [0, 2, 1, 2],
         (0, 2, 1, 2),
@@ -32,6 +31,10 @@ def test_check_labels_accepts_class_ids_in_every_container() -> None:
     assert torch.equal(check_labels(torch.tensor([True, False])), torch.tensor([1, 0]))
     assert torch.equal(check_labels(np.int64(3)), torch.tensor([3]))
     assert torch.equal(check_labels(torch.tensor([-1, 5])), torch.tensor([-1, 5]))  # ids, any sign
+    # A (S, 1) column only where asked for (batches collate targets so); the functional API says how.
+    assert torch.equal(check_labels(want[:, None], 4, allow_column=True), want)
+    with pytest.raises(ValueError, match=r"must be 1-D .*labels.reshape\(-1\)"):
+        check_labels(want[:, None], 4)
 
 
 @pytest.mark.parametrize(

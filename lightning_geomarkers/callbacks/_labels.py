@@ -32,7 +32,7 @@ def _describe(batch: Any) -> str:
 
 
 def _as_labels(raw: Any, source: str) -> torch.Tensor:
-    return check_labels(raw, name=f"Labels from {source}", fix=f"{_FIX}.")
+    return check_labels(raw, name=f"Labels from {source}", fix=f"{_FIX}.", allow_column=True)
 
 
 def extract_labels(batch: Any, label_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:

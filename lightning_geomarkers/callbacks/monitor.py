@@ -84,7 +84,8 @@ class GeometryMonitor(L.Callback):
             the representation does).
         log_spectrum: with a ``TensorBoardLogger``, log the singular-value spectrum of the features as a
             histogram.
-        custom_scalars: with a ``TensorBoardLogger``, write a custom-scalars layout grouping the markers.
+        custom_scalars: with a ``TensorBoardLogger``, write a custom-scalars layout (one chart per marker)
+            and a text table describing the markers.
         prefix: logging namespace.
         strict: raise instead of warning on data problems (for debugging a setup).
 

@@ -88,14 +88,16 @@ def check_labels(
     name: str = "`labels`",
     fix: str = "",
     device: torch.device | str | None = None,
+    allow_column: bool = False,
 ) -> torch.Tensor:
     """Validate class labels and return them as a 1-D int64 tensor: the package's one rule set for labels.
 
     Accepted: a tensor, numpy array, list/tuple or Python/numpy integer of integer class ids (any sign),
-    bools (read as 0/1), or floats that are all whole numbers; ``(S, 1)`` is squeezed to ``(S,)`` and a
-    scalar becomes ``(1,)``. Rejected, each with the fix: strings (map them to integers first), one-hot or
-    soft ``(S, C)`` targets (take ``argmax(1)``), non-integer or non-finite floats, complex numbers, more
-    than two dimensions, and (with ``n``) a length other than ``n``.
+    bools (read as 0/1), or floats that are all whole numbers; a scalar becomes ``(1,)``. Rejected, each
+    with the fix: strings (map them to integers first), one-hot or soft ``(S, C)`` targets (take
+    ``argmax(1)``), a ``(S, 1)`` column unless ``allow_column`` (then it is squeezed: batches collate
+    targets that way), non-integer or non-finite floats, complex numbers, more than two dimensions, and
+    (with ``n``) a length other than ``n``.
 
     Args:
         labels: the labels.
@@ -103,6 +105,7 @@ def check_labels(
         name: how messages refer to the labels (e.g. "Labels from batch[1]").
         fix: a sentence appended to every message (the caller's own fix, e.g. a ``label_fn`` hint).
         device: move the result there (default: keep the input's device; CPU for non-tensors).
+        allow_column: accept ``(S, 1)`` labels and squeeze them (the monitor's batch labels).
 
     Raises:
         TypeError: strings, complex numbers, or objects that are not array-like.
@@ -138,6 +141,10 @@ def check_labels(
     if y.ndim == 0:
         y = y.reshape(1)
     elif y.ndim == 2 and y.shape[1] == 1:
+        if not allow_column:
+            raise ValueError(
+                f"{name} must be 1-D (samples,), got shape {tuple(y.shape)}; pass labels.reshape(-1).{tail}"
+            )
         y = y[:, 0]
     elif y.ndim == 2:
         raise ValueError(
