@@ -122,3 +122,15 @@ def test_monitor_and_functional_reject_the_same_protocol_arguments(kwargs, error
         GeometryMonitor(**kwargs)
     with pytest.raises(error, match=match):
         geometry_markers(x, y, markers=["participation_ratio"], **kwargs)
+
+
+def test_alert_integer_arguments_follow_the_shared_integer_rule() -> None:
+    from lightning_geomarkers import MarkerAlert
+
+    with pytest.raises(ValueError, match="`patience` must be >= 1, got 0"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, patience=0)
+    with pytest.raises(TypeError, match="`window` must be an integer >= 1"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, window=1.5)
+    with pytest.raises(TypeError, match="`warmup` must be an integer >= 0"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, warmup=True)
+    assert MarkerAlert("glue_dimension", relative_drop=0.2, warmup=np.int64(0)).warmup == 0

@@ -28,6 +28,7 @@ import torch
 from lightning_geomarkers.errors import NonSeparableWarning, SolverWarning
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
 from lightning_geomarkers.utilities.checks import (
+    DICHOTOMY_KINDS,
     as_manifolds,
     as_tensor,
     check_finite,
@@ -48,7 +49,6 @@ GLUE_MARKERS = (
     "center_axis_alignment",
 )
 
-DICHOTOMY_KINDS = ("random", "balanced", "one_vs_rest")
 #: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
 #: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
 _INDEPENDENCE_RTOL = 1e-10
