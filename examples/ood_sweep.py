@@ -25,7 +25,7 @@ and ``heatmap.png``.
 
 Run::
 
-    python examples/ood_sweep.py              # full sweep (54 models; see docs/reproduction.md)
+    python examples/ood_sweep.py              # full sweep (60 models; see docs/reproduction.md)
     python examples/ood_sweep.py --quick      # 6 tiny models, a smoke test of every code path
 """
 

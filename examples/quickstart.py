@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loader, val_loader = digits_loaders(batch_size=64, val_fraction=0.2, seed=args.seed)
     model = DigitsCNN(num_classes=10, lr=3e-3)
     # The defaults: 50 samples per class (all ~36 validation digits of each class), all 45 class pairs,
-    # 200 probes per pair; --fast uses fewer.
+    # 100 probes per pair (n_t); --fast uses fewer.
     monitor = GeometryMonitor(seed=args.seed, **monitor_settings(args.fast))
     logger = TensorBoardLogger(save_dir=args.log_dir, name="", default_hp_metric=False)
     checkpoint = ModelCheckpoint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 
 import lightning.pytorch as L
 import torch
@@ -104,3 +105,10 @@ def penultimate(model: TinyMLP, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model.features(x)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo process groups and local servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

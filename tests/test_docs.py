@@ -169,14 +169,17 @@ def test_relative_links_resolve(path):
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=[p.name for p in DOC_FILES])
 def test_examples_run(path):
-    """The `>>>` examples of each page, run as one doctest (ELLIPSIS and NORMALIZE_WHITESPACE on)."""
+    """The `>>>` examples of each page, run as one doctest (ELLIPSIS and NORMALIZE_WHITESPACE on), with the
+    package's warnings as errors."""
     test = doctest.DocTestParser().get_doctest(_text(path), {}, path.name, str(path), 0)
     if not test.examples:
         pytest.skip(f"no examples in {path.name}")
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report: list[str] = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # examples that demonstrate warnings capture them themselves
+        # An example must not warn unless it shows a warning on purpose (it then captures it itself):
+        # a copied example that prints a degenerate-probe warning teaches the wrong settings.
+        warnings.simplefilter("error", lightning_geomarkers.errors.GeomarkersWarning)
         runner.run(test, out=report.append)
     assert runner.failures == 0, "".join(report)
 

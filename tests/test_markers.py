@@ -16,11 +16,7 @@ from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_
 from lightning_geomarkers.functional.neural_collapse import neural_collapse
 from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
 
-
-@pytest.fixture(autouse=True)
-def _seed_torch():
-    """Make the tests that draw from the global torch RNG reproducible."""
-    torch.manual_seed(0)
+# The global torch seed is reset before every test by tests/conftest.py.
 
 
 # ----------------------------------------------------------------------------------------------------

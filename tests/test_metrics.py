@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import socket
 import warnings
 
 import pytest
@@ -39,7 +38,7 @@ from lightning_geomarkers.metrics import (
     class_priority,
     sample_keys,
 )
-from tests.lightning_helpers import gaussian_classes
+from tests.lightning_helpers import free_port, gaussian_classes
 
 SUITE = dict(n_t=30, n_pairs=None, points_per_class=50, lid_k=10)
 
@@ -107,12 +106,6 @@ def test_metric_rejects_bad_input():
         GeometryMarkers(markers=["capacity"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SAMPLE = dict(samples_per_class=12, max_classes=3, seed=1)  # 4 classes of 30: both limits bite
 
 
@@ -174,7 +167,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_every_metric_under_two_process_gloo_equals_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     x, y = gaussian_classes(n_classes=4, per_class=30, dim=12)
     expected = {}
     for name, metric in _make_metrics().items():

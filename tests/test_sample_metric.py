@@ -55,8 +55,8 @@ def test_sample_keys_dtypes() -> None:
     k = sample_keys(one_bit, torch.zeros(2, dtype=torch.long), 0)
     assert k[0] != k[1]
     assert sample_keys(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 0).shape == (0,)
-    with pytest.raises(TypeError):
-        sample_keys(torch.zeros(2, 3), torch.zeros(2), seed=0)
+    with pytest.raises(ValueError, match="non-integer"):  # the labels' rules are utilities.check_labels'
+        sample_keys(torch.zeros(2, 3), torch.tensor([0.5, 1.0]), seed=0)
     with pytest.raises(TypeError):
         sample_keys(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), seed=1.5)  # type: ignore[arg-type]
 

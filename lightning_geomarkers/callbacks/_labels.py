@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
+
+from lightning_geomarkers.utilities.checks import check_labels
 
 __all__ = ["LABEL_KEYS", "INPUT_KEYS", "extract_labels", "batch_inputs"]
 
@@ -31,39 +32,7 @@ def _describe(batch: Any) -> str:
 
 
 def _as_labels(raw: Any, source: str) -> torch.Tensor:
-    if isinstance(raw, torch.Tensor):
-        y = raw.detach()
-    elif isinstance(raw, (np.ndarray, list, tuple, int, np.integer)) and not isinstance(raw, bool):
-        try:
-            y = torch.as_tensor(np.asarray(raw))
-        except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"Labels from {source} could not be converted to a tensor ({err}). {_FIX}."
-            ) from err
-    else:
-        raise TypeError(
-            f"Labels from {source} must be a tensor of class ids, got {type(raw).__name__}. {_FIX}."
-        )
-    if y.ndim == 0:
-        y = y.reshape(1)
-    elif y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    elif y.ndim == 2:
-        raise ValueError(
-            f"Labels from {source} have shape {tuple(y.shape)}: one-hot, soft or multi-label targets are not "
-            f"class ids. {_FIX}, e.g. label_fn=lambda batch: batch[1].argmax(dim=1)."
-        )
-    elif y.ndim > 2:
-        raise ValueError(f"Labels from {source} must be 1-D (batch,), got shape {tuple(y.shape)}. {_FIX}.")
-    if y.is_complex():
-        raise TypeError(f"Labels from {source} are complex ({y.dtype}); class ids must be integers. {_FIX}.")
-    if y.is_floating_point():
-        if not bool(torch.isfinite(y).all()) or not torch.equal(y, y.round()):
-            raise ValueError(
-                f"Labels from {source} are non-integer floats (regression or soft targets?); geometry "
-                f"markers need integer class ids. {_FIX}."
-            )
-    return y.to(torch.int64)
+    return check_labels(raw, name=f"Labels from {source}", fix=f"{_FIX}.", allow_column=True)
 
 
 def extract_labels(batch: Any, label_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lightning_geomarkers.functional.suite import MARKERS
+from lightning_geomarkers.utilities.checks import check_positive_int
 
 __all__ = ["AlertEvent", "MarkerAlert"]
 
@@ -99,9 +100,9 @@ class MarkerAlert:
             raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
         if reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}.")
-        for name, value, low in (("window", window, 1), ("patience", patience, 1), ("warmup", warmup, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        window = check_positive_int(window, "window")
+        patience = check_positive_int(patience, "patience")
+        warmup = check_positive_int(warmup, "warmup", minimum=0)
         if mode is None:
             sign = MARKERS[base].higher_is_better
             if sign is None:

@@ -28,18 +28,21 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
+from lightning_geomarkers.functional.preprocessing import center
 from lightning_geomarkers.functional.suite import (
     GLUE_MARKER_NAMES,
+    MARKERS,
     MarkerReport,
     geometry_markers,
     resolve_marker_names,
 )
 from lightning_geomarkers.metrics.sample import PerClassSample, sample_keys
-from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
+from lightning_geomarkers.utilities.checks import check_positive_int, check_protocol, check_seed
 
 __all__ = ["GeometryMonitor"]
 
 Layers = str | nn.Module | Sequence[str | nn.Module] | None
+_SIGN = {True: "higher", False: "lower", None: "sign varies"}
 
 
 class GeometryMonitor(L.Callback):
@@ -99,7 +102,8 @@ class GeometryMonitor(L.Callback):
             the representation does).
         log_spectrum: with a ``TensorBoardLogger``, log the singular-value spectrum of the features as a
             histogram.
-        custom_scalars: with a ``TensorBoardLogger``, write a custom-scalars layout grouping the markers.
+        custom_scalars: with a ``TensorBoardLogger``, write a custom-scalars layout (one chart per marker)
+            and a text table describing the markers.
         log_class_heatmap: with a ``TensorBoardLogger`` and the pairs protocol, write a class-by-class heat
             map of pairwise GLUE capacity as an image at each computation (up to 50 monitored classes).
             Per-class values go to :attr:`per_class_history` either way (pairs protocol only).
@@ -157,21 +161,15 @@ class GeometryMonitor(L.Callback):
         self.max_classes = (
             None if max_classes is None else check_positive_int(max_classes, "max_classes", minimum=2)
         )
-        if glue_protocol not in ("pairs", "joint"):
-            raise ValueError(f"`glue_protocol` must be 'pairs' or 'joint', got {glue_protocol!r}.")
-        if points_per_class is not None:
-            check_positive_int(points_per_class, "points_per_class", minimum=2)
-        self.glue_kwargs: dict[str, Any] = dict(
-            glue_protocol=glue_protocol,
-            points_per_class=points_per_class or self.samples_per_class,
-            n_pairs=None if n_pairs is None else check_positive_int(n_pairs, "n_pairs"),
-            n_t=check_positive_int(n_t, "n_t"),
+        self.glue_kwargs = check_protocol(
+            glue_protocol,
+            points_per_class=self.samples_per_class if points_per_class is None else points_per_class,
+            n_pairs=n_pairs,
+            n_t=n_t,
             dichotomies=dichotomies,
-            center_features=bool(center_features),
-            projection_dim=None
-            if projection_dim is None
-            else check_positive_int(projection_dim, "projection_dim"),
-            lid_k=check_positive_int(lid_k, "lid_k", minimum=2),
+            center_features=center_features,
+            projection_dim=projection_dim,
+            lid_k=lid_k,
         )
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.dataloader_idx = check_positive_int(dataloader_idx, "dataloader_idx", minimum=0)
@@ -916,8 +914,7 @@ class GeometryMonitor(L.Callback):
         if writer is None:
             return
         if self.log_spectrum:
-            centred = feats.double() - feats.double().mean(0, keepdim=True)
-            spectrum = torch.linalg.svdvals(centred).cpu()
+            spectrum = torch.linalg.svdvals(center(feats.double())).cpu()
             tag = (
                 f"{self.prefix}/feature_spectrum"
                 if len(self._hooks) == 1
@@ -933,12 +930,21 @@ class GeometryMonitor(L.Callback):
             write_class_heatmap(writer, tag, view, self._log_step(trainer))
         if self.custom_scalars and not self._layout_written:
             writer.add_custom_scalars(self._layout())
+            # What each marker measures, readable in TensorBoard's Text tab next to the charts.
+            rows = [
+                f"| `{self._key(layer, m)}` | {MARKERS[m].description} | {_SIGN[MARKERS[m].higher_is_better]} |"
+                for layer in self._hooks
+                for m in self.markers
+            ]
+            table = "| tag | what it measures | better transfer in the literature |\n|---|---|---|\n"
+            writer.add_text(f"{self.prefix}/markers", table + "\n".join(rows), self._log_step(trainer))
             self._layout_written = True
 
     def _layout(self) -> dict[str, dict[str, list[Any]]]:
+        """One chart per marker (markers differ in scale: a numerical rank of ~100 next to a participation
+        ratio of ~5 would flatten the latter), except the three GLUE alignments, which share [0, 1]."""
         groups = {
-            "GLUE geometry": [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" not in m],
-            "GLUE alignments": [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" in m],
+            "GLUE": [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" not in m],
             "Spectrum": [
                 m for m in self.markers if m in ("participation_ratio", "numerical_rank", "effective_rank")
             ],
@@ -946,14 +952,20 @@ class GeometryMonitor(L.Callback):
                 m for m in self.markers if m in ("nc1", "lid", "lid_twonn", "within_class_distance")
             ],
         }
+        alignments = [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" in m]
         layout: dict[str, dict[str, list[Any]]] = {}
         for layer in self._hooks:
-            charts = {
-                title: ["Multiline", [self._key(layer, m) for m in names]]
-                for title, names in groups.items()
-                if names
-            }
-            layout[f"{self.prefix} {layer}" if len(self._hooks) > 1 else self.prefix] = charts
+            head = f"{self.prefix} {layer}" if len(self._hooks) > 1 else self.prefix
+            for group, names in groups.items():
+                if names:
+                    layout[f"{head}: {group}"] = {
+                        f"{m}: {MARKERS[m].description}": ["Multiline", [self._key(layer, m)]] for m in names
+                    }
+            if alignments:
+                layout.setdefault(f"{head}: GLUE", {})["GLUE alignments (mean |cos|, 0 to 1)"] = [
+                    "Multiline",
+                    [self._key(layer, m) for m in alignments],
+                ]
         if self.alerts:
             layout[f"{self.prefix} alerts"] = {
                 "alerts": [

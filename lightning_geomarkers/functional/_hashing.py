@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from lightning_geomarkers.utilities.checks import check_seed
+from lightning_geomarkers.utilities.checks import check_labels, check_seed
 
 __all__ = ["sample_keys", "class_priority"]
 
@@ -66,12 +65,7 @@ def _seed_word(seed: int, stream: int) -> int:
 
 
 def _as_int64_labels(labels: Any, n: int, device: torch.device) -> torch.Tensor:
-    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"`labels` must have shape ({n},), got {tuple(y.shape)}.")
-    if y.is_floating_point() or y.is_complex():
-        raise TypeError(f"`labels` must be integer class ids, got dtype {y.dtype}.")
-    return y.detach().to(device=device, dtype=torch.int64)
+    return check_labels(labels, n, device=device)
 
 
 def _row_words(content: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -140,9 +134,6 @@ def class_priority(labels: Any, seed: int) -> torch.Tensor:
     priority among those seen.
     """
     seed = check_seed(seed)
-    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    if y.is_floating_point() or y.is_complex():
-        raise TypeError(f"`labels` must be integer class ids, got dtype {y.dtype}.")
-    y = y.detach().to(torch.int64)
+    y = check_labels(labels)
     z = _fmix64(y * _GOLDEN + _seed_word(seed, _STREAM_CLASS))
     return _fmix64(z + _GOLDEN) & _MASK63

@@ -95,7 +95,7 @@ def _dual(
     """
     u = u * valid
     ku = torch.einsum("qs,qst->qt", u, rows)
-    if rank_one is not None:
+    if rank_one is not None and rank_one_f is not None:
         ku = ku + rank_one * (rank_one_f * u).sum(1, keepdim=True)
     return sigma * (h - ku)
 

@@ -1,6 +1,6 @@
 """GLUE (Geometry Linked to Untangling Efficiency) markers at margin kappa = 0.
 
-Spec: ``shared/markers-spec.md`` section 1; the project's choices are documented in ``docs/markers.md``.
+Definitions: ``docs/markers.md`` section 3; the project's choices are in its section 4.
 For each probe k, with t_k ~ N(0, I_N) and a dichotomy y_k in {+1, -1}^P,
 
     lambda = argmin_{lambda >= 0} || G^T lambda - t_k ||^2,     rows of G: y_k[mu] x for every point x,
@@ -21,13 +21,14 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from lightning_geomarkers.errors import NonSeparableWarning, SolverWarning
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
 from lightning_geomarkers.utilities.checks import (
+    DICHOTOMY_KINDS,
     as_manifolds,
     as_tensor,
     check_finite,
@@ -48,7 +49,6 @@ GLUE_MARKERS = (
     "center_axis_alignment",
 )
 
-DICHOTOMY_KINDS = ("random", "balanced", "one_vs_rest")
 #: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
 #: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
 _INDEPENDENCE_RTOL = 1e-10
@@ -59,7 +59,7 @@ class GlueResult:
     """GLUE markers of one set of P manifolds, plus solver diagnostics.
 
     Every marker is a 0-dim float64 tensor (``float(result.capacity)`` works). ``a``, ``b``, ``c`` are the
-    per-probe quantities of the spec (shape (n_t,)), ``active`` the (n_t, P) mask of manifolds with
+    per-probe quantities of ``docs/markers.md`` 3.5 (shape (n_t,)), ``active`` the (n_t, P) mask of manifolds with
     positive weight, ``anchors`` the (n_t, P, N) anchor points (only with ``return_anchors=True``; in the
     input's units).
     """
@@ -134,6 +134,14 @@ def make_dichotomies(
     return y
 
 
+@overload
+def _quad_pinv(
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: Literal[False] = False
+) -> torch.Tensor: ...
+@overload
+def _quad_pinv(
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: Literal[True]
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 def _quad_pinv(
     gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Preprocessing of pooled features before the geometry markers (spec section 2).
+"""Preprocessing of pooled features before the geometry markers (``docs/markers.md`` section 5.3).
 
 Features are ``(S, N)``: one row per sample. Three steps are provided:
 
@@ -27,6 +27,7 @@ import torch
 from lightning_geomarkers.utilities.checks import (
     check_features,
     check_features_labels,
+    check_labels,
     check_positive_int,
 )
 from lightning_geomarkers.utilities.seeds import as_generator
@@ -60,9 +61,8 @@ def center(features: Any) -> torch.Tensor:
                 [ 1.,  2.]])
     """
     x = check_features(features)
-    xs, shift = _scaled64(x)
-    shifted = xs - xs[:1]
-    out = _unscale(shifted - shifted.mean(dim=0, keepdim=True), shift).to(x.dtype)
+    xc, shift = _center_scaled(x)
+    out = _unscale(xc, shift).to(x.dtype)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"Centring overflowed {x.dtype}: `features` values are too large (max |x| = "
@@ -189,28 +189,10 @@ def per_class_subsample(
 
 
 def _as_class_ids(classes: Any) -> torch.Tensor:
-    """Validate a ``classes`` argument: a non-empty 1-D sequence of distinct integers."""
-    if isinstance(classes, (str, bytes)):
-        raise TypeError(f"`classes` must be a sequence of integer class ids, got {classes!r}.")
-    if isinstance(classes, torch.Tensor):
-        t = classes.detach().cpu()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(classes))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"`classes` must be a sequence of integer class ids, got {classes!r}.") from err
-    if t.ndim == 0:
-        t = t.reshape(1)
-    if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(
-            f"`classes` must be a non-empty 1-D sequence of class ids, got shape {tuple(t.shape)}."
-        )
-    if t.is_floating_point():
-        if not bool(torch.isfinite(t).all()) or not torch.equal(t, t.round()):
-            raise ValueError("`classes` must hold integer class ids, got non-integer values.")
-    elif t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"`classes` must hold integer class ids, got dtype {t.dtype}.")
-    t = t.to(torch.long)
+    """Validate a ``classes`` argument: a non-empty 1-D sequence of distinct integers (``check_labels``)."""
+    t = check_labels(classes, name="`classes`", device="cpu")
+    if t.numel() == 0:
+        raise ValueError("`classes` must be a non-empty 1-D sequence of class ids, got an empty one.")
     if torch.unique(t).numel() != t.numel():
         raise ValueError(f"`classes` contains duplicates ({t.tolist()}); list every class once.")
     return t
@@ -244,13 +226,18 @@ def _unscale(t: torch.Tensor, shift: int) -> torch.Tensor:
     return _times_pow2(t, -shift)
 
 
+def _center_scaled(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The one centring rule: ``x`` scaled to float64 by a power of two (:func:`_scaled64`), minus its column
+    means, and the ``shift`` that :func:`_unscale` undoes. The first row is subtracted before the mean, so
+    exactly constant columns centre to exactly zero."""
+    xs, shift = _scaled64(x)
+    shifted = xs - xs[:1]
+    return shifted - shifted.mean(dim=0, keepdim=True), shift
+
+
 def _centered64(x: torch.Tensor) -> torch.Tensor:
     """Centred float64 working copy of ``x`` with ``max |x|`` in ``[0.5, 1)`` (or exactly zero).
 
-    The first row is subtracted before the mean, so exactly constant columns centre to exactly zero. Only
-    for scale-invariant markers: the overall scale is not preserved.
+    Only for scale-invariant markers: the overall scale is not preserved.
     """
-    xs, _ = _scaled64(x)
-    shifted = xs - xs[:1]
-    xc = shifted - shifted.mean(dim=0, keepdim=True)
-    return _scaled64(xc)[0]
+    return _scaled64(_center_scaled(x)[0])[0]

@@ -1,4 +1,4 @@
-"""GLUE measurement protocols on labelled features (spec section 2).
+"""GLUE measurement protocols on labelled features (``docs/markers.md`` section 5).
 
 - Pairs protocol (the paper's CIFAR sweep): many random class pairs, P = 2, ``points_per_class`` points
   per class drawn afresh for each pair, ``n_t`` probes each; markers averaged over pairs, with the spread.

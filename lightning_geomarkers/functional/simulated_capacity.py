@@ -1,4 +1,4 @@
-"""Simulated manifold capacity: the slow, direct ground truth for GLUE's capacity (spec section 1).
+"""Simulated manifold capacity: the slow, direct ground truth for GLUE's capacity (``docs/markers.md`` section 4.8).
 
 alpha_sim = P / N_crit, where N_crit is the smallest random-projection dimension n at which a random
 dichotomy of the projected manifolds is linearly separable by a homogeneous hyperplane with probability

@@ -3,7 +3,7 @@
 ``geometry_markers(features, labels)`` runs the GLUE protocol (after the GLUE preprocessing: global
 centering and, for wide features, a random projection) and the other markers on the raw features, and
 returns one value per marker. ``MARKERS`` lists every marker with the sign the literature associates
-with better out-of-distribution transfer (spec section 4), used as default alert direction.
+with better out-of-distribution transfer (``docs/markers.md`` section 8), used as default alert direction.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from lightning_geomarkers.functional.distances import within_class_distance
-from lightning_geomarkers.functional.glue import GLUE_MARKERS
+from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult
 from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_dimension
 from lightning_geomarkers.functional.neural_collapse import neural_collapse
 from lightning_geomarkers.functional.preprocessing import center, random_projection
-from lightning_geomarkers.functional.protocols import glue_joint, glue_pairs
+from lightning_geomarkers.functional.protocols import GluePairsResult, glue_joint, glue_pairs
 from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
-from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
+from lightning_geomarkers.utilities.checks import check_features_labels, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
@@ -142,11 +142,18 @@ def geometry_markers(
         ['glue_dimension', 'participation_ratio']
     """
     names = resolve_marker_names(markers)
-    if glue_protocol not in ("pairs", "joint"):
-        raise ValueError(f"glue_protocol must be 'pairs' or 'joint', got {glue_protocol!r}.")
-    lid_k = check_positive_int(lid_k, "lid_k", minimum=2)
-    if projection_dim is not None:
-        projection_dim = check_positive_int(projection_dim, "projection_dim")
+    protocol = check_protocol(
+        glue_protocol,
+        points_per_class=points_per_class,
+        n_pairs=n_pairs,
+        n_t=n_t,
+        dichotomies=dichotomies,
+        max_classes=max_classes,
+        center_features=center_features,
+        projection_dim=projection_dim,
+        lid_k=lid_k,
+    )
+    lid_k, projection_dim = protocol["lid_k"], protocol["projection_dim"]
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     gen = as_generator(generator)
     # Independent streams, so adding or removing one marker leaves the others' draws unchanged.
@@ -172,13 +179,14 @@ def geometry_markers(
             z = center(x) if center_features else x
             if projection_dim is not None and z.shape[1] > projection_dim:
                 z = random_projection(z, projection_dim, generator=seeds[0])
-            common = dict(
+            common: dict[str, Any] = dict(
                 points_per_class=points_per_class,
                 n_t=n_t,
                 dichotomies=dichotomies,
                 max_classes=max_classes,
                 generator=seeds[1],
             )
+            res: GluePairsResult | GlueResult
             if glue_protocol == "pairs":
                 res = glue_pairs(z, y, n_pairs=n_pairs, **common)
             else:

@@ -23,7 +23,7 @@ class GlueMarkers(GeometryMarkers):
         >>> metric = GlueMarkers(points_per_class=20, n_t=50)
         >>> g = torch.Generator().manual_seed(0)
         >>> y = torch.arange(3).repeat_interleave(30)
-        >>> metric.update(3 * torch.randn(3, 16, generator=g)[y] + torch.randn(90, 16, generator=g), y)
+        >>> metric.update(3 * torch.randn(3, 64, generator=g)[y] + torch.randn(90, 64, generator=g), y)
         >>> sorted(metric.compute())[:2]
         ['glue_axis_alignment', 'glue_capacity']
         >>> metric.higher_is_better_per_marker["glue_radius"]

@@ -22,7 +22,7 @@ def _abs_cos(u: np.ndarray, v: np.ndarray) -> float | None:
     nu, nv = np.linalg.norm(u), np.linalg.norm(v)
     if nu < 1e-12 or nv < 1e-12:
         return None
-    return abs(float(u @ v)) / (nu * nv)
+    return abs(float(u @ v)) / float(nu * nv)
 
 
 def reference_glue(

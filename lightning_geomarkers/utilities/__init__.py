@@ -9,7 +9,9 @@ from lightning_geomarkers.utilities.checks import (
     check_features,
     check_features_labels,
     check_finite,
+    check_labels,
     check_positive_int,
+    check_protocol,
     check_seed,
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
@@ -22,7 +24,9 @@ __all__ = [
     "check_features",
     "check_features_labels",
     "check_finite",
+    "check_labels",
     "check_positive_int",
+    "check_protocol",
     "check_seed",
     "child_generators",
     "limit_threads",

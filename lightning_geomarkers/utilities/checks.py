@@ -18,6 +18,8 @@ __all__ = [
     "check_finite",
     "check_features",
     "check_features_labels",
+    "check_labels",
+    "check_protocol",
     "as_manifolds",
     "check_positive_int",
     "check_seed",
@@ -79,27 +81,101 @@ def check_features(features: Any, name: str = "features") -> torch.Tensor:
     return x
 
 
+def check_labels(
+    labels: Any,
+    n: int | None = None,
+    *,
+    name: str = "`labels`",
+    fix: str = "",
+    device: torch.device | str | None = None,
+    allow_column: bool = False,
+) -> torch.Tensor:
+    """Validate class labels and return them as a 1-D int64 tensor: the package's one rule set for labels.
+
+    Accepted: a tensor, numpy array, list/tuple or Python/numpy integer of integer class ids (any sign),
+    bools (read as 0/1), or floats that are all whole numbers; a scalar becomes ``(1,)``. Rejected, each
+    with the fix: strings (map them to integers first), one-hot or soft ``(S, C)`` targets (take
+    ``argmax(1)``), a ``(S, 1)`` column unless ``allow_column`` (then it is squeezed: batches collate
+    targets that way), non-integer or non-finite floats, complex numbers, more than two dimensions, and
+    (with ``n``) a length other than ``n``.
+
+    Args:
+        labels: the labels.
+        n: the required number of labels (the number of feature rows), or None.
+        name: how messages refer to the labels (e.g. "Labels from batch[1]").
+        fix: a sentence appended to every message (the caller's own fix, e.g. a ``label_fn`` hint).
+        device: move the result there (default: keep the input's device; CPU for non-tensors).
+        allow_column: accept ``(S, 1)`` labels and squeeze them (the monitor's batch labels).
+
+    Raises:
+        TypeError: strings, complex numbers, or objects that are not array-like.
+        ValueError: wrong shape or length, one-hot/soft targets, non-integer floats.
+
+    Example:
+        >>> check_labels([0, 2, 1.0])
+        tensor([0, 2, 1])
+        >>> check_labels(torch.eye(3))
+        Traceback (most recent call last):
+        ...
+        ValueError: `labels` have shape (3, 3): one-hot, soft or multi-label targets are not class ids. Pass the class ids, e.g. labels.argmax(1).
+    """
+    tail = f" {fix}" if fix else ""
+    if isinstance(labels, torch.Tensor):
+        y = labels.detach()
+    elif isinstance(labels, (np.ndarray, list, tuple, int, np.integer)) and not isinstance(labels, bool):
+        arr = np.asarray(labels)
+        if arr.dtype.kind in "USO":
+            raise TypeError(
+                f"{name} are {'strings' if arr.dtype.kind in 'US' else 'Python objects'}; geometry markers "
+                "need integer class ids. Map them to integers first, e.g. "
+                f"`ids = numpy.unique(labels, return_inverse=True)[1]`.{tail}"
+            )
+        try:
+            y = torch.as_tensor(arr)
+        except (TypeError, ValueError) as err:  # pragma: no cover - numpy dtypes torch lacks
+            raise TypeError(f"{name} could not be converted to a tensor ({err}).{tail}") from err
+    else:
+        raise TypeError(
+            f"{name} must be a tensor or array of integer class ids, got {type(labels).__name__}.{tail}"
+        )
+    if y.ndim == 0:
+        y = y.reshape(1)
+    elif y.ndim == 2 and y.shape[1] == 1:
+        if not allow_column:
+            raise ValueError(
+                f"{name} must be 1-D (samples,), got shape {tuple(y.shape)}; pass labels.reshape(-1).{tail}"
+            )
+        y = y[:, 0]
+    elif y.ndim == 2:
+        raise ValueError(
+            f"{name} have shape {tuple(y.shape)}: one-hot, soft or multi-label targets are not class ids. "
+            f"Pass the class ids, e.g. labels.argmax(1).{tail}"
+        )
+    elif y.ndim > 2:
+        raise ValueError(f"{name} must be 1-D (samples,), got shape {tuple(y.shape)}.{tail}")
+    if y.is_complex():
+        raise TypeError(f"{name} are complex ({y.dtype}); class ids must be integers.{tail}")
+    if y.is_floating_point() and (not bool(torch.isfinite(y).all()) or not torch.equal(y, y.round())):
+        raise ValueError(
+            f"{name} are non-integer floats (regression or soft targets?); geometry markers need integer "
+            f"class ids.{tail}"
+        )
+    if n is not None and y.shape[0] != n:
+        raise ValueError(
+            f"`features` has {n} rows but {name} has {y.shape[0]} entries; they must match.{tail}"
+        )
+    return y.to(device=device if device is not None else y.device, dtype=torch.int64)
+
+
 def check_features_labels(
     features: Any, labels: Any, *, min_classes: int = 1, min_per_class: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a (S, N) feature matrix and its (S,) integer labels.
+    """Validate a (S, N) feature matrix and its (S,) integer labels (rules of :func:`check_labels`).
 
     Returns the features as a floating tensor and the labels as int64 on the features' device.
     """
     x = check_features(features)
-    y = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    if y.ndim != 1:
-        raise ValueError(f"`labels` must be 1-D (samples,), got shape {tuple(y.shape)}.")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"`features` has {x.shape[0]} rows but `labels` has {y.shape[0]} entries; they must match."
-        )
-    if y.is_floating_point():
-        if not torch.equal(y, y.round()):
-            raise ValueError("`labels` must be integer class indices, got non-integer floats.")
-    elif y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"`labels` must be integer class indices, got dtype {y.dtype}.")
-    y = y.to(device=x.device, dtype=torch.long)
+    y = check_labels(labels, x.shape[0], device=x.device)
     classes, counts = torch.unique(y, return_counts=True)
     if classes.numel() < min_classes:
         raise ValueError(
@@ -182,3 +258,61 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"`{name}` must be an integer, got {seed!r}.")
     return int(seed)
+
+
+#: The GLUE measurement protocols (see ``functional.protocols``).
+GLUE_PROTOCOLS = ("pairs", "joint")
+#: The named dichotomy ensembles of ``functional.make_dichotomies``.
+DICHOTOMY_KINDS = ("random", "balanced", "one_vs_rest")
+
+
+def check_protocol(
+    glue_protocol: Any = "pairs",
+    *,
+    points_per_class: Any = 50,
+    n_pairs: Any = 100,
+    n_t: Any = 200,
+    dichotomies: Any = "random",
+    max_classes: Any = None,
+    center_features: Any = True,
+    projection_dim: Any = 1000,
+    lid_k: Any = 20,
+) -> dict[str, Any]:
+    """Validate the GLUE protocol arguments of ``geometry_markers`` / ``GeometryMonitor`` in one place.
+
+    Returns them as a dict of keyword arguments with normalised types (``None`` kept where allowed).
+
+    Raises:
+        ValueError / TypeError: an unknown protocol or dichotomy kind, or an integer argument that is not
+        an integer or too small (``points_per_class`` and ``max_classes`` >= 2, ``lid_k`` >= 2, the others
+        >= 1).
+
+    Example:
+        >>> check_protocol("joint", n_t=50)["n_t"]
+        50
+        >>> check_protocol("pair")
+        Traceback (most recent call last):
+        ...
+        ValueError: `glue_protocol` must be 'pairs' or 'joint', got 'pair'.
+    """
+    if glue_protocol not in GLUE_PROTOCOLS:
+        raise ValueError(f"`glue_protocol` must be 'pairs' or 'joint', got {glue_protocol!r}.")
+    if isinstance(dichotomies, str) and dichotomies not in DICHOTOMY_KINDS:
+        raise ValueError(
+            f"Unknown dichotomies={dichotomies!r}; use one of {DICHOTOMY_KINDS} or an (n_t, P) tensor."
+        )
+    return dict(
+        glue_protocol=glue_protocol,
+        points_per_class=check_positive_int(points_per_class, "points_per_class", minimum=2),
+        n_pairs=None if n_pairs is None else check_positive_int(n_pairs, "n_pairs"),
+        n_t=check_positive_int(n_t, "n_t"),
+        dichotomies=dichotomies,
+        max_classes=None
+        if max_classes is None
+        else check_positive_int(max_classes, "max_classes", minimum=2),
+        center_features=bool(center_features),
+        projection_dim=None
+        if projection_dim is None
+        else check_positive_int(projection_dim, "projection_dim"),
+        lid_k=check_positive_int(lid_k, "lid_k", minimum=2),
+    )

@@ -1,0 +1,136 @@
+"""The one validation layer (``utilities/checks.py``): one rule set for labels and protocol arguments,
+used by the functional API, the monitor's batch labels, the sampler's hashing and the metric classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_geomarkers import GeometryMonitor
+from lightning_geomarkers.callbacks._labels import extract_labels
+from lightning_geomarkers.functional import geometry_markers, neural_collapse
+from lightning_geomarkers.functional._hashing import class_priority, sample_keys
+from lightning_geomarkers.metrics import ParticipationRatio
+from lightning_geomarkers.utilities import check_labels, check_protocol
+
+
+def test_check_labels_accepts_class_ids_in_every_container() -> None:
+    want = torch.tensor([0, 2, 1, 2])
+    for labels in (
+        want,
+        want.int(),
+        want.float(),
+        want.numpy(),
+        [0, 2, 1, 2],
+        (0, 2, 1, 2),
+        np.array([0.0, 2.0, 1.0, 2.0]),
+    ):
+        got = check_labels(labels, 4)
+        assert got.dtype == torch.int64 and torch.equal(got, want), labels
+    assert torch.equal(check_labels(torch.tensor([True, False])), torch.tensor([1, 0]))
+    assert torch.equal(check_labels(np.int64(3)), torch.tensor([3]))
+    assert torch.equal(check_labels(torch.tensor([-1, 5])), torch.tensor([-1, 5]))  # ids, any sign
+    # A (S, 1) column only where asked for (batches collate targets so); the functional API says how.
+    assert torch.equal(check_labels(want[:, None], 4, allow_column=True), want)
+    with pytest.raises(ValueError, match=r"must be 1-D .*labels.reshape\(-1\)"):
+        check_labels(want[:, None], 4)
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "fix"),
+    [
+        (torch.eye(4), ValueError, "argmax(1)"),
+        (np.array(["cat", "dog", "cat", "dog"]), TypeError, "numpy.unique(labels, return_inverse=True)"),
+        (["cat", "dog", "cat", "dog"], TypeError, "numpy.unique"),
+        (torch.tensor([0.5, 1.0, 0.0, 1.0]), ValueError, "non-integer floats"),
+        (torch.tensor([0.0, float("nan"), 1.0, 1.0]), ValueError, "non-integer floats"),
+        (torch.zeros(4, 2, 2), ValueError, "1-D"),
+        (torch.zeros(4, dtype=torch.complex64), TypeError, "complex"),
+        (torch.zeros(3), ValueError, "4 rows but `labels` has 3 entries"),
+        ("cat", TypeError, "integer class ids"),
+    ],
+)
+def test_check_labels_rejects_with_the_fix(labels, error, fix) -> None:
+    with pytest.raises(error) as info:
+        check_labels(labels, 4)
+    assert fix in str(info.value)
+
+
+def test_every_entry_point_applies_the_same_label_rules() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g) + 4 * torch.arange(2).repeat_interleave(20)[:, None]
+    one_hot = torch.nn.functional.one_hot(torch.arange(2).repeat_interleave(20)).float()
+    for call in (
+        lambda: neural_collapse(x, one_hot),
+        lambda: geometry_markers(x, one_hot, markers=["nc1"]),
+        lambda: ParticipationRatio().update(x, one_hot),
+        lambda: sample_keys(x, one_hot, seed=0),
+        lambda: class_priority(one_hot, seed=0),
+        lambda: extract_labels((x, one_hot)),
+    ):
+        with pytest.raises(ValueError, match=r"one-hot.*argmax\(1\)"):
+            call()
+    # The monitor's batch labels add their own fix (label_fn) to the shared message.
+    with pytest.raises(ValueError, match="label_fn"):
+        extract_labels((x, one_hot))
+    # Whole-number float labels are class ids everywhere (the rule used to differ between entry points).
+    y_float = torch.arange(2).repeat_interleave(20).float()
+    y_int = y_float.long()
+    assert torch.equal(sample_keys(x, y_float, seed=1), sample_keys(x, y_int, seed=1))
+    assert torch.equal(neural_collapse(x, y_float), neural_collapse(x, y_int))
+
+
+def test_check_protocol_normalises_and_rejects() -> None:
+    kwargs = check_protocol("joint", points_per_class=np.int64(10), n_pairs=None, projection_dim=None)
+    assert kwargs == {
+        "glue_protocol": "joint",
+        "points_per_class": 10,
+        "n_pairs": None,
+        "n_t": 200,
+        "dichotomies": "random",
+        "max_classes": None,
+        "center_features": True,
+        "projection_dim": None,
+        "lid_k": 20,
+    }
+    assert type(kwargs["points_per_class"]) is int
+    with pytest.raises(ValueError, match="'pairs' or 'joint'"):
+        check_protocol("pair")
+    with pytest.raises(ValueError, match="Unknown dichotomies"):
+        check_protocol(dichotomies="balancd")
+    with pytest.raises(ValueError, match="`points_per_class` must be >= 2"):
+        check_protocol(points_per_class=1)
+    with pytest.raises(TypeError, match="`n_t` must be an integer"):
+        check_protocol(n_t=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"glue_protocol": "pair"}, ValueError, "'pairs' or 'joint'"),
+        ({"dichotomies": "balancd"}, ValueError, "Unknown dichotomies"),
+        ({"points_per_class": 1}, ValueError, "`points_per_class` must be >= 2"),
+        ({"lid_k": 1}, ValueError, "`lid_k` must be >= 2"),
+        ({"n_t": 0}, ValueError, "`n_t` must be >= 1"),
+    ],
+)
+def test_monitor_and_functional_reject_the_same_protocol_arguments(kwargs, error, match) -> None:
+    x = torch.randn(20, 4)
+    y = torch.arange(2).repeat_interleave(10)
+    with pytest.raises(error, match=match):
+        GeometryMonitor(**kwargs)
+    with pytest.raises(error, match=match):
+        geometry_markers(x, y, markers=["participation_ratio"], **kwargs)
+
+
+def test_alert_integer_arguments_follow_the_shared_integer_rule() -> None:
+    from lightning_geomarkers import MarkerAlert
+
+    with pytest.raises(ValueError, match="`patience` must be >= 1, got 0"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, patience=0)
+    with pytest.raises(TypeError, match="`window` must be an integer >= 1"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, window=1.5)
+    with pytest.raises(TypeError, match="`warmup` must be an integer >= 0"):
+        MarkerAlert("glue_dimension", relative_drop=0.2, warmup=True)
+    assert MarkerAlert("glue_dimension", relative_drop=0.2, warmup=np.int64(0)).warmup == 0

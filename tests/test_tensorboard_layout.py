@@ -1,0 +1,62 @@
+"""What a TensorBoard user sees, read back from the event file: custom-scalar charts that never put markers
+of different scales on one axis, and a text table describing every logged marker."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_geomarkers import GeometryMonitor
+from lightning_geomarkers.functional import MARKERS
+from tests.lightning_helpers import TinyMLP, gaussian_classes, loaders, read_events, trainer
+
+# A wiring test: a few markers and a small GLUE budget (the values are not under test here).
+WATCHED = ["glue_dimension", "glue_capacity", "glue_center_alignment", "glue_axis_alignment"]
+WATCHED += ["participation_ratio", "numerical_rank", "nc1"]
+SMALL = dict(markers=WATCHED, n_t=20, n_pairs=4, samples_per_class=20, lid_k=5)
+
+
+def _fit(tmp_path, monitor: GeometryMonitor):
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes(per_class=20)
+    tr = trainer(tmp_path, [monitor], max_epochs=2)
+    tr.fit(TinyMLP(), *loaders(x, y))
+    return read_events(tr.logger.log_dir)
+
+
+def test_custom_scalar_charts_do_not_mix_scales_and_markers_are_described(tmp_path):
+    acc = _fit(tmp_path, GeometryMonitor(**SMALL))
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    # Every monitored marker is laid out exactly once.
+    laid_out = sorted(t for tags in charts.values() for t in tags)
+    assert laid_out == sorted(f"geometry/{m}" for m in WATCHED)
+    # One chart per marker; the only shared chart is the alignments' (all in [0, 1]).
+    for title, tags in charts.items():
+        if len(tags) > 1:
+            assert all("alignment" in t for t in tags), (title, tags)
+    # The measured values really differ in scale: numerical rank ~ tens, participation ratio ~ units.
+    last = {m: acc.Scalars(f"geometry/{m}")[-1].value for m in ("numerical_rank", "participation_ratio")}
+    assert last["numerical_rank"] > 3 * last["participation_ratio"]
+    rank_chart = next(tags for tags in charts.values() if "geometry/numerical_rank" in tags)
+    assert rank_chart == ["geometry/numerical_rank"]
+    # Chart titles carry the marker's description.
+    assert f"participation_ratio: {MARKERS['participation_ratio'].description}" in charts
+
+    # The Text tab: one table, written once, naming every logged tag with its description.
+    assert "geometry/markers/text_summary" in acc.Tags()["tensors"]
+    events = acc.Tensors("geometry/markers/text_summary")
+    assert len(events) == 1
+    text = events[0].tensor_proto.string_val[0].decode()
+    for m in WATCHED:
+        assert f"| `geometry/{m}` | {MARKERS[m].description} |" in text
+    assert "| `geometry/nc1` | neural collapse NC1 = tr(S_W S_B^+) / C | sign varies |" in text
+    assert "| `geometry/glue_dimension` | GLUE effective dimension D_eff = E[b] / P | higher |" in text
+
+
+def test_no_layout_or_text_without_custom_scalars(tmp_path):
+    acc = _fit(tmp_path, GeometryMonitor(custom_scalars=False, log_spectrum=False, **SMALL))
+    assert acc.Tags()["tensors"] == []
+    assert acc.Tags()["histograms"] == []
+    assert "geometry/glue_dimension" in acc.Tags()["scalars"]
