@@ -48,14 +48,6 @@ class NNLSSolution:
     converged: torch.Tensor
 
 
-def _gram_rows(gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(Q, s, T) rows gram[group[q]][idx[q]], by a 1-D ``index_select`` on linear row indices (much
-    faster than multi-dimensional advanced indexing)."""
-    n_points = gram.shape[-1]
-    flat_rows = gram.reshape(-1, n_points)
-    return flat_rows.index_select(0, (group[:, None] * n_points + idx).reshape(-1)).view(*idx.shape, n_points)
-
-
 #: A passive set counts as linearly dependent when a relative Cholesky pivot falls below this.
 _DEPENDENT_PIVOT = 1e-9
 
@@ -82,37 +74,6 @@ def _solve_spd(
     )
     failed = (info != 0) | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
     return torch.where((info != 0)[:, None], torch.zeros_like(sol), sol), failed
-
-
-def _padded_support(passive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the passive set of each row, padded to the largest size, and the validity mask."""
-    counts = passive.sum(1)
-    s_max = max(int(counts.max()), 1)
-    # A stable sort puts the True positions first, in index order.
-    order = torch.sort((~passive).to(torch.int8), dim=1, stable=True).indices[:, :s_max]
-    valid = torch.arange(s_max, device=passive.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
-
-
-def _dual(
-    rows: torch.Tensor,
-    valid: torch.Tensor,
-    u: torch.Tensor,
-    h: torch.Tensor,
-    sigma: torch.Tensor,
-    rank_one: torch.Tensor | None,
-    rank_one_f: torch.Tensor | None,
-) -> torch.Tensor:
-    """w = sigma * (X t - K (sigma * lambda)): the negative gradient.
-
-    rows: (Q, s, T) Gram rows of the passive set; u = sigma_F * lambda_F padded (zero where not valid);
-    rank_one / rank_one_f: the optional rank-one term v (Q, T) and its passive entries v_F (Q, s).
-    """
-    u = u * valid
-    ku = torch.einsum("qs,qst->qt", u, rows)
-    if rank_one is not None:
-        ku = ku + rank_one * (rank_one_f * u).sum(1, keepdim=True)
-    return sigma * (h - ku)
 
 
 def _mark(mask: torch.Tensor, index: torch.Tensor, where: torch.Tensor, value: bool) -> torch.Tensor:
@@ -212,20 +173,11 @@ class _WorkingSet:
         The rows' signed multipliers are scattered into a (groups, capacity, T) block, multiplied by
         the Gram matrices (B GEMMs, compute-bound and cheap for T in the hundreds) and gathered back.
         """
-        n_groups, n_points = gram.shape[0], gram.shape[-1]
+        n_points = gram.shape[-1]
         u = torch.zeros((self.rows.numel(), n_points + 1), dtype=self.x.dtype, device=self.x.device)
         spots = torch.where(self.valid, self.slots, n_points)
         u.scatter_(1, spots, self.x * torch.gather(self.sigma, 1, self.slots) * self.valid)
-        u = u[:, :n_points]
-        if n_groups == 1:
-            ku = u @ gram[0]
-        else:
-            block = u.new_zeros((n_groups * capacity, n_points)).index_copy_(0, self.pos, u)
-            ku = torch.bmm(block.view(n_groups, capacity, n_points), gram).view(-1, n_points)
-            ku = ku.index_select(0, self.pos)
-        if self.rank_one is not None:
-            ku = ku + self.rank_one * (self.rank_one * u).sum(1, keepdim=True)
-        return self.sigma * (self.h - ku)
+        return self.sigma * (self.h - _gram_times(gram, u[:, :n_points], self.pos, capacity, self.rank_one))
 
     def write_back(
         self,
@@ -259,9 +211,25 @@ def _layout(group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, int]:
     return group * capacity + rank, capacity
 
 
+def _gram_times(
+    gram: torch.Tensor, u: torch.Tensor, pos: torch.Tensor, capacity: int, rank_one: torch.Tensor | None
+) -> torch.Tensor:
+    """(rows, T) products K_{group(r)} u_r (+ v_r (v_r . u_r) with a rank-one term), by scattering the
+    rows into the (groups, capacity) layout and one batched GEMM (a plain GEMM for one group)."""
+    n_groups, n_points = gram.shape[0], gram.shape[-1]
+    if n_groups == 1:
+        ku = u @ gram[0]
+    else:
+        block = u.new_zeros((n_groups * capacity, n_points)).index_copy_(0, pos, u)
+        ku = torch.bmm(block.view(n_groups, capacity, n_points), gram).view(-1, n_points)
+        ku = ku.index_select(0, pos)
+    if rank_one is not None:
+        ku = ku + rank_one * (rank_one * u).sum(1, keepdim=True)
+    return ku
+
+
 #: Points added per outer iteration (the most violating ones); one after a step that overshot.
 ADD_PER_ITERATION = 16
-PER_MANIFOLD = 1
 
 
 def batched_nnls(
@@ -317,8 +285,7 @@ def batched_nnls(
         max_iter = 3 * n_points + 30
     block_size = block_size if block_size and n_points % block_size == 0 else 1
     n_blocks = n_points // block_size
-    per_block = min(PER_MANIFOLD, block_size)
-    k_add = max(1, min(int(add_per_iteration), n_blocks * per_block))
+    k_add = max(1, min(int(add_per_iteration), n_blocks))
     lam_out = torch.zeros((n_probs, n_points), dtype=dtype, device=device)
     done_out = torch.zeros(n_probs, dtype=torch.bool, device=device)
     jitter_scale = cutoff * max(point_scale, 1.0) ** 2
@@ -352,14 +319,11 @@ def batched_nnls(
     while st.rows.numel() and iterations < max_iter:
         iterations += 1
         # Outer step for the rows not inside an inner loop: add the most violating points.
-        eligible = (st.sigma != 0) & ~st.passive & ~st.blocked
-        score = torch.where(eligible, st.w, torch.full_like(st.w, -torch.inf))
-        if block_size > 1:  # the most violating points of each manifold, then the best of those
-            b_best, b_arg = score.view(-1, n_blocks, block_size).topk(per_block, dim=2)
-            best, b_pick = b_best.reshape(-1, n_blocks * per_block).topk(k_add, dim=1)
-            cand = (b_pick // per_block) * block_size + torch.gather(
-                b_arg.reshape(-1, n_blocks * per_block), 1, b_pick
-            )
+        score = st.w.masked_fill(st.passive | st.blocked | (st.sigma == 0), -torch.inf)
+        if block_size > 1:  # the most violating point of each manifold, then the best manifolds
+            b_best, b_arg = score.view(-1, n_blocks, block_size).max(2)
+            best, b_pick = b_best.topk(k_add, dim=1)
+            cand = b_pick * block_size + torch.gather(b_arg, 1, b_pick)
         else:
             best, cand = score.topk(k_add, dim=1)
         violating = best > st.w_tol[:, None]
@@ -426,15 +390,14 @@ def batched_nnls(
     passive = lam > 0
     eligible = sigma != 0
     scale = t_norm * point_scale
-    # Certificate: dual feasibility off the support, stationarity on it, primal feasibility.
-    idx, valid = _padded_support(passive)
-    u = torch.gather(lam, 1, idx) * torch.gather(sigma, 1, idx)
-    r1_f = None if rank_one is None else torch.gather(rank_one, 1, idx)
-    w = _dual(_gram_rows(gram, group, idx), valid, u, h, sigma, rank_one, r1_f)
+    # Certificate: dual feasibility off the support, stationarity on it, primal feasibility; the
+    # gradient is recomputed from scratch for every problem by one batched product with the Grams.
+    u = lam * sigma
+    w = sigma * (h - _gram_times(gram, u, *_layout(group, gram.shape[0]), rank_one))
     off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
     on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
     kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)
-    proj_norm2 = (u * torch.gather(h, 1, idx) * valid).sum(1)
+    proj_norm2 = (u * h).sum(1)
     return NNLSSolution(
         lam=lam, proj_norm2=proj_norm2, kkt_violation=kkt, iterations=iterations, converged=converged
     )
