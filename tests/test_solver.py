@@ -156,12 +156,12 @@ def test_results_do_not_depend_on_thread_setting_and_setting_is_restored():
 
 def test_joint_far_above_cover_bound_warns_with_a_fix():
     rng = np.random.default_rng(2)
-    mans = torch.from_numpy(clouds(rng, 6, 12, 16, 2, 0.3))  # 72 points > 4 x 16
+    mans = torch.from_numpy(clouds(rng, 6, 200, 64, 2, 0.3))  # 1200 points > 4 x 64
     with pytest.warns(GeomarkersWarning, match="max_classes"):
         glue(mans, n_t=5, generator=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GeomarkersWarning)
-        glue(mans[:2], n_t=5, generator=0)  # 24 points: no warning
+        glue(mans[:, :40], n_t=5, generator=0)  # 240 points: no warning
 
 
 def test_no_solver_warning_on_monitor_like_default_case():

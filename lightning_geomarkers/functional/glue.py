@@ -57,6 +57,8 @@ _INDEPENDENCE_RTOL = 1e-10
 _ALGEBRA_ELEMENTS = 2**22
 #: ``glue`` warns when the total number of points exceeds this multiple of the feature dimension.
 JOINT_POINTS_PER_FEATURE = 4
+#: ... and has at least this many points (below it the cost is small whatever the geometry).
+JOINT_WARN_MIN_POINTS = 1000
 
 
 @dataclass
@@ -458,9 +460,9 @@ def glue(
             ops, which stall when threads are oversubscribed on a shared CPU (see docs/performance.md).
 
     Cost: the Gram is (P M)^2 and each solver iteration about n_t (P M)^2; with P M far above 2 N
-    (``JOINT_POINTS_PER_FEATURE`` x N) generic points are not separable, the supports grow and the time
-    with them: a warning then suggests fewer classes (``max_classes``), fewer points per class or the
-    pairs protocol.
+    (more than ``JOINT_POINTS_PER_FEATURE`` x N, and at least ``JOINT_WARN_MIN_POINTS`` points) generic
+    points are not separable, the supports grow and the time with them: a warning then suggests fewer
+    classes (``max_classes``), fewer points per class or the pairs protocol.
 
     Returns:
         :class:`GlueResult`. Computation runs in float64 on the manifolds' device.
@@ -483,7 +485,7 @@ def glue(
     t, y = _prepare_probes(probes, dichotomies, n_t, n_man, n_feat, gen)
     device = points.device
     n_points = int(mask.sum())
-    if warn and n_points > JOINT_POINTS_PER_FEATURE * n_feat:
+    if warn and n_points > JOINT_POINTS_PER_FEATURE * n_feat and n_points >= JOINT_WARN_MIN_POINTS:
         warnings.warn(
             f"GLUE: {n_man} manifolds with {n_points} points in total far exceed "
             f"{JOINT_POINTS_PER_FEATURE} x N = {JOINT_POINTS_PER_FEATURE * n_feat} (N = {n_feat} features): "
