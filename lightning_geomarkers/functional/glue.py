@@ -236,7 +236,7 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     )
     certified = torch.zeros((n_dep, n_t), dtype=torch.bool, device=labels.device)
 
-    def check(coef: torch.Tensor) -> torch.Tensor:
+    def check(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         margins = sig * (coef @ gram_d)
         # Round-off of K c (and of K itself) is at most ~(T + N) u max|K| |c|_1 (u = 1.1e-16):
         # 1e-12 T covers it for N up to ~10^4 T.
