@@ -224,8 +224,8 @@ def test_sample_validation_errors() -> None:
         s.update(torch.ones(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="2-D"):
         s.update(torch.randn(2, 4, 1), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(TypeError, match="integer class ids"):
-        s.update(torch.randn(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="non-integer"):  # one label rule: utilities.check_labels
+        s.update(torch.randn(2, 4), torch.tensor([0.5, 1.0]))
 
 
 def test_sample_keeps_dtype_and_accepts_empty_batches() -> None:

@@ -48,56 +48,44 @@ class NNLSSolution:
     converged: torch.Tensor
 
 
-def _gram_rows(gram: torch.Tensor, group: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(Q, s, T) rows gram[group[q]][idx[q]], by a 1-D ``index_select`` on linear row indices (much
-    faster than multi-dimensional advanced indexing)."""
-    n_points = gram.shape[-1]
-    flat_rows = gram.reshape(-1, n_points)
-    return flat_rows.index_select(0, (group[:, None] * n_points + idx).reshape(-1)).view(*idx.shape, n_points)
+#: A passive set counts as linearly dependent when a relative Cholesky pivot falls below this.
+_DEPENDENT_PIVOT = 1e-9
 
 
-def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Solve batched SPD systems; fall back to an absolute-cut-off pseudo-inverse where Cholesky fails."""
-    chol, info = torch.linalg.cholesky_ex(blocks)
-    sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
-    bad = info != 0
-    if bool(bad.any()):
-        evals, evecs = torch.linalg.eigh(blocks[bad])
-        inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-        coef = (evecs.transpose(-1, -2) @ rhs[bad].unsqueeze(-1)).squeeze(-1) * inv
-        sol[bad] = (evecs @ coef.unsqueeze(-1)).squeeze(-1)
-    return sol
+def _solve_spd(
+    blocks: torch.Tensor, rhs: torch.Tensor, jitter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve batched SPD systems (K_FF + jitter I) u = rhs by one Cholesky, without a host sync.
 
-
-def _padded_support(passive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the passive set of each row, padded to the largest size, and the validity mask."""
-    counts = passive.sum(1)
-    s_max = max(int(counts.max()), 1)
-    # A stable sort puts the True positions first, in index order.
-    order = torch.sort((~passive).to(torch.int8), dim=1, stable=True).indices[:, :s_max]
-    valid = torch.arange(s_max, device=passive.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
-
-
-def _dual(
-    rows: torch.Tensor,
-    valid: torch.Tensor,
-    u: torch.Tensor,
-    h: torch.Tensor,
-    sigma: torch.Tensor,
-    rank_one: torch.Tensor | None,
-    rank_one_f: torch.Tensor | None,
-) -> torch.Tensor:
-    """w = sigma * (X t - K (sigma * lambda)): the negative gradient.
-
-    rows: (Q, s, T) Gram rows of the passive set; u = sigma_F * lambda_F padded (zero where not valid);
-    rank_one / rank_one_f: the optional rank-one term v (Q, T) and its passive entries v_F (Q, s).
+    ``jitter`` is absolute and tied to the data scale (1e-12 of the squared point norm by default): far
+    below any eigenvalue a passive set of Lawson-Hanson can have (a point enters only with a positive
+    gradient, so it is not in the span of the others), it only keeps round-off from making a block
+    numerically indefinite. A block that still fails to factor yields 0, whose multipliers are then
+    infeasible and dropped by the caller. Also returns, per row, whether the block is numerically
+    singular (a tiny relative pivot).
     """
-    u = u * valid
-    ku = torch.einsum("qs,qst->qt", u, rows)
-    if rank_one is not None and rank_one_f is not None:
-        ku = ku + rank_one * (rank_one_f * u).sum(1, keepdim=True)
-    return sigma * (h - ku)
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    chol, info = torch.linalg.cholesky_ex(blocks + jitter[:, None, None] * eye)
+    sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+    # Relative pivots L_ii^2 / K_ii: each point's squared distance from the span of the slots before
+    # it, relative to its norm; tiny means the passive set is (numerically) linearly dependent.
+    pivots = chol.diagonal(dim1=-2, dim2=-1).square() / blocks.diagonal(dim1=-2, dim2=-1).clamp_min(
+        torch.finfo(blocks.dtype).tiny
+    )
+    failed = (info != 0) | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
+    return torch.where((info != 0)[:, None], torch.zeros_like(sol), sol), failed
+
+
+def _mark(mask: torch.Tensor, index: torch.Tensor, where: torch.Tensor, value: bool) -> torch.Tensor:
+    """mask with mask[r, index[r, c]] = value wherever where[r, c]; no host synchronisation.
+
+    Entries not selected are sent to a spare column that is cut off again, so duplicates are harmless.
+    """
+    n_points = mask.shape[1]
+    ext = torch.zeros((mask.shape[0], n_points + 1), dtype=torch.bool, device=mask.device)
+    ext.scatter_(1, torch.where(where, index, n_points), True)
+    hit = ext[:, :n_points]
+    return mask | hit if value else mask & ~hit
 
 
 @dataclass
@@ -105,8 +93,9 @@ class _WorkingSet:
     """Per-row state of the batched Lawson-Hanson iteration (rows still running).
 
     The passive set of each row is kept as padded slots (indices into the points, their multipliers
-    and a validity mask) that are updated in place: adding fills a free slot, dropping clears one, so no
-    per-iteration sort or re-gather of dense (Q, T) arrays is needed.
+    and a validity mask) that are updated in place: adding fills free slots, dropping clears them, so no
+    per-iteration sort or re-gather of dense (Q, T) arrays is needed. Every update is a masked tensor
+    op: the loop's only host synchronisation is one small read of counters per iteration.
     """
 
     rows: torch.Tensor
@@ -115,6 +104,7 @@ class _WorkingSet:
     sigma: torch.Tensor
     rank_one: torch.Tensor | None
     w_tol: torch.Tensor
+    jitter: torch.Tensor
     passive: torch.Tensor
     blocked: torch.Tensor
     slots: torch.Tensor
@@ -123,7 +113,8 @@ class _WorkingSet:
     w: torch.Tensor
     pending: torch.Tensor
     done: torch.Tensor
-    krows: torch.Tensor  # (rows, slots, T): cached Gram row of each slot's point
+    single: torch.Tensor  # next outer step adds one point only (after a multi-point step overshot)
+    pos: torch.Tensor  # row's place in the (groups, per-group capacity) layout of the dense products
 
     def compress(self, keep: torch.Tensor) -> None:
         """Keep only the selected rows of every per-row field."""
@@ -132,35 +123,40 @@ class _WorkingSet:
             if value is not None:
                 setattr(self, f.name, value[keep])
 
-    def insert(self, adding: torch.Tensor, j: torch.Tensor, gram: torch.Tensor) -> None:
-        """Put point j[r] into a free slot of every adding row r (growing the slots when full), and cache
-        its Gram row, so later iterations never re-gather the passive set's rows."""
-        if not bool((~self.valid[adding]).any(1).all()):
-            # Grow geometrically: each growth copies the cached rows, so do it rarely.
-            n, grow = self.slots.shape[0], max(4, self.slots.shape[1] // 2)
-            self.slots = torch.cat([self.slots, self.slots.new_zeros((n, grow))], 1)
-            self.valid = torch.cat([self.valid, self.valid.new_zeros((n, grow))], 1)
-            self.x = torch.cat([self.x, self.x.new_zeros((n, grow))], 1)
-            self.krows = torch.cat([self.krows, self.krows.new_zeros((n, grow, self.krows.shape[2]))], 1)
-        r = adding.nonzero().squeeze(1)
-        n_slots, n_points = self.slots.shape[1], self.passive.shape[1]
-        # Linear indices into flat views: much faster than 2-D advanced-index assignment.
-        cell = r * n_slots + (~self.valid[r]).to(torch.int8).argmax(1)
-        self.slots.view(-1)[cell] = j[r]
-        self.valid.view(-1)[cell] = True
-        self.x.view(-1)[cell] = 0.0
-        self.passive.view(-1)[r * n_points + j[r]] = True
-        self.krows.view(-1, n_points).index_copy_(
-            0, cell, _gram_rows(gram, self.group[r], j[r, None]).squeeze(1)
-        )
+    def grow(self, n_slots: int) -> None:
+        """Widen the slot arrays to ``n_slots`` (geometric growth: each copies the cached rows)."""
+        n, extra = self.slots.shape[0], n_slots - self.slots.shape[1]
+        self.slots = torch.cat([self.slots, self.slots.new_zeros((n, extra))], 1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros((n, extra))], 1)
+        self.x = torch.cat([self.x, self.x.new_zeros((n, extra))], 1)
 
-    def solve_passive(self, cutoff: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def shrink(self, n_slots: int) -> None:
+        """Move the valid slots first (keeping their order) and cut the slot arrays to ``n_slots``."""
+        order = torch.sort(~self.valid, dim=1, stable=True).indices[:, :n_slots]
+        self.slots = self.slots.gather(1, order)
+        self.valid = self.valid.gather(1, order)
+        self.x = self.x.gather(1, order)
+
+    def insert(self, take: torch.Tensor, cand: torch.Tensor) -> None:
+        """Put the candidate points cand[r, c] with take[r, c] into free slots (at least k = cand.shape[1]
+        free slots per row are guaranteed by the caller), with masked writes only."""
+        k = cand.shape[1]
+        # The first k free slots of every row, in slot order (a stable sort puts free slots first).
+        free_pos = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, :k]
+        self.slots.scatter_(1, free_pos, torch.where(take, cand, self.slots.gather(1, free_pos)))
+        self.valid |= torch.zeros_like(self.valid).scatter_(1, free_pos, take)
+        self.passive = _mark(self.passive, cand, take, True)
+
+    def solve_passive(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
 
-        Returns the candidate multipliers per slot (0 on free slots) and the rank-one term's entries.
+        Returns the candidate multipliers per slot (0 on free slots) and whether K_FF is singular.
         """
-        n_slots = self.slots.shape[1]
-        blocks = torch.gather(self.krows, 2, self.slots[:, None, :].expand(-1, n_slots, -1))
+        n_slots, n_points = self.slots.shape[1], gram.shape[-1]
+        # K_FF gathered straight from the group's Gram by flat indices: Q S^2 elements, no row cache.
+        base = self.group[:, None, None] * (n_points * n_points)
+        flat = base + self.slots[:, :, None] * n_points + self.slots[:, None, :]
+        blocks = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, n_slots, n_slots)
         r1_f = None if self.rank_one is None else torch.gather(self.rank_one, 1, self.slots)
         if r1_f is not None:
             blocks = blocks + r1_f[:, :, None] * r1_f[:, None, :]
@@ -168,8 +164,20 @@ class _WorkingSet:
         eye = torch.eye(n_slots, dtype=blocks.dtype, device=blocks.device)
         blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
         sig_f = torch.gather(self.sigma, 1, self.slots) * self.valid
-        u = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid, cutoff)
-        return sig_f * u, r1_f
+        u, singular = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid, self.jitter)
+        return sig_f * u, singular
+
+    def dual(self, gram: torch.Tensor, capacity: int) -> torch.Tensor:
+        """w = sigma * (X t - K (sigma * lambda)) for every running row, by one dense batched product.
+
+        The rows' signed multipliers are scattered into a (groups, capacity, T) block, multiplied by
+        the Gram matrices (B GEMMs, compute-bound and cheap for T in the hundreds) and gathered back.
+        """
+        n_points = gram.shape[-1]
+        u = torch.zeros((self.rows.numel(), n_points + 1), dtype=self.x.dtype, device=self.x.device)
+        spots = torch.where(self.valid, self.slots, n_points)
+        u.scatter_(1, spots, self.x * torch.gather(self.sigma, 1, self.slots) * self.valid)
+        return self.sigma * (self.h - _gram_times(gram, u[:, :n_points], self.pos, capacity, self.rank_one))
 
     def write_back(
         self,
@@ -189,6 +197,41 @@ class _WorkingSet:
         done_out[self.rows[sel]] = certified
 
 
+def _layout(group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, int]:
+    """Each row's place in a (groups, capacity) layout, so K (sigma lambda) is one batched GEMM over
+    the groups; capacity is the largest number of rows of one group (one host read, outside the
+    iteration's convergence check: only at start and when finished rows are compacted away)."""
+    n_rows = group.numel()
+    order = torch.sort(group, stable=True).indices
+    counts = torch.bincount(group, minlength=n_groups)
+    capacity = max(int(counts.max()), 1) if n_rows else 1
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(n_rows, device=group.device) - starts[group[order]]
+    return group * capacity + rank, capacity
+
+
+def _gram_times(
+    gram: torch.Tensor, u: torch.Tensor, pos: torch.Tensor, capacity: int, rank_one: torch.Tensor | None
+) -> torch.Tensor:
+    """(rows, T) products K_{group(r)} u_r (+ v_r (v_r . u_r) with a rank-one term), by scattering the
+    rows into the (groups, capacity) layout and one batched GEMM (a plain GEMM for one group)."""
+    n_groups, n_points = gram.shape[0], gram.shape[-1]
+    if n_groups == 1:
+        ku = u @ gram[0]
+    else:
+        block = u.new_zeros((n_groups * capacity, n_points)).index_copy_(0, pos, u)
+        ku = torch.bmm(block.view(n_groups, capacity, n_points), gram).view(-1, n_points)
+        ku = ku.index_select(0, pos)
+    if rank_one is not None:
+        ku = ku + rank_one * (rank_one * u).sum(1, keepdim=True)
+    return ku
+
+
+#: Points added per outer iteration (the most violating ones); one after a step that overshot.
+ADD_PER_ITERATION = 16
+
+
 def batched_nnls(
     gram: torch.Tensor,
     group: torch.Tensor,
@@ -201,8 +244,19 @@ def batched_nnls(
     tol: float = 1e-10,
     cutoff: float = 1e-12,
     rank_one: torch.Tensor | None = None,
+    add_per_iteration: int = ADD_PER_ITERATION,
+    block_size: int = 1,
 ) -> NNLSSolution:
-    """Solve Q NNLS problems that share B Gram matrices, exactly (batched Lawson-Hanson).
+    """Solve Q NNLS problems that share B Gram matrices, exactly (batched Lawson-Hanson, several
+    points per step).
+
+    Each outer step adds up to ``add_per_iteration`` of the most violating points (largest negative
+    gradient) to the passive set at once; the inner loop of Lawson-Hanson then steps from the current
+    feasible point towards the least-squares solution on the enlarged set and drops every multiplier
+    that hits zero. Added points whose least-squares multiplier is not positive are dropped at once
+    (the step length is 0 for them), and the row's next outer step adds the single most violating point
+    only: that classic step strictly decreases the objective, the multi-point steps never increase it,
+    so no passive set repeats and the method terminates, at a point certified by the KKT conditions.
 
     Args:
         gram: (B, T, T) Gram matrices X_b X_b^T (float64; padding rows/cols are zero).
@@ -211,11 +265,16 @@ def batched_nnls(
         sigma: (Q, T) point signs in {+1, -1}, 0 on padding (padding never enters the passive set).
         t_norm: (Q,) ||t_q||, used to make the tolerances scale free.
         point_scale: largest point norm, for the same reason.
-        max_iter: cap on batched iterations (default 3 T + 30, far above what LH needs in practice).
+        max_iter: cap on batched iterations (default 3 T + 30, far above what the method needs).
         tol: relative dual-feasibility tolerance: a point enters while its w_i > tol ||t|| max||x||.
-        cutoff: eigenvalue cut-off of the fallback pseudo-inverse for singular passive blocks.
+        cutoff: absolute diagonal jitter (in units of point_scale^2) for numerically singular passive
+            blocks.
         rank_one: optional (Q, T) v_q making problem q's (unsigned) Gram K_b + v_q v_q^T (used by the
             separability test, whose constraint rows carry an extra constant coordinate).
+        add_per_iteration: points added per outer step (1 is textbook Lawson-Hanson).
+        block_size: points per manifold (the points are laid out manifold by manifold); a multi-point
+            step takes the most violating point of each of the ``add_per_iteration`` most violating
+            manifolds, so the points added together are not near-duplicates of one another.
 
     Returns:
         An :class:`NNLSSolution`.
@@ -224,11 +283,18 @@ def batched_nnls(
     device, dtype = h.device, h.dtype
     if max_iter is None:
         max_iter = 3 * n_points + 30
+    block_size = block_size if block_size and n_points % block_size == 0 else 1
+    n_blocks = n_points // block_size
+    k_add = max(1, min(int(add_per_iteration), n_blocks))
     lam_out = torch.zeros((n_probs, n_points), dtype=dtype, device=device)
     done_out = torch.zeros(n_probs, dtype=torch.bool, device=device)
+    jitter_scale = cutoff * max(point_scale, 1.0) ** 2
+
+    pos, capacity = _layout(group, gram.shape[0])
 
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
     # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
+    n_slots0 = min(2 * k_add, n_points) + k_add
     st = _WorkingSet(
         rows=torch.arange(n_probs, device=device),
         group=group,
@@ -236,63 +302,86 @@ def batched_nnls(
         sigma=sigma,
         rank_one=rank_one,
         w_tol=tol * t_norm * point_scale,
+        jitter=torch.full((n_probs,), jitter_scale, dtype=dtype, device=device),
         passive=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
         blocked=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
-        slots=torch.zeros((n_probs, 0), dtype=torch.long, device=device),
-        valid=torch.zeros((n_probs, 0), dtype=torch.bool, device=device),
-        x=torch.zeros((n_probs, 0), dtype=dtype, device=device),
+        slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
+        valid=torch.zeros((n_probs, n_slots0), dtype=torch.bool, device=device),
+        x=torch.zeros((n_probs, n_slots0), dtype=dtype, device=device),
         w=sigma * h,  # negative gradient at lambda = 0
         pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
         done=torch.zeros(n_probs, dtype=torch.bool, device=device),
-        krows=torch.zeros((n_probs, 0, n_points), dtype=dtype, device=device),
+        single=torch.zeros(n_probs, dtype=torch.bool, device=device),
+        pos=pos,
     )
+    steps = torch.arange(k_add, device=device)
     iterations = 0
     while st.rows.numel() and iterations < max_iter:
         iterations += 1
-        # Outer step of LH for the rows not inside an inner loop: add the most violating point.
-        eligible = (st.sigma != 0) & ~st.passive & ~st.blocked
-        best, j = torch.where(eligible, st.w, torch.full_like(st.w, -torch.inf)).max(1)
-        adding = ~st.pending & ~st.done & (best > st.w_tol)
-        st.done |= ~st.pending & ~adding
-        if bool(st.done.all()):
+        # Outer step for the rows not inside an inner loop: add the most violating points.
+        score = st.w.masked_fill(st.passive | st.blocked | (st.sigma == 0), -torch.inf)
+        if block_size > 1:  # the most violating point of each manifold, then the best manifolds
+            b_best, b_arg = score.view(-1, n_blocks, block_size).max(2)
+            best, b_pick = b_best.topk(k_add, dim=1)
+            cand = b_pick * block_size + torch.gather(b_arg, 1, b_pick)
+        else:
+            best, cand = score.topk(k_add, dim=1)
+        violating = best > st.w_tol[:, None]
+        outer = ~st.pending & ~st.done
+        n_add = torch.where(st.single, violating[:, 0].long(), violating.sum(1)) * outer
+        st.done |= outer & (n_add == 0)
+        # The one host synchronisation of the iteration: finished rows and the slots needed.
+        n_done, most_valid = torch.stack([st.done.sum(), st.valid.sum(1).max()]).tolist()
+        if n_done == st.rows.numel():
             break
-        if 4 * int(st.done.sum()) >= st.rows.numel():
+        if 4 * n_done >= st.rows.numel():
             st.write_back(st.done, lam_out, done_out, n_points)
             keep = ~st.done
-            adding, j = adding[keep], j[keep]
+            n_add, cand = n_add[keep], cand[keep]
             st.compress(keep)
-        if bool(adding.any()):
-            st.insert(adding, j, gram)
+            st.pos, capacity = _layout(st.group, gram.shape[0])
+        if most_valid + k_add > st.slots.shape[1]:
+            st.grow(max(most_valid + k_add, st.slots.shape[1] + st.slots.shape[1] // 2))
+        elif st.slots.shape[1] > most_valid + 3 * k_add:
+            st.shrink(most_valid + 2 * k_add)  # padded slots cost O(S^3) in every factorization
+        take = steps[None, :] < n_add[:, None]
+        added_one = n_add == 1
+        st.single &= n_add == 0  # a row that adds now leaves single mode
+        st.insert(take, cand)
+        fresh = st.valid & (st.x == 0)  # points at zero: just added, not yet moved
         # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
-        z, r1_f = st.solve_passive(cutoff)  # candidate multipliers on the passive set
+        z, singular = st.solve_passive(gram)  # candidate multipliers on the passive set
+        # Points added together can be jointly dependent (each alone is independent of the passive set,
+        # Lawson-Hanson's invariant): then reject them all, which sends the row to single mode and keeps
+        # the passive sets independent (so the multipliers stay the unique, sparse ones).
+        joint_dependent = singular & (n_add > 1)
+        z = torch.where(joint_dependent[:, None], torch.where(fresh, 0.0, st.x), z)
         infeasible = st.valid & (z <= 0)
         all_pos = ~infeasible.any(1)
-        # Rows whose newest point got a non-positive multiplier from round-off: block that point.
-        newest = st.valid & (st.slots == j[:, None]) & adding[:, None]
-        newest_bad = (infeasible & newest).any(1)
-        if bool(newest_bad.any()):
-            r = newest_bad.nonzero().squeeze(1)
-            st.blocked[r, j[r]] = True
-            st.passive[r, j[r]] = False
-            st.valid &= ~(newest & newest_bad[:, None])
-        moved = ~newest_bad & ~st.done
-        # Feasible: accept. Infeasible: step back towards the old point until a multiplier hits zero.
+        # A single added point must get a positive multiplier (Lawson-Hanson); a non-positive one is
+        # round-off: block that point and leave the row where it was.
+        single_bad = added_one & (infeasible & fresh).any(1)
+        st.blocked = _mark(st.blocked, st.slots, infeasible & fresh & single_bad[:, None], True)
+        st.passive = _mark(st.passive, st.slots, fresh & single_bad[:, None], False)
+        st.valid &= ~(fresh & single_bad[:, None])
+        moved = ~single_bad & ~st.done
+        # Feasible: accept. Infeasible: step towards z until a multiplier hits zero (fresh points with
+        # z <= 0 have ratio 0 and are dropped without moving the others).
         ratio = torch.where(infeasible, st.x / (st.x - z).clamp_min(torch.finfo(dtype).tiny), torch.inf)
         alpha = torch.where(all_pos, torch.ones_like(ratio[:, 0]), ratio.min(1).values.clamp(0, 1))
         new_x = torch.where(all_pos[:, None], z, st.x + alpha[:, None] * (z - st.x))
         hit = (~all_pos)[:, None] & infeasible & (ratio <= alpha[:, None])
         x_tol = 1e-14 * new_x.abs().amax(1, keepdim=True).clamp_min(1.0)
-        drop = st.valid & (hit | (new_x <= x_tol)) & moved[:, None]
+        keep_fresh = fresh & (z > 0)  # a fresh point still at 0 after a zero step stays in
+        drop = st.valid & (hit | ((new_x <= x_tol) & ~keep_fresh)) & moved[:, None]
+        st.single |= (drop & fresh).any(1) & moved  # overshoot: next outer step adds one point
         st.x = torch.where(moved[:, None], torch.where(drop | ~st.valid, 0.0, new_x), st.x)
-        if bool(drop.any()):
-            r, c = drop.nonzero(as_tuple=True)
-            st.passive[r, st.slots[r, c]] = False
-            st.valid &= ~drop
+        st.passive = _mark(st.passive, st.slots, drop, False)
+        st.valid &= ~drop
         st.pending = moved & ~all_pos
         st.blocked &= ~moved[:, None]
         # Fresh dual (negative gradient) for the next outer step.
-        u_now = st.x * torch.gather(st.sigma, 1, st.slots) * st.valid
-        st.w = _dual(st.krows, st.valid, u_now, st.h, st.sigma, st.rank_one, r1_f)
+        st.w = st.dual(gram, capacity)
     st.write_back(st.done, lam_out, done_out, n_points)
     unfinished = ~st.done
     if bool(unfinished.any()):  # iteration cap: keep the (feasible) iterate, uncertified
@@ -301,15 +390,14 @@ def batched_nnls(
     passive = lam > 0
     eligible = sigma != 0
     scale = t_norm * point_scale
-    # Certificate: dual feasibility off the support, stationarity on it, primal feasibility.
-    idx, valid = _padded_support(passive)
-    u = torch.gather(lam, 1, idx) * torch.gather(sigma, 1, idx)
-    r1_f = None if rank_one is None else torch.gather(rank_one, 1, idx)
-    w = _dual(_gram_rows(gram, group, idx), valid, u, h, sigma, rank_one, r1_f)
+    # Certificate: dual feasibility off the support, stationarity on it, primal feasibility; the
+    # gradient is recomputed from scratch for every problem by one batched product with the Grams.
+    u = lam * sigma
+    w = sigma * (h - _gram_times(gram, u, *_layout(group, gram.shape[0]), rank_one))
     off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
     on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
     kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)
-    proj_norm2 = (u * torch.gather(h, 1, idx) * valid).sum(1)
+    proj_norm2 = (u * h).sum(1)
     return NNLSSolution(
         lam=lam, proj_norm2=proj_norm2, kkt_violation=kkt, iterations=iterations, converged=converged
     )

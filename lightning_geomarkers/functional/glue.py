@@ -25,7 +25,7 @@ from typing import Any, Literal, overload
 
 import torch
 
-from lightning_geomarkers.errors import NonSeparableWarning, SolverWarning
+from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
 from lightning_geomarkers.utilities.checks import (
     DICHOTOMY_KINDS,
@@ -35,6 +35,7 @@ from lightning_geomarkers.utilities.checks import (
     check_positive_int,
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators
+from lightning_geomarkers.utilities.threads import limit_threads
 
 __all__ = ["GlueResult", "glue", "make_dichotomies", "GLUE_MARKERS"]
 
@@ -52,6 +53,14 @@ GLUE_MARKERS = (
 #: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
 #: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
 _INDEPENDENCE_RTOL = 1e-10
+#: Ho-Kashyap steps of the cheap separability certificate (before the exact test).
+_HO_KASHYAP_STEPS = 20
+#: Cap on the float64 elements of the marker algebra's per-chunk temporaries (2^22: 32 MiB).
+_ALGEBRA_ELEMENTS = 2**22
+#: ``glue`` warns when the total number of points exceeds this multiple of the feature dimension.
+JOINT_POINTS_PER_FEATURE = 4
+#: ... and has at least this many points (below it the cost is small whatever the geometry).
+JOINT_WARN_MIN_POINTS = 1000
 
 
 @dataclass
@@ -181,18 +190,17 @@ def _mean_abs_cos(
     return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
 
-def _block_gram_rows(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, n_t, P, T) rows w_p K: each manifold's coefficient block times its group's Gram.
+def _manifold_gram_rows(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, n_t, P, T) rows w_p K_{p,:}: each manifold's coefficients times its own rows of the Gram.
 
-    One dense batched matmul per group, (n_t P, T) @ (T, T): faster than gathering the sparse support's
-    Gram rows, whose (Q, support, T) temporary is memory-bound.
+    Manifold p's anchor only involves p's points, so row p is (n_t, M) @ (M, T) with K_{p,:} the M rows
+    of manifold p: n_t P M T multiply-adds per group (a dense block-diagonal product would cost P times
+    more and allocate an (n_t, P, P, M) zero-padded operand).
     """
     n_groups, n_t, n_man, m_max = w.shape
-    blocks = torch.zeros((n_groups, n_t, n_man, n_man, m_max), dtype=w.dtype, device=w.device)
-    idx = torch.arange(n_man, device=w.device)
-    blocks[:, :, idx, idx] = w  # block-diagonal: row p holds manifold p's coefficients only
-    rows = blocks.reshape(n_groups, n_t * n_man, n_man * m_max) @ gram
-    return rows.reshape(n_groups, n_t, n_man, -1)
+    k_rows = gram.reshape(n_groups, n_man, m_max, -1)  # (B, P, M, T)
+    rows = torch.matmul(w.permute(0, 2, 1, 3), k_rows)  # (B, P, n_t, T): one (n_t, M) @ (M, T) per manifold
+    return rows.permute(0, 2, 1, 3)
 
 
 def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -210,13 +218,64 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     if not bool(dependent.any()):
         return separable.reshape(-1)
     dep = dependent.nonzero().squeeze(1)
-    canon = labels[dep] * labels[dep][..., :1]
-    group = dep.repeat_interleave(n_t)
-    rows = torch.cat([group[:, None].to(labels.dtype), canon.reshape(-1, n_man)], dim=1)
+    # Cheap sufficient certificates, tried before the exact test: a direction v = X^T c separates
+    # strictly when every margin sigma_i (K c)_i is positive. Two candidates per dichotomy, in
+    # coefficient space (one (n_t, T) x (T, T) product or solve per group):
+    #  - the signed class-mean direction, c = sum_mu y_mu (indicator of mu) / M_mu;
+    #  - the ridge least-squares fit of the signs, c = (K + eps I)^-1 sigma, which interpolates them
+    #    whenever the classes' affine spans are independent (low-dimensional clouds, P M > N).
+    # The margin threshold bounds the round-off of K c, so a certificate is never an artefact.
+    # Then a few Ho-Kashyap steps on what is left (below).
+    gram_d = gram[dep]
+    fmask = mask[dep].to(labels.dtype)  # (D, P, M)
+    n_dep, n_pts = dep.numel(), gram_d.shape[-1]
+    sig = (labels[dep][..., None] * fmask[:, None]).reshape(n_dep, n_t, n_pts)
+    real = fmask.reshape(n_dep, 1, n_pts) > 0
+    k_max = gram_d.abs().amax((-1, -2)).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
+    mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)
+    coefs = [(labels[dep][..., None] * mean_coef[:, None]).reshape(n_dep, n_t, n_pts)]
+    eps = 1e-8 * k_max
+    ridge_chol, ridge_info = torch.linalg.cholesky_ex(
+        gram_d + eps * torch.eye(n_pts, dtype=gram.dtype, device=gram.device)
+    )
+    coefs.append(
+        torch.cholesky_solve(sig.transpose(1, 2), ridge_chol).transpose(1, 2)
+        * (ridge_info == 0)[:, None, None]
+    )
+    certified = torch.zeros((n_dep, n_t), dtype=torch.bool, device=labels.device)
+
+    def check(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        margins = sig * (coef @ gram_d)
+        # Round-off of K c (and of K itself) is at most ~(T + N) u max|K| |c|_1 (u = 1.1e-16):
+        # 1e-12 T covers it for N up to ~10^4 T.
+        slack = 1e-12 * n_pts * k_max * coef.abs().sum(-1, keepdim=True)
+        return margins, (torch.where(real, margins > slack, True).all(-1)) & (coef.abs().sum(-1) > 0)
+
+    for coef in coefs:
+        certified |= check(coef)[1]
+    # Then Ho-Kashyap on what is left (a fixed number of steps, no data-dependent stopping): least
+    # squares towards positive targets b, raising b where the margins already exceed it, so the fit
+    # moves towards a separating direction when one exists; every step is checked like the above.
+    if not bool(certified.all()):
+        targets = real.to(gram.dtype).expand(-1, n_t, -1)
+        for _ in range(_HO_KASHYAP_STEPS):
+            coef = torch.cholesky_solve((sig * targets).transpose(1, 2), ridge_chol).transpose(1, 2)
+            coef = coef * (ridge_info == 0)[:, None, None]
+            margins, ok = check(coef)
+            certified |= ok
+            excess = margins - targets
+            targets = targets + (excess + excess.abs()) * real
+    open_rows = (~certified).nonzero()
+    if open_rows.shape[0] == 0:
+        return separable.reshape(-1)
+    group = dep[open_rows[:, 0]]
+    canon = labels[group, open_rows[:, 1]]
+    canon = canon * canon[:, :1]
+    rows = torch.cat([group[:, None].to(labels.dtype), canon], dim=1)
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     u_group = uniq[:, 0].long()
     sigma = (uniq[:, 1:, None] * mask[u_group].to(labels.dtype)).reshape(uniq.shape[0], -1)
-    separable[dep] = separable_dichotomies(gram, u_group, sigma)[inverse].reshape(-1, n_t)
+    separable[group, open_rows[:, 1]] = separable_dichotomies(gram, u_group, sigma)[inverse]
     return separable.reshape(-1)
 
 
@@ -249,7 +308,9 @@ def _glue_markers(
     group = torch.arange(n_groups, device=points.device).repeat_interleave(n_t)
     t_norm = probes.norm(dim=-1).reshape(-1)
     point_scale = float(flat.norm(dim=-1).max())
-    sol = batched_nnls(gram, group, h, sigma, t_norm, point_scale=point_scale, max_iter=max_iter)
+    sol = batched_nnls(
+        gram, group, h, sigma, t_norm, point_scale=point_scale, max_iter=max_iter, block_size=m_max
+    )
 
     # Everything below lives in coefficient space: an anchor is s = w X with w the (normalised) NNLS
     # multipliers of its manifold, so every inner product of anchors, centers and probes is a small
@@ -262,10 +323,18 @@ def _glue_markers(
     w = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
     n_active = active.reshape(n_groups, n_t, n_man).sum(1)  # (B, P)
     c0 = w.reshape(n_groups, n_t, n_man, m_max).sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, M)
-    wk = _block_gram_rows(gram, w.reshape(n_groups, n_t, n_man, m_max))  # rows w_p K per manifold p
-    wk4 = wk.reshape(q_all, n_man, n_man, m_max)
-    s_s = (wk4 * w[:, None]).sum(-1)  # (Q, P, P) = S S^T
-    s_c = (wk4 * c0[group][:, None]).sum(-1)  # (Q, P, P) = S S0^T (unmasked centers)
+    # S S^T and S S0^T (unmasked centers) from the rows w_p K of each manifold p, a bounded number of
+    # probes at a time: the (B, probes, P, T) rows are the largest temporary of the marker algebra.
+    w4 = w.reshape(n_groups, n_t, n_man, m_max)
+    s_s = w.new_empty((n_groups, n_t, n_man, n_man))
+    s_c = w.new_empty((n_groups, n_t, n_man, n_man))
+    step = max(1, _ALGEBRA_ELEMENTS // max(1, n_groups * n_man * n_man * m_max))
+    for k0 in range(0, n_t, step):
+        w_k = w4[:, k0 : k0 + step]
+        wk5 = _manifold_gram_rows(gram, w_k).reshape(n_groups, -1, n_man, n_man, m_max)
+        s_s[:, k0 : k0 + step] = (wk5 * w_k[:, :, None]).sum(-1)
+        s_c[:, k0 : k0 + step] = (wk5 * c0[:, None, None]).sum(-1)
+    s_s, s_c = s_s.reshape(q_all, n_man, n_man), s_c.reshape(q_all, n_man, n_man)
     c0_blocks = c0.reshape(n_groups, n_man, m_max)
     c0k = torch.einsum("bpm,bpmt->bpt", c0_blocks, gram.reshape(n_groups, n_man, m_max, n_man * m_max))
     c_c = (c0k.reshape(n_groups, n_man, n_man, m_max) * c0_blocks[:, None]).sum(-1)  # (B, P, P) = S0 S0^T
@@ -397,6 +466,7 @@ def glue(
     max_iter: int | None = None,
     return_anchors: bool = False,
     warn: bool = True,
+    num_threads: int | None = 1,
 ) -> GlueResult:
     """GLUE capacity, effective dimension, radius, utility and alignments of P manifolds.
 
@@ -412,7 +482,16 @@ def glue(
             point norm.
         max_iter: cap on the solver's batched iterations.
         return_anchors: keep the (n_t, P, N) anchors in the result.
-        warn: emit ``NonSeparableWarning``/``SolverWarning`` for degenerate probes / non-convergence.
+        warn: emit ``NonSeparableWarning``/``SolverWarning`` for degenerate probes / non-convergence,
+            and a ``GeomarkersWarning`` when the P M points far exceed 2 N (see below).
+        num_threads: torch intra-op threads for the computation on CPU (restored afterwards); ``None``
+            keeps torch's setting. The default 1 is the measured choice: the solver issues many small
+            ops, which stall when threads are oversubscribed on a shared CPU (see docs/performance.md).
+
+    Cost: the Gram is (P M)^2 and each solver iteration about n_t (P M)^2; with P M far above 2 N
+    (more than ``JOINT_POINTS_PER_FEATURE`` x N, and at least ``JOINT_WARN_MIN_POINTS`` points) generic
+    points are not separable, the supports grow and the time with them: a warning then suggests fewer
+    classes (``max_classes``), fewer points per class or the pairs protocol.
 
     Returns:
         :class:`GlueResult`. Computation runs in float64 on the manifolds' device.
@@ -434,16 +513,28 @@ def glue(
     gen = as_generator(generator)
     t, y = _prepare_probes(probes, dichotomies, n_t, n_man, n_feat, gen)
     device = points.device
-    pts, scale = _normalise(points.double()[None], mask[None])
-    out = _glue_markers(
-        pts,
-        mask[None],
-        t.to(device)[None],
-        y.to(device)[None],
-        eigen_cutoff=float(eigen_cutoff),
-        max_iter=max_iter,
-        return_anchors=return_anchors,
-    )
+    n_points = int(mask.sum())
+    if warn and n_points > JOINT_POINTS_PER_FEATURE * n_feat and n_points >= JOINT_WARN_MIN_POINTS:
+        warnings.warn(
+            f"GLUE: {n_man} manifolds with {n_points} points in total far exceed "
+            f"{JOINT_POINTS_PER_FEATURE} x N = {JOINT_POINTS_PER_FEATURE * n_feat} (N = {n_feat} features): "
+            "generic points are then not linearly separable and the solver's time and memory grow as "
+            "(P M)^2 per probe. Use fewer classes (`max_classes`) or fewer points per class so that "
+            f"P * M <= {JOINT_POINTS_PER_FEATURE * n_feat}, or the pairs protocol.",
+            GeomarkersWarning,
+            stacklevel=2,
+        )
+    with limit_threads(num_threads if device.type == "cpu" else None):
+        pts, scale = _normalise(points.double()[None], mask[None])
+        out = _glue_markers(
+            pts,
+            mask[None],
+            t.to(device)[None],
+            y.to(device)[None],
+            eigen_cutoff=float(eigen_cutoff),
+            max_iter=max_iter,
+            return_anchors=return_anchors,
+        )
     res = GlueResult(
         **{name: out[name][0] for name in GLUE_MARKERS},
         n_probes=t.shape[0],

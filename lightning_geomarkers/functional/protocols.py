@@ -28,10 +28,12 @@ from lightning_geomarkers.functional.glue import (
 )
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
 from lightning_geomarkers.utilities.seeds import as_generator
+from lightning_geomarkers.utilities.threads import limit_threads
 
 __all__ = ["GluePairsResult", "glue_pairs", "glue_joint"]
 
-#: Cap on the float64 elements of one chunk's anchor tensor (B * n_t * P * N): ~128 MB.
+#: Cap on the float64 elements of one chunk of pairs (its probes, points and solver state): 2^24, about
+#: 128 MiB, whatever the number of pairs.
 _CHUNK_ELEMENTS = 2**24
 
 
@@ -103,6 +105,7 @@ def glue_pairs(
     generator: torch.Generator | int | None = None,
     eigen_cutoff: float = 1e-9,
     warn: bool = True,
+    num_threads: int | None = 1,
 ) -> GluePairsResult:
     """GLUE markers by the pairs protocol: averaged over random class pairs (P = 2).
 
@@ -118,9 +121,11 @@ def glue_pairs(
         generator: CPU generator or int seed (pairs, subsamples, probes and dichotomies).
         eigen_cutoff: see :func:`glue`.
         warn: emit warnings for degenerate probes / non-convergence.
+        num_threads: torch intra-op threads on CPU for the computation (see :func:`glue`).
 
     Returns:
-        :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together.
+        :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together
+        in chunks of bounded memory (the results do not depend on the chunking).
 
     Example:
         >>> import torch
@@ -151,32 +156,37 @@ def glue_pairs(
     n_feat = x.shape[1]
 
     n_groups = len(all_pairs)
-    points = x.new_zeros((n_groups, 2, m_max, n_feat), dtype=torch.float64)
-    mask = torch.zeros((n_groups, 2, m_max), dtype=torch.bool, device=x.device)
-    probes = torch.empty((n_groups, n_t, n_feat), dtype=torch.float64)
-    labels_y = torch.empty((n_groups, n_t, 2), dtype=torch.float64)
-    for g_i, pair in enumerate(all_pairs):
-        for side, cls in enumerate(pair):
-            idx = _subsample_indices(members[cls], points_per_class, gen)
-            points[g_i, side, : idx.numel()] = x[idx].double()
-            mask[g_i, side, : idx.numel()] = True
-        probes[g_i], labels_y[g_i] = _prepare_probes(None, dichotomies, n_t, 2, n_feat, gen)
-    points, _ = _normalise(points, mask)
-
-    chunk = max(1, _CHUNK_ELEMENTS // (n_t * 2 * n_feat))
+    # Pairs are processed in chunks of bounded size; each chunk's subsamples, probes and dichotomies are
+    # drawn when it is processed, in pair order from the one generator, so the random streams (and the
+    # results) do not depend on the chunk size and nothing of size n_pairs x n_t x N ever exists.
+    per_pair_elements = n_t * (n_feat + 16 * 2 * m_max) + 2 * m_max * (n_feat + 2 * m_max)
+    chunk = max(1, _CHUNK_ELEMENTS // per_pair_elements)
     outs = []
-    for start in range(0, n_groups, chunk):
-        sl = slice(start, start + chunk)
-        outs.append(
-            _glue_markers(
-                points[sl],
-                mask[sl],
-                probes[sl].to(x.device),
-                labels_y[sl].to(x.device),
-                eigen_cutoff=float(eigen_cutoff),
-                max_iter=None,
+    with limit_threads(num_threads if x.device.type == "cpu" else None):
+        for start in range(0, n_groups, chunk):
+            chunk_pairs = all_pairs[start : start + chunk]
+            n_chunk = len(chunk_pairs)
+            points = x.new_zeros((n_chunk, 2, m_max, n_feat), dtype=torch.float64)
+            mask = torch.zeros((n_chunk, 2, m_max), dtype=torch.bool, device=x.device)
+            probes = torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64)
+            labels_y = torch.empty((n_chunk, n_t, 2), dtype=torch.float64)
+            for g_i, pair in enumerate(chunk_pairs):
+                for side, cls in enumerate(pair):
+                    idx = _subsample_indices(members[cls], points_per_class, gen)
+                    points[g_i, side, : idx.numel()] = x[idx].double()
+                    mask[g_i, side, : idx.numel()] = True
+                probes[g_i], labels_y[g_i] = _prepare_probes(None, dichotomies, n_t, 2, n_feat, gen)
+            points, _ = _normalise(points, mask)
+            outs.append(
+                _glue_markers(
+                    points,
+                    mask,
+                    probes.to(x.device),
+                    labels_y.to(x.device),
+                    eigen_cutoff=float(eigen_cutoff),
+                    max_iter=None,
+                )
             )
-        )
     per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
     means = {name: torch.nanmean(v) for name, v in per_pair.items()}
     stds = {
@@ -212,6 +222,7 @@ def glue_joint(
     generator: torch.Generator | int | None = None,
     eigen_cutoff: float = 1e-9,
     warn: bool = True,
+    num_threads: int | None = 1,
 ) -> GlueResult:
     """GLUE markers by the joint protocol: all classes (or a seeded subset of ``max_classes``) at once.
 
@@ -243,4 +254,5 @@ def glue_joint(
         generator=gen,
         eigen_cutoff=eigen_cutoff,
         warn=warn,
+        num_threads=num_threads,
     )

@@ -1,0 +1,195 @@
+"""The fast GLUE solver: agreement with the per-probe scipy reference where supports are large (high
+intrinsic dimension and radius), the several-points-per-step path against textbook Lawson-Hanson and
+scipy, the cheap separability certificates against the exact test, chunking invariance, bounded
+memory, thread scoping, the joint-size warning, and a device-agnostic code path."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls
+
+from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
+from lightning_geomarkers.functional import glue, glue_pairs
+from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
+from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_markers, _normalise, _separable_probes
+from lightning_geomarkers.testing import reference_glue
+
+# The package re-exports the functions under the module names, so fetch the modules themselves.
+glue_module = importlib.import_module("lightning_geomarkers.functional.glue")
+protocols_module = importlib.import_module("lightning_geomarkers.functional.protocols")
+
+
+def clouds(rng: np.random.Generator, P: int, M: int, N: int, dim: int, radius: float) -> np.ndarray:
+    """(P, M, N) clouds of intrinsic dimension ``dim`` and radius ``radius`` around unit-norm centers
+    (the geometry grid of the benchmark)."""
+    out = np.empty((P, M, N))
+    for p in range(P):
+        center = rng.standard_normal(N)
+        center /= np.linalg.norm(center)
+        basis = np.linalg.qr(rng.standard_normal((N, dim)))[0].T
+        out[p] = center + radius * rng.standard_normal((M, dim)) @ basis / math.sqrt(dim)
+    return out
+
+
+@pytest.mark.parametrize(
+    "P,M,N,dim,radius", [(6, 25, 160, 20, 2.0), (5, 20, 128, 10, 1.0), (4, 30, 96, 2, 0.5)]
+)
+def test_grid_regime_matches_scipy_reference(P, M, N, dim, radius):
+    """Large supports (high D, R) and low-dimensional, dependent clouds (D=2): same markers as scipy."""
+    rng = np.random.default_rng(dim * 100 + P)
+    mans = clouds(rng, P, M, N, dim, radius)
+    t = rng.standard_normal((30, N))
+    y = rng.choice([-1.0, 1.0], size=(30, P))
+    ref = reference_glue(list(mans), t, y)
+    res = glue(torch.from_numpy(mans), probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y))
+    assert res.converged and res.kkt_violation < 1e-9 and res.n_degenerate == 0
+    for name in GLUE_MARKERS:
+        assert float(getattr(res, name)) == pytest.approx(ref[name], rel=1e-4, abs=1e-12), name
+    np.testing.assert_allclose(res.a.numpy(), ref["proj_norm2"], rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(res.active.numpy(), ref["active"])
+
+
+def test_grid_regime_pairs_batch_matches_reference():
+    rng = np.random.default_rng(7)
+    mans = clouds(rng, 4, 25, 128, 20, 2.0)
+    pairs = [(0, 1), (1, 2), (2, 3)]
+    probes = rng.standard_normal((3, 25, 128))
+    labels = rng.choice([-1.0, 1.0], size=(3, 25, 2))
+    points = torch.from_numpy(np.stack([mans[list(p)] for p in pairs]))
+    mask = torch.ones(points.shape[:3], dtype=torch.bool)
+    pts, _ = _normalise(points, mask)
+    out = _glue_markers(
+        pts, mask, torch.from_numpy(probes), torch.from_numpy(labels), eigen_cutoff=1e-9, max_iter=None
+    )
+    for g, pair in enumerate(pairs):
+        ref = reference_glue(list(mans[list(pair)]), probes[g], labels[g])
+        for name in ("capacity", "dimension", "radius", "utility"):
+            assert float(out[name][g]) == pytest.approx(ref[name], rel=1e-4), (g, name)
+
+
+def _nnls_problem(rng, P, M, N, dim, radius, n_t):
+    mans = clouds(rng, P, M, N, dim, radius)
+    x = torch.from_numpy(mans.reshape(P * M, N))
+    x = x / x.square().sum(1).mean().sqrt()
+    t = torch.from_numpy(rng.standard_normal((n_t, N)))
+    y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(n_t, P)))
+    sigma = y.repeat_interleave(M, dim=1)
+    gram = (x @ x.T)[None]
+    h = t @ x.T
+    group = torch.zeros(n_t, dtype=torch.long)
+    return x, t, sigma, gram, h, group
+
+
+@pytest.mark.parametrize("dim,radius", [(2, 0.5), (20, 2.0)])
+def test_several_points_per_step_equals_textbook_and_scipy(dim, radius):
+    """Adding several points per step (and the single-point fallback after an overshoot) ends at the
+    same certified optimum as textbook Lawson-Hanson (one point per step) and as scipy's NNLS."""
+    rng = np.random.default_rng(dim)
+    x, t, sigma, gram, h, group = _nnls_problem(rng, 6, 20, 128, dim, radius, 24)
+    kwargs = dict(point_scale=float(x.norm(dim=1).max()), block_size=20)
+    multi = batched_nnls(gram, group, h, sigma, t.norm(dim=1), add_per_iteration=16, **kwargs)
+    single = batched_nnls(gram, group, h, sigma, t.norm(dim=1), add_per_iteration=1, **kwargs)
+    assert bool(multi.converged.all()) and bool(single.converged.all())
+    assert float(multi.kkt_violation.max()) < 1e-9
+    assert multi.iterations < single.iterations  # the point of the multi-point steps
+    # The cone projection G^T lambda is unique; the multipliers too where the points are independent
+    # (D=20: 120 points spanning 126 dimensions), not for the D=2 clouds (120 points in 18 dimensions).
+    unique = dim == 20
+    for q in range(t.shape[0]):
+        g = (sigma[q, :, None] * x).numpy()
+        lam, _ = nnls(g.T, t[q].numpy(), maxiter=50 * g.shape[0])
+        for sol in (multi, single):
+            np.testing.assert_allclose(g.T @ sol.lam[q].numpy(), g.T @ lam, atol=1e-8)
+            if unique:
+                np.testing.assert_allclose(sol.lam[q].numpy(), lam, atol=1e-7)
+
+
+def test_certificates_agree_with_exact_separability_test():
+    """The cheap certificates only ever claim separability that the exact LDP test confirms, and the
+    combined answer equals the exact one on separable and on non-separable dichotomies."""
+    rng = np.random.default_rng(3)
+    for dim, radius, n_feat in [(2, 0.5, 64), (10, 2.0, 64), (8, 3.0, 8)]:
+        mans = clouds(rng, 4, 15, n_feat, dim, radius)
+        points = torch.from_numpy(mans)[None]
+        mask = torch.ones(points.shape[:3], dtype=torch.bool)
+        pts, _ = _normalise(points, mask)
+        flat = pts.reshape(1, -1, n_feat)
+        gram = flat @ flat.transpose(1, 2)
+        labels = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, 20, 4)))
+        fast = _separable_probes(gram, mask, labels)
+        sigma = labels[0].repeat_interleave(15, dim=1)
+        exact = separable_dichotomies(gram, torch.zeros(20, dtype=torch.long), sigma)
+        np.testing.assert_array_equal(fast.numpy(), exact.numpy())
+
+
+def test_chunked_pairs_equal_unchunked(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(6).repeat_interleave(20)
+    x = 2 * torch.randn(6, 48, generator=g)[y] + torch.randn(120, 48, generator=g)
+    whole = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4)
+    monkeypatch.setattr(protocols_module, "_CHUNK_ELEMENTS", 1)  # one pair per chunk
+    monkeypatch.setattr(glue_module, "_ALGEBRA_ELEMENTS", 1)  # one probe at a time in the algebra
+    chunked = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4)
+    assert torch.equal(whole.pairs, chunked.pairs)
+    for name in GLUE_MARKERS:
+        np.testing.assert_allclose(chunked.per_pair[name].numpy(), whole.per_pair[name].numpy(), rtol=1e-12)
+
+
+def test_results_do_not_depend_on_thread_setting_and_setting_is_restored():
+    rng = np.random.default_rng(1)
+    mans = torch.from_numpy(clouds(rng, 4, 10, 64, 5, 1.0))
+    before = torch.get_num_threads()
+    one = glue(mans, n_t=20, generator=0, num_threads=1)
+    assert torch.get_num_threads() == before
+    two = glue(mans, n_t=20, generator=0, num_threads=2)
+    for name in GLUE_MARKERS:
+        assert float(getattr(one, name)) == pytest.approx(float(getattr(two, name)), rel=1e-10)
+    with pytest.raises(ValueError, match="num_threads"):
+        glue(mans, n_t=5, num_threads=0)
+
+
+def test_joint_far_above_cover_bound_warns_with_a_fix():
+    rng = np.random.default_rng(2)
+    mans = torch.from_numpy(clouds(rng, 6, 200, 64, 2, 0.3))  # 1200 points > 4 x 64
+    with pytest.warns(GeomarkersWarning, match="max_classes"):
+        glue(mans, n_t=5, generator=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeomarkersWarning)
+        glue(mans[:, :40], n_t=5, generator=0)  # 240 points: no warning
+
+
+def test_no_solver_warning_on_monitor_like_default_case():
+    """Small, partly non-separable pairs like the monitor's test models (N=16, 30 points per class)
+    and a monitor-sized default case: the solver certifies every probe, no iteration cap is hit."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(30)
+    small = torch.randn(120, 16, generator=g) + 0.7 * torch.randn(4, 16, generator=g)[y]
+    y10 = torch.arange(10).repeat_interleave(50)
+    big = torch.randn(10, 256, generator=g)[y10] + torch.randn(500, 256, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonSeparableWarning)  # expected: 60 points in 16 dimensions
+        warnings.simplefilter("error", SolverWarning)
+        res = glue_pairs(small - small.mean(0), y, points_per_class=50, n_pairs=None, n_t=40, generator=0)
+        assert res.converged
+        res = glue_pairs(big - big.mean(0), y10, points_per_class=50, n_pairs=20, n_t=100, generator=0)
+        assert res.converged and res.n_degenerate == 0
+
+
+def test_device_agnostic_path_keeps_inputs_device_and_dtype():
+    """Everything is allocated on the features' device (checked on CPU here; the GPU check script
+    compares CUDA with CPU) and float32 input is solved in float64."""
+    rng = np.random.default_rng(4)
+    mans = torch.from_numpy(clouds(rng, 3, 10, 32, 4, 1.0)).float()
+    res = glue(mans, n_t=10, generator=0, num_threads=None)
+    for name in GLUE_MARKERS:
+        value = getattr(res, name)
+        assert value.device == mans.device and value.dtype == torch.float64
+    assert res.a.device == mans.device and res.active.device == mans.device
+    ref = glue(mans.double(), n_t=10, generator=0)
+    assert float(res.capacity) == pytest.approx(float(ref.capacity), rel=1e-6)
