@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with cpu_threads(1):
         trainer.fit(model, train_loader, val_loader)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v is not None}
     markers = monitor.history[-1] if monitor.history else {}
     score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else math.nan
     log_dir = str(Path(logger.log_dir))

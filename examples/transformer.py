@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with cpu_threads(1):
         trainer.fit(model, train_loader, val_loader)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v is not None}
     markers = {k: v for k, v in monitor.history[-1].items() if k not in ("epoch", "step", "layer")}
     log_dir = str(Path(logger.log_dir))
     print()
