@@ -254,3 +254,104 @@ def _centered64(x: torch.Tensor) -> torch.Tensor:
     shifted = xs - xs[:1]
     xc = shifted - shifted.mean(dim=0, keepdim=True)
     return _scaled64(xc)[0]
+
+
+# Float64 elements of one temporary working block (16 MiB). Blocks stay below glibc's 32 MiB mmap
+# threshold and are reused in shape, so the allocator recycles them instead of growing the heap.
+_BLOCK_ELEMENTS = 2**21
+
+
+def _rows_per_block(n_cols: int, budget: int = _BLOCK_ELEMENTS) -> int:
+    """Rows of an ``(rows, n_cols)`` float64 block within ``budget`` elements (at least 1)."""
+    return max(1, budget // max(1, n_cols))
+
+
+def _pow2_shift(peak: float) -> int:
+    """Power-of-two exponent that brings ``peak > 0`` into ``[0.5, 1)`` (0 for ``peak == 0``)."""
+    return 0 if peak == 0.0 else -math.frexp(peak)[1]
+
+
+def _abs_peak(x: torch.Tensor) -> float:
+    """``max |x|`` without an ``|x|``-sized temporary."""
+    low, high = torch.aminmax(x)
+    return max(-float(low), float(high))
+
+
+class _Blocks:
+    """Centred (or not), power-of-two-rescaled float64 blocks of ``x``, made on demand.
+
+    The same values :func:`_centered64` (``centered=True``) or ``_scaled64(x)[0]`` (``centered=False``)
+    would give, up to summation order in the mean, but block by block, so no full float64 copy of ``x``
+    ever exists: ``block(rows, cols)`` costs one ``(rows, cols)`` float64 temporary. The first row is
+    subtracted before the mean, so exactly constant columns centre to exactly zero; the second rescaling
+    (``shift2``) keeps squares of the centred values clear of underflow.
+
+    ``shift`` is the total power of two: values of the working blocks are ``(x - mean) * 2**shift``.
+    """
+
+    def __init__(self, x: torch.Tensor, *, centered: bool = True, rows: torch.Tensor | None = None) -> None:
+        self.x = x
+        self.rows = rows  # optional index of the rows in use (e.g. the distinct points)
+        self.n_rows = x.shape[0] if rows is None else rows.numel()
+        self.n_cols = x.shape[1]
+        self.shift1 = _pow2_shift(_abs_peak(x))  # any power of two that avoids overflow will do
+        self.centered = centered
+        self.shift2 = 0
+        if centered:
+            step = _rows_per_block(self.n_cols)
+            self._first = self._raw(slice(0, 1), slice(None))[0]
+            total = torch.zeros(self.n_cols, dtype=torch.float64, device=x.device)
+            for start in range(0, self.n_rows, step):
+                total += self._raw(slice(start, start + step), slice(None)).sub_(self._first).sum(dim=0)
+            self._mean = total / self.n_rows
+            peak = 0.0
+            for start in range(0, self.n_rows, step):
+                part = self._raw(slice(start, start + step), slice(None))
+                peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
+            self.shift2 = _pow2_shift(peak)
+        self.shift = self.shift1 + self.shift2
+
+    def _raw(self, rows: slice | torch.Tensor, cols: slice) -> torch.Tensor:
+        """``x[rows, cols] * 2**shift1`` as a fresh float64 tensor."""
+        if self.rows is not None:
+            rows = self.rows[rows]
+        part = self.x[rows, cols].to(torch.float64, copy=True)
+        return _times_pow2_(part, self.shift1)
+
+    def block(self, rows: slice | torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
+        """Working block ``(x[rows, cols] - mean) * 2**shift`` in float64 (a fresh tensor)."""
+        part = self._raw(rows, cols)
+        if self.centered:
+            part.sub_(self._first[cols]).sub_(self._mean[cols])
+        return _times_pow2_(part, self.shift2)
+
+
+def _times_pow2_(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """In-place ``t *= 2**shift`` in two exact steps (see :func:`_times_pow2`)."""
+    if shift:
+        half = shift // 2
+        t.mul_(math.ldexp(1.0, half)).mul_(math.ldexp(1.0, shift - half))
+    return t
+
+
+def _gram64(blocks: _Blocks) -> torch.Tensor:
+    """Gram matrix of the working matrix ``W`` of ``blocks`` on its smaller side, accumulated in blocks.
+
+    ``W^T W`` (``N x N``) when ``S > N``, else ``W W^T`` (``S x S``): the same non-zero eigenvalues, at
+    ``min(S, N)^2`` memory plus one block, never a full float64 copy of the features.
+    """
+    n_rows, n_cols = blocks.n_rows, blocks.n_cols
+    device = blocks.x.device
+    if n_rows > n_cols:
+        gram = torch.zeros((n_cols, n_cols), dtype=torch.float64, device=device)
+        step = _rows_per_block(n_cols)
+        for start in range(0, n_rows, step):
+            part = blocks.block(slice(start, start + step))
+            gram.addmm_(part.T, part)
+    else:
+        gram = torch.zeros((n_rows, n_rows), dtype=torch.float64, device=device)
+        step = _rows_per_block(n_rows)
+        for start in range(0, n_cols, step):
+            part = blocks.block(slice(None), slice(start, start + step))
+            gram.addmm_(part, part.T)
+    return gram
