@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from lightning_geomarkers.functional.preprocessing import (
-    _BLOCK_ELEMENTS,
     _abs_peak,
+    _block_elements,
     _pow2_shift,
     _rows_per_block,
     _times_pow2_,
@@ -69,9 +69,9 @@ def _mean_pairwise_distance(x: torch.Tensor, rows: torch.Tensor, shift: int) -> 
     """Mean distance over the ``n (n - 1) / 2`` pairs of ``x[rows] * 2**shift``, in bounded blocks."""
     n = rows.numel()
     n_feat = x.shape[1]
-    if n * (n - 1) // 2 <= _BLOCK_ELEMENTS and n * n_feat <= _BLOCK_ELEMENTS:
+    if n * (n - 1) // 2 <= _block_elements() and n * n_feat <= _block_elements():
         return torch.pdist(_times_pow2_(x[rows].to(torch.float64, copy=True), shift)).mean()
-    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_BLOCK_ELEMENTS)))
+    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for i in range(0, n, step):
         left = _times_pow2_(x[rows[i : i + step]].to(torch.float64, copy=True), shift)

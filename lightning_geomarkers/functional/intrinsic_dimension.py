@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.preprocessing import _BLOCK_ELEMENTS, _Blocks, _rows_per_block
+from lightning_geomarkers.functional.preprocessing import _block_elements, _Blocks, _rows_per_block
 from lightning_geomarkers.utilities.checks import check_features, check_positive_int
 
 __all__ = ["local_intrinsic_dimension"]
@@ -126,6 +126,12 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
     return estimate
 
 
+def _row_hash_multipliers(n_cols: int) -> torch.Tensor:
+    """``(n_cols, 2)`` fixed odd int64 multipliers of the two row hashes (seeded, so runs agree)."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(-(2**62), 2**62, (n_cols, 2), generator=gen, dtype=torch.int64).bitwise_or_(1)
+
+
 def _distinct_rows(x: torch.Tensor) -> torch.Tensor:
     """Ascending indices of the first occurrence of every distinct row of ``x`` (exact, in blocks).
 
@@ -135,9 +141,7 @@ def _distinct_rows(x: torch.Tensor) -> torch.Tensor:
     Memory: ``O(S)`` plus one block, instead of the sort of a full copy.
     """
     n_rows, n_cols = x.shape
-    gen = torch.Generator().manual_seed(0x5EED)
-    mult = torch.randint(-(2**62), 2**62, (n_cols, 2), generator=gen, dtype=torch.int64).bitwise_or_(1)
-    mult = mult.to(x.device)
+    mult = _row_hash_multipliers(n_cols).to(x.device)
     keys = torch.empty((n_rows, 2), dtype=torch.int64, device=x.device)
     step = _rows_per_block(2 * n_cols)
     for start in range(0, n_rows, step):
@@ -190,7 +194,7 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     n_points, n_feat = blocks.n_rows, blocks.n_cols
     device = blocks.x.device
     n_candidates = min(n_points - 1, k + _EXTRA_CANDIDATES)
-    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_BLOCK_ELEMENTS)))
+    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
     starts = list(range(0, n_points, step))
     sq_norms = torch.empty(n_points, dtype=torch.float64, device=device)
     for start in starts:
@@ -214,7 +218,7 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
                 _merge_topk(best_val, best_idx, rows_j, proxy, start_i)
     del best_val
 
-    rows_per_block = max(1, _BLOCK_ELEMENTS // (n_candidates * n_feat))
+    rows_per_block = max(1, _block_elements() // (n_candidates * n_feat))
     dists = torch.empty((n_points, n_candidates), dtype=torch.float64, device=device)
     for start in range(0, n_points, rows_per_block):
         stop = min(start + rows_per_block, n_points)

@@ -40,7 +40,8 @@ def center(features: Any) -> torch.Tensor:
     .. math:: \tilde x_i = x_i - \frac{1}{S} \sum_{j=1}^{S} x_j
 
     The mean is accumulated in float64 (after subtracting the first row, so that exactly constant
-    columns become exactly zero) and the result is cast back to the input's dtype.
+    columns become exactly zero) and the result is cast back to the input's dtype. Works in 16 MiB float64
+    row blocks: the only full-size allocation is the result.
 
     Args:
         features: ``(S, N)`` tensor or numpy array, rows are samples. Integer input is converted to the
@@ -60,9 +61,12 @@ def center(features: Any) -> torch.Tensor:
                 [ 1.,  2.]])
     """
     x = check_features(features)
-    xs, shift = _scaled64(x)
-    shifted = xs - xs[:1]
-    out = _unscale(shifted - shifted.mean(dim=0, keepdim=True), shift).to(x.dtype)
+    blocks = _Blocks(x, centered=True)
+    out = torch.empty_like(x)
+    step = _rows_per_block(x.shape[1])
+    for start in range(0, x.shape[0], step):
+        sl = slice(start, start + step)
+        out[sl] = _unscale(blocks.block(sl), blocks.shift).to(x.dtype)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"Centring overflowed {x.dtype}: `features` values are too large (max |x| = "
@@ -116,6 +120,36 @@ def random_projection(
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"The random projection overflowed {x.dtype}: `features` values are too large. "
+            "Rescale the features (or cast them to float64) first."
+        )
+    return out
+
+
+def _center_project(
+    x: torch.Tensor, out_dim: int, *, centered: bool, generator: torch.Generator | int | None
+) -> torch.Tensor:
+    """``random_projection(center(x) if centered else x, out_dim, generator=generator)`` in row blocks.
+
+    Same projection matrix (same draws from ``generator``) and the same per-row arithmetic, but the
+    centred ``(S, N)`` copy never exists: each centred row block is projected at once, so the only
+    full-size allocation is the ``(S, out_dim)`` result. ``x`` must already be validated.
+    """
+    if x.shape[1] <= out_dim:
+        return center(x) if centered else x
+    g = as_generator(generator)
+    n_features = x.shape[1]
+    proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
+    proj = proj.to(device=x.device, dtype=x.dtype)
+    out = x.new_empty((x.shape[0], out_dim))
+    blocks = _Blocks(x, centered=True) if centered else None
+    step = _rows_per_block(n_features)
+    for start in range(0, x.shape[0], step):
+        sl = slice(start, start + step)
+        part = _unscale(blocks.block(sl), blocks.shift).to(x.dtype) if blocks is not None else x[sl]
+        out[sl] = part @ proj
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"Centring or the random projection overflowed {x.dtype}: `features` values are too large. "
             "Rescale the features (or cast them to float64) first."
         )
     return out
@@ -261,9 +295,14 @@ def _centered64(x: torch.Tensor) -> torch.Tensor:
 _BLOCK_ELEMENTS = 2**21
 
 
-def _rows_per_block(n_cols: int, budget: int = _BLOCK_ELEMENTS) -> int:
-    """Rows of an ``(rows, n_cols)`` float64 block within ``budget`` elements (at least 1)."""
-    return max(1, budget // max(1, n_cols))
+def _block_elements() -> int:
+    """The block budget, read at call time (tests shrink it to check that blocking changes nothing)."""
+    return _BLOCK_ELEMENTS
+
+
+def _rows_per_block(n_cols: int) -> int:
+    """Rows of an ``(rows, n_cols)`` float64 block within the block budget (at least 1)."""
+    return max(1, _block_elements() // max(1, n_cols))
 
 
 def _pow2_shift(peak: float) -> int:
