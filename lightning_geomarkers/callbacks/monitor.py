@@ -426,6 +426,7 @@ class GeometryMonitor(L.Callback):
                 markers=self.markers,
                 generator=self.seed,
                 strict=False,
+                return_spectrum=self.log_spectrum and self._tensorboard(trainer) is not None,
                 **self.glue_kwargs,
             )
 
@@ -444,7 +445,7 @@ class GeometryMonitor(L.Callback):
         values = {m: float(v) for m, v in report.values.items()}
         for marker, value in values.items():
             pl_module.log(self._key(name, marker), value, on_epoch=True, on_step=False, sync_dist=False)
-        self._log_tensorboard(trainer, name, feats, values)
+        self._log_tensorboard(trainer, name, report.spectrum, values)
         return values
 
     def _run_alerts(
@@ -488,14 +489,13 @@ class GeometryMonitor(L.Callback):
         return None
 
     def _log_tensorboard(
-        self, trainer: L.Trainer, layer: str, feats: torch.Tensor, values: dict[str, float]
+        self, trainer: L.Trainer, layer: str, spectrum: torch.Tensor | None, values: dict[str, float]
     ) -> None:
         writer = self._tensorboard(trainer)
         if writer is None:
             return
-        if self.log_spectrum:
-            centred = feats.double() - feats.double().mean(0, keepdim=True)
-            spectrum = torch.linalg.svdvals(centred).cpu()
+        if self.log_spectrum and spectrum is not None:  # the markers' own decomposition, shared
+            spectrum = spectrum.cpu()
             tag = (
                 f"{self.prefix}/feature_spectrum"
                 if len(self._hooks) == 1
