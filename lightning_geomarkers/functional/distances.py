@@ -10,8 +10,8 @@ import torch
 from lightning_geomarkers.functional.preprocessing import (
     _abs_peak,
     _block_elements,
-    _pow2_shift,
     _rows_per_block,
+    _safe_shift,
     _times_pow2_,
     _unscale,
 )
@@ -53,7 +53,7 @@ def within_class_distance(features: Any, labels: Any) -> torch.Tensor:
         3.5
     """
     x, y = check_features_labels(features, labels, min_per_class=2)
-    shift = _pow2_shift(_abs_peak(x))
+    shift = _safe_shift(_abs_peak(x))
     per_class = [
         _mean_pairwise_distance(x, torch.nonzero(y == c).squeeze(1), shift) for c in torch.unique(y).tolist()
     ]

@@ -310,6 +310,13 @@ def _pow2_shift(peak: float) -> int:
     return 0 if peak == 0.0 else -math.frexp(peak)[1]
 
 
+def _safe_shift(peak: float) -> int:
+    """0 when ``peak`` lies in ``[2**-300, 2**300]`` (squares and their sums over any realistic length
+    stay clear of float64 overflow and underflow), else :func:`_pow2_shift`. Scaling by a power of two
+    changes no rounding, so skipping it where it is not needed gives bit-identical results, faster."""
+    return 0 if peak == 0.0 or 2.0**-300 <= peak <= 2.0**300 else _pow2_shift(peak)
+
+
 def _abs_peak(x: torch.Tensor) -> float:
     """``max |x|`` without an ``|x|``-sized temporary."""
     low, high = torch.aminmax(x)
@@ -322,8 +329,9 @@ class _Blocks:
     The same values :func:`_centered64` (``centered=True``) or ``_scaled64(x)[0]`` (``centered=False``)
     would give, up to summation order in the mean, but block by block, so no full float64 copy of ``x``
     ever exists: ``block(rows, cols)`` costs one ``(rows, cols)`` float64 temporary. The first row is
-    subtracted before the mean, so exactly constant columns centre to exactly zero; the second rescaling
-    (``shift2``) keeps squares of the centred values clear of underflow.
+    subtracted before the mean, so exactly constant columns centre to exactly zero. Values are rescaled by
+    a power of two only where squares could overflow or underflow (``shift1`` for the raw values,
+    ``shift2`` for the centred ones; see :func:`_safe_shift`).
 
     ``shift`` is the total power of two: values of the working blocks are ``(x - mean) * 2**shift``.
     """
@@ -333,7 +341,7 @@ class _Blocks:
         self.rows = rows  # optional index of the rows in use (e.g. the distinct points)
         self.n_rows = x.shape[0] if rows is None else rows.numel()
         self.n_cols = x.shape[1]
-        self.shift1 = _pow2_shift(_abs_peak(x))  # any power of two that avoids overflow will do
+        self.shift1 = _safe_shift(_abs_peak(x))  # any power of two that avoids overflow will do
         self.centered = centered
         self.shift2 = 0
         if centered:
@@ -347,14 +355,17 @@ class _Blocks:
             for start in range(0, self.n_rows, step):
                 part = self._raw(slice(start, start + step), slice(None))
                 peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
-            self.shift2 = _pow2_shift(peak)
+            self.shift2 = _safe_shift(peak)
         self.shift = self.shift1 + self.shift2
 
     def _raw(self, rows: slice | torch.Tensor, cols: slice) -> torch.Tensor:
         """``x[rows, cols] * 2**shift1`` as a fresh float64 tensor."""
         if self.rows is not None:
             rows = self.rows[rows]
-        part = self.x[rows, cols].to(torch.float64, copy=True)
+        if isinstance(rows, torch.Tensor):  # a gather is already a fresh tensor
+            part = self.x.index_select(0, rows)[:, cols].to(torch.float64)
+        else:
+            part = self.x[rows, cols].to(torch.float64, copy=True)
         return _times_pow2_(part, self.shift1)
 
     def block(self, rows: slice | torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:

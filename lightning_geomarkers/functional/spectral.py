@@ -94,8 +94,8 @@ def feature_spectrum(features: Any, centered: bool = True) -> torch.Tensor:
 def _spectrum64(x: torch.Tensor, centered: bool) -> tuple[torch.Tensor, int]:
     """Descending singular values of the (centred) working matrix and its power-of-two ``shift``.
 
-    The values are those of ``(x - mean) * 2**shift`` (max entry in ``[0.5, 1)``), so scale-invariant
-    markers can use them directly, whatever the input's scale.
+    The values are those of ``(x - mean) * 2**shift`` (``shift`` a power of two keeping squares clear of
+    overflow and underflow), so scale-invariant markers can use them directly, whatever the input's scale.
     """
     blocks = _Blocks(x, centered=centered)
     gram = _gram64(blocks)
