@@ -370,3 +370,29 @@ def test_geometry_markers_attaches_standard_errors():
     )
     assert set(joint.standard_errors) == {"glue_dimension"}  # alignments have no jackknife SE
     assert geometry_markers(x, y, markers=["lid"]).standard_errors == {}
+
+
+def ref_mle(x, k):
+    dist, _ = cKDTree(x).query(x, k=k + 1)
+    t = dist[:, 1:]
+    return np.mean(1.0 / (np.log(t[:, -1:] / t[:, :-1]).sum(axis=1) / (k - 1)))
+
+
+@pytest.mark.parametrize("case", ["gaussian", "far_tight_clusters"])
+def test_lid_float32_candidates_are_certified_or_redone(monkeypatch, case):
+    rng = np.random.default_rng(10)
+    if case == "gaussian":
+        x = rng.normal(size=(300, 40)) @ np.diag(np.linspace(0.2, 2, 40))
+    else:  # distances ~1e-3 between points ~1e3 from the centre: float32 cannot rank them, rows are redone
+        x = np.concatenate([rng.normal(size=(150, 6)) * 1e-3 + 1e3, rng.normal(size=(150, 6)) * 1e-3 - 1e3])
+    redone = []
+    original = lid_module._candidates_of
+    monkeypatch.setattr(
+        lid_module, "_candidates_of", lambda b, rows, *a: redone.append(rows.numel()) or original(b, rows, *a)
+    )
+    monkeypatch.setattr(lid_module, "_FLOAT32_MIN_WORK", 0)
+    np.testing.assert_allclose(float(local_intrinsic_dimension(x, k=10)), ref_mle(x, 10), rtol=1e-9)
+    if case == "far_tight_clusters":
+        assert redone and redone[0] == 300
+    else:
+        assert sum(redone) < 30  # almost every row certified from the float32 Gram

@@ -190,25 +190,68 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     centred points, one pair of row blocks at a time (each product serves both blocks); their distances
     are then recomputed from differences of the (uncentred, power-of-two-scaled) points, so Gram round-off
     can only affect which of nearly tied neighbours are chosen, never the distances.
+
+    Large problems (``S^2 N >= 2**30``) choose candidates with a float32 Gram (twice the matmul rate),
+    then *certify* every row: with ``c = 1.01 (N + 2) u`` (``u = 2**-24``) the float32 Gram entry is within
+    ``c |w_i| |w_j|`` of the exact one, so no non-candidate can be nearer than the k-th exact distance when
+    the largest candidate value minus ``2 c |w_i| max_j |w_j|`` still exceeds it. Rows that fail (near
+    ties far from the centre) are redone with a float64 Gram, so the result is the float64 path's.
     """
-    n_points, n_feat = blocks.n_rows, blocks.n_cols
-    device = blocks.x.device
+    n_points = blocks.n_rows
     n_candidates = min(n_points - 1, k + _EXTRA_CANDIDATES)
+    sq_norms = _squared_norms(blocks)
+    low = n_points * n_points * blocks.n_cols >= _FLOAT32_MIN_WORK and n_candidates < n_points - 1
+    best_val, best_idx = _candidates(blocks, n_candidates, sq_norms, torch.float32 if low else torch.float64)
+    dists = _exact_distances(blocks, torch.arange(n_points, device=sq_norms.device), best_idx)
+    if low:
+        unit = 1.01 * (blocks.n_cols + 2) * 2.0**-24
+        norms = sq_norms.sqrt()
+        margin = 2 * unit * norms * norms.max() + 8 * torch.finfo(torch.float64).eps * (
+            sq_norms + sq_norms.max()
+        )
+        # The k-th exact squared distance, in the centred blocks' units (they carry 2**shift2 more).
+        kth = dists.sort(dim=1).values[:, k - 1].square() * 4.0**blocks.shift2
+        doubtful = torch.nonzero(best_val[:, -1] + sq_norms - margin <= kth * (1 + 1e-9)).squeeze(1)
+        if doubtful.numel():
+            _, redo_idx = _candidates_of(blocks, doubtful, n_candidates, sq_norms)
+            dists[doubtful] = _exact_distances(blocks, doubtful, redo_idx)
+    return dists.sort(dim=1).values[:, :k]
+
+
+# Problems with at least this many multiply-adds (S^2 N) pick neighbour candidates with a float32 Gram.
+_FLOAT32_MIN_WORK = 2**30
+
+
+def _squared_norms(blocks: _Blocks) -> torch.Tensor:
+    """``(S,)`` squared norms of the centred working rows."""
+    n_points, n_feat = blocks.n_rows, blocks.n_cols
+    out = torch.empty(n_points, dtype=torch.float64, device=blocks.x.device)
+    step = _rows_per_block(n_feat)
+    for start in range(0, n_points, step):
+        out[start : start + step] = blocks.block(slice(start, start + step)).square().sum(dim=1)
+    return out
+
+
+def _candidates(
+    blocks: _Blocks, n_candidates: int, sq_norms: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running ``n_candidates`` smallest ``||w_j||^2 - 2 <w_i, w_j>`` per row (ascending) and their
+    indices, from a Gram in ``dtype`` computed over pairs of row blocks (``i <= j``, each product used for
+    both blocks)."""
+    n_points, n_feat = blocks.n_rows, blocks.n_cols
+    device = sq_norms.device
     step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
     starts = list(range(0, n_points, step))
-    sq_norms = torch.empty(n_points, dtype=torch.float64, device=device)
-    for start in starts:
-        sq_norms[start : start + step] = blocks.block(slice(start, start + step)).square().sum(dim=1)
     best_val = torch.full((n_points, n_candidates), math.inf, dtype=torch.float64, device=device)
     best_idx = torch.zeros((n_points, n_candidates), dtype=torch.int64, device=device)
     for i, start_i in enumerate(starts):
         rows_i = slice(start_i, min(start_i + step, n_points))
-        left = blocks.block(rows_i)
+        left = blocks.block(rows_i).to(dtype)
         for start_j in starts[i:]:
             rows_j = slice(start_j, min(start_j + step, n_points))
-            right = left if start_j == start_i else blocks.block(rows_j)
+            right = left if start_j == start_i else blocks.block(rows_j).to(dtype)
             gram = left @ right.T
-            # ||x_j||^2 - 2 <x_i, x_j>: the squared distance up to the row constant ||x_i||^2 (same order).
+            # ||w_j||^2 - 2 <w_i, w_j>: the squared distance up to the row constant ||w_i||^2 (same order).
             proxy = torch.add(sq_norms[None, rows_j], gram, alpha=-2.0)
             if start_j == start_i:
                 proxy.fill_diagonal_(math.inf)  # exclude the point itself
@@ -216,15 +259,41 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
             if start_j != start_i:
                 proxy = torch.add(sq_norms[None, rows_i], gram.T, alpha=-2.0)
                 _merge_topk(best_val, best_idx, rows_j, proxy, start_i)
-    del best_val
+    return best_val, best_idx
 
-    rows_per_block = max(1, _block_elements() // (n_candidates * n_feat))
-    dists = torch.empty((n_points, n_candidates), dtype=torch.float64, device=device)
-    for start in range(0, n_points, rows_per_block):
-        stop = min(start + rows_per_block, n_points)
-        cand = blocks._raw(best_idx[start:stop].reshape(-1), slice(None)).reshape(
+
+def _candidates_of(
+    blocks: _Blocks, rows: torch.Tensor, n_candidates: int, sq_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_candidates` in float64 for the given rows only (against every point)."""
+    n_points, n_feat = blocks.n_rows, blocks.n_cols
+    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
+    best_val = torch.full((rows.numel(), n_candidates), math.inf, dtype=torch.float64, device=rows.device)
+    best_idx = torch.zeros((rows.numel(), n_candidates), dtype=torch.int64, device=rows.device)
+    for r0 in range(0, rows.numel(), step):
+        sel = slice(r0, r0 + step)
+        left = blocks.block(rows[sel])
+        for start in range(0, n_points, step):
+            cols = slice(start, min(start + step, n_points))
+            proxy = torch.addmm(sq_norms[None, cols], left, blocks.block(cols).T, alpha=-2.0)
+            own = rows[sel] - start
+            inside = (own >= 0) & (own < proxy.shape[1])
+            proxy[torch.nonzero(inside).squeeze(1), own[inside]] = math.inf  # exclude the point itself
+            _merge_topk(best_val, best_idx, sel, proxy, start)
+    return best_val, best_idx
+
+
+def _exact_distances(blocks: _Blocks, rows: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """``(len(rows), kc)`` Euclidean distances from each row to its listed neighbours, from differences
+    of the uncentred (power-of-two-scaled) points."""
+    n_rows, n_candidates = neighbours.shape
+    per_block = max(1, _block_elements() // (n_candidates * blocks.n_cols))
+    dists = torch.empty((n_rows, n_candidates), dtype=torch.float64, device=neighbours.device)
+    for start in range(0, n_rows, per_block):
+        stop = min(start + per_block, n_rows)
+        cand = blocks._raw(neighbours[start:stop].reshape(-1), slice(None)).reshape(
             stop - start, n_candidates, -1
         )
-        cand -= blocks._raw(slice(start, stop), slice(None))[:, None, :]
+        cand -= blocks._raw(rows[start:stop], slice(None))[:, None, :]
         dists[start:stop] = torch.linalg.vector_norm(cand, dim=2)
-    return dists.sort(dim=1).values[:, :k]
+    return dists
