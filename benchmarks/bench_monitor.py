@@ -13,9 +13,14 @@ in a fresh subprocess; it prints the monitor's time per validation epoch, its ex
 process's maxrss after the run with the monitor minus after the run without, which already reached the
 validation loop's own peak) and the share of each marker (``MarkerReport.seconds``).
 
+``--case functional``: ``geometry_markers`` itself, all default markers, on 1000 classes x 50 points x
+2048 features (float32, ReLU of Gaussian class clouds), 1 thread, in a fresh subprocess: total time,
+seconds per marker and the process's peak memory (maxrss, input included; the input is built in place
+so that building it does not set the peak). Target: under 2 GB.
+
 Every line states the thread count and the 1-minute load average (``os.getloadavg()``).
 
-Usage: python benchmarks/bench_monitor.py [--case digits|large] [--epochs 3] [--repeats 2] [--device cpu]
+Usage: python benchmarks/bench_monitor.py [--case digits|large|functional] [--epochs 3] [--repeats 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -206,9 +211,55 @@ def main_large(args: argparse.Namespace) -> None:
     print("targets: under 3 s per validation epoch and under 300 MB extra peak memory")
 
 
+def functional_worker() -> dict:
+    """``geometry_markers`` on 1000 x 50 x 2048 in this (fresh) process, 1 thread."""
+    torch.set_num_threads(1)
+    from lightning_geomarkers.functional import geometry_markers
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(1000).repeat_interleave(50)
+    centers = torch.randn(1000, 2048, generator=g)
+    x = torch.randn(50000, 2048, generator=g)
+    for start in range(0, 50000, 1000):  # in place: building the input must not set the peak
+        x[start : start + 1000] += centers[y[start : start + 1000]]
+    x.relu_()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    report = geometry_markers(x, y, markers="all", generator=0)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "before_mb": before,
+        "marker_s": report.seconds,
+        "computed": len(report.values),
+        "load": os.getloadavg()[0],
+    }
+
+
+def main_functional() -> None:
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, __file__, "--case", "functional", "--worker", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"geometry_markers, 1000 classes x 50 x 2048, all markers ({res['computed']} computed), 1 thread: "
+        f"{res['seconds']:.1f} s, peak memory {res['peak_mb']:.0f} MB (process, input included; "
+        f"{res['before_mb']:.0f} MB before the call), load {load:.2f} before, {res['load']:.2f} after"
+    )
+    total = sum(res["marker_s"].values())
+    print(
+        "  "
+        + ", ".join(
+            f"{k} {v:.1f} s ({100 * v / total:.0f}%)"
+            for k, v in sorted(res["marker_s"].items(), key=lambda kv: -kv[1])
+        )
+    )
+    print("target: under 2 GB peak")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=("digits", "large"), default="digits")
+    parser.add_argument("--case", choices=("digits", "large", "functional"), default="digits")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -216,7 +267,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.worker:
-        print(json.dumps(large_worker(args.worker, args.device)))
+        result = functional_worker() if args.case == "functional" else large_worker(args.worker, args.device)
+        print(json.dumps(result))
         return
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -224,6 +276,9 @@ def main() -> None:
     )
     if args.case == "large":
         main_large(args)
+        return
+    if args.case == "functional":
+        main_functional()
         return
     run(False, 1, args.device)  # warm-up (imports, allocator)
     without, with_, monitor_s = [], [], []
