@@ -256,6 +256,7 @@ def _compute(
                 max_classes=max_classes,
                 generator=seeds[1],
             )
+            res: Any
             if glue_protocol == "pairs":
                 res = glue_pairs(z, y, n_pairs=n_pairs, **common)
             else:
