@@ -81,6 +81,11 @@ def feature_spectrum(features: Any, centered: bool = True) -> torch.Tensor:
     """
     x = check_features(features)
     _check_centered(centered)
+    return _feature_spectrum(x, centered)
+
+
+def _feature_spectrum(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """:func:`feature_spectrum` on an already validated tensor."""
     sv, shift = _spectrum64(x, centered)
     out = _times_pow2(sv, -shift)
     if not bool(torch.isfinite(out).all()):
@@ -161,7 +166,11 @@ def participation_ratio(features: Any, *, spectrum: torch.Tensor | None = None) 
         >>> round(float(participation_ratio(torch.eye(3))), 6)  # two equal eigenvalues
         2.0
     """
-    x = check_features(features)
+    return _participation_ratio(check_features(features), spectrum)
+
+
+def _participation_ratio(x: torch.Tensor, spectrum: torch.Tensor | None) -> torch.Tensor:
+    """:func:`participation_ratio` on an already validated tensor."""
     if spectrum is not None:
         lam = _as_spectrum(spectrum, x) ** 2
         total, frob_sq = lam.sum(), (lam**2).sum()
@@ -204,8 +213,11 @@ def numerical_rank(
         >>> int(numerical_rank(x))
         3
     """
-    x = check_features(features)
-    rtol = _check_rtol(rtol)
+    return _numerical_rank(check_features(features), _check_rtol(rtol), spectrum)
+
+
+def _numerical_rank(x: torch.Tensor, rtol: float, spectrum: torch.Tensor | None) -> torch.Tensor:
+    """:func:`numerical_rank` on an already validated tensor and ``rtol``."""
     n = min(x.shape)
     if rtol**2 < _RTOL_MARGIN * _GRAM_FLOOR * n * torch.finfo(torch.float64).eps:
         sv = torch.linalg.svdvals(_centered64(x))  # below the Gram route's resolution: exact SVD
@@ -254,6 +266,11 @@ def effective_rank(
     """
     x = check_features(features)
     _check_centered(centered)
+    return _effective_rank(x, centered, spectrum)
+
+
+def _effective_rank(x: torch.Tensor, centered: bool, spectrum: torch.Tensor | None) -> torch.Tensor:
+    """:func:`effective_rank` on an already validated tensor."""
     sv = _as_spectrum(spectrum, x) if spectrum is not None else _spectrum64(x, centered)[0]
     total = sv.sum()
     if float(total) == 0.0:

@@ -23,10 +23,10 @@ from lightning_geomarkers.functional.neural_collapse import neural_collapse
 from lightning_geomarkers.functional.preprocessing import _center_project
 from lightning_geomarkers.functional.protocols import glue_joint, glue_pairs
 from lightning_geomarkers.functional.spectral import (
-    effective_rank,
-    feature_spectrum,
-    numerical_rank,
-    participation_ratio,
+    _effective_rank,
+    _feature_spectrum,
+    _numerical_rank,
+    _participation_ratio,
 )
 from lightning_geomarkers.functional.uncertainty import glue_standard_errors
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
@@ -275,15 +275,15 @@ def _compute(
     if spectral_wanted or return_spectrum:
 
         def run_spectrum() -> dict[str, Any]:
-            report.spectrum = feature_spectrum(x)
+            report.spectrum = _feature_spectrum(x)  # x is validated: no second pass over it
             return {}
 
         attempt(spectral_wanted, run_spectrum, "spectrum")
     spectrum = report.spectrum
     others = {
-        "participation_ratio": lambda: participation_ratio(x, spectrum=spectrum),
-        "numerical_rank": lambda: numerical_rank(x, spectrum=spectrum),
-        "effective_rank": lambda: effective_rank(x, spectrum=spectrum),
+        "participation_ratio": lambda: _participation_ratio(x, spectrum),
+        "numerical_rank": lambda: _numerical_rank(x, 1e-3, spectrum),
+        "effective_rank": lambda: _effective_rank(x, True, spectrum),
         "nc1": lambda: neural_collapse(x, y),
         "lid": lambda: local_intrinsic_dimension(x, k=lid_k),
         "lid_twonn": lambda: local_intrinsic_dimension(x, method="twonn"),
