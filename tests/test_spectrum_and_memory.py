@@ -396,3 +396,22 @@ def test_lid_float32_candidates_are_certified_or_redone(monkeypatch, case):
         assert redone and redone[0] == 300
     else:
         assert sum(redone) < 30  # almost every row certified from the float32 Gram
+
+
+def test_lid_float32_path_needs_ieee_float32_matmul(monkeypatch):
+    # With TF32/bf16 shortcuts allowed the error bound does not hold: the float64 Gram is used instead.
+    monkeypatch.setattr(lid_module, "_FLOAT32_MIN_WORK", 0)
+    used = []
+    original = lid_module._candidates
+    monkeypatch.setattr(
+        lid_module, "_candidates", lambda b, kc, sq, dtype: used.append(dtype) or original(b, kc, sq, dtype)
+    )
+    x = np.random.default_rng(11).normal(size=(120, 8))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        high = float(local_intrinsic_dimension(x, k=5))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert used == [torch.float64]
+    np.testing.assert_allclose(high, ref_mle(x, 5), rtol=1e-9)

@@ -191,7 +191,8 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     are then recomputed from differences of the (uncentred, power-of-two-scaled) points, so Gram round-off
     can only affect which of nearly tied neighbours are chosen, never the distances.
 
-    Large problems (``S^2 N >= 2**30``) choose candidates with a float32 Gram (twice the matmul rate),
+    Large problems (``S^2 N >= 2**30``, float32 matmuls in IEEE precision) choose candidates with a
+    float32 Gram (twice the matmul rate),
     then *certify* every row: with ``c = 1.01 (N + 2) u`` (``u = 2**-24``) the float32 Gram entry is within
     ``c |w_i| |w_j|`` of the exact one, so no non-candidate can be nearer than the k-th exact distance when
     the largest candidate value minus ``2 c |w_i| max_j |w_j|`` still exceeds it. Rows that fail (near
@@ -200,7 +201,11 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     n_points = blocks.n_rows
     n_candidates = min(n_points - 1, k + _EXTRA_CANDIDATES)
     sq_norms = _squared_norms(blocks)
-    low = n_points * n_points * blocks.n_cols >= _FLOAT32_MIN_WORK and n_candidates < n_points - 1
+    low = (
+        n_points * n_points * blocks.n_cols >= _FLOAT32_MIN_WORK
+        and n_candidates < n_points - 1
+        and _ieee_float32_matmul(sq_norms.device)
+    )
     best_val, best_idx = _candidates(blocks, n_candidates, sq_norms, torch.float32 if low else torch.float64)
     dists = _exact_distances(blocks, torch.arange(n_points, device=sq_norms.device), best_idx)
     if low:
@@ -220,6 +225,15 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
 
 # Problems with at least this many multiply-adds (S^2 N) pick neighbour candidates with a float32 Gram.
 _FLOAT32_MIN_WORK = 2**30
+
+
+def _ieee_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls run in IEEE float32 (the certification's error bound assumes it): not
+    when TF32/bf16 shortcuts are allowed (``torch.set_float32_matmul_precision("high")``, or
+    ``torch.backends.cuda.matmul.allow_tf32`` on CUDA); then the float64 Gram is used."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 def _squared_norms(blocks: _Blocks) -> torch.Tensor:
