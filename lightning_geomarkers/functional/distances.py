@@ -53,6 +53,11 @@ def within_class_distance(features: Any, labels: Any) -> torch.Tensor:
         3.5
     """
     x, y = check_features_labels(features, labels, min_per_class=2)
+    return _within_class_distance(x, y)
+
+
+def _within_class_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`within_class_distance` on already validated features and labels."""
     shift = _safe_shift(_abs_peak(x))
     per_class = [
         _mean_pairwise_distance(x, torch.nonzero(y == c).squeeze(1), shift) for c in torch.unique(y).tolist()

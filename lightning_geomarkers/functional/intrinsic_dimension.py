@@ -78,6 +78,11 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     method = method.lower()
     k = check_positive_int(k, "k", minimum=2)
+    return _local_intrinsic_dimension(x, k, method)
+
+
+def _local_intrinsic_dimension(x: torch.Tensor, k: int, method: str) -> torch.Tensor:
+    """:func:`local_intrinsic_dimension` on an already validated tensor and arguments."""
     n_neighbours = k if method == "mle" else 2
 
     distinct = _distinct_rows(x)

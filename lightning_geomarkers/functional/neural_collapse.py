@@ -55,7 +55,11 @@ def neural_collapse(features: Any, labels: Any, rtol: float = 1e-3) -> torch.Ten
         0.125
     """
     x, y = check_features_labels(features, labels, min_classes=2)
-    rtol = _check_rtol(rtol)
+    return _neural_collapse(x, y, _check_rtol(rtol))
+
+
+def _neural_collapse(x: torch.Tensor, y: torch.Tensor, rtol: float) -> torch.Tensor:
+    """:func:`neural_collapse` on already validated features, labels and ``rtol``."""
     blocks = _Blocks(x, centered=False)  # power-of-two-scaled float64 rows, made block by block
     _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
     n_classes = counts.numel()

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.distances import within_class_distance
+from lightning_geomarkers.functional.distances import _within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS
-from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_dimension
-from lightning_geomarkers.functional.neural_collapse import neural_collapse
+from lightning_geomarkers.functional.intrinsic_dimension import _local_intrinsic_dimension
+from lightning_geomarkers.functional.neural_collapse import _neural_collapse
 from lightning_geomarkers.functional.preprocessing import _center_project
 from lightning_geomarkers.functional.protocols import glue_joint, glue_pairs
 from lightning_geomarkers.functional.spectral import (
@@ -284,10 +284,11 @@ def _compute(
         "participation_ratio": lambda: _participation_ratio(x, spectrum),
         "numerical_rank": lambda: _numerical_rank(x, 1e-3, spectrum),
         "effective_rank": lambda: _effective_rank(x, True, spectrum),
-        "nc1": lambda: neural_collapse(x, y),
-        "lid": lambda: local_intrinsic_dimension(x, k=lid_k),
-        "lid_twonn": lambda: local_intrinsic_dimension(x, method="twonn"),
-        "within_class_distance": lambda: within_class_distance(x, y),
+        # x and y were validated once above (2+ classes, 2+ samples each): no second pass over them.
+        "nc1": lambda: _neural_collapse(x, y, 1e-3),
+        "lid": lambda: _local_intrinsic_dimension(x, lid_k, "mle"),
+        "lid_twonn": lambda: _local_intrinsic_dimension(x, 20, "twonn"),
+        "within_class_distance": lambda: _within_class_distance(x, y),
     }
     for name in names:
         if name in others and not (name in SPECTRAL_MARKER_NAMES and spectrum is None):
