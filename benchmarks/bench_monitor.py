@@ -1,19 +1,38 @@
-"""Overhead of GeometryMonitor: the same short training run with and without it, in one process.
+"""Overhead of GeometryMonitor at its default settings, on a small and on an ImageNet-sized head.
 
-A CNN on the 8x8 digits (10 classes), sized (width 200, 400 penultimate features) so one training
-epoch takes about 5 s on a 2-core CPU, trained for --epochs epochs with validation every epoch. Runs alternate (without, with, without,
-with, ...) so drift affects both alike; the script prints the wall-time overhead ratio and the
-monitor's own time per validation epoch (time spent inside its hooks, measured directly), at the
-monitor's default settings.
+``--case digits`` (default): a CNN on the 8x8 digits (10 classes), sized (width 200, 400 penultimate
+features) so one training epoch takes about 5 s on a 2-core CPU, trained for --epochs epochs with
+validation every epoch. Runs alternate (without, with, without, with, ...) so drift affects both alike;
+the script prints the wall-time overhead ratio and the monitor's own time per validation epoch (time
+spent inside its hooks, measured directly).
 
-Usage: python benchmarks/bench_monitor.py [--epochs 3] [--repeats 2] [--device cpu]
+``--case large``: a 1000-class head on 2048-wide penultimate features (a synthetic module: 32-d inputs,
+Linear(32, 2048) + ReLU, Linear(2048, 1000)), 50 validation samples per class (50,000 rows).
+``trainer.validate`` runs once without and then with the monitor, each setting (1 and 2 torch threads)
+in a fresh subprocess; it prints the monitor's time per validation epoch, its extra peak memory (the
+process's maxrss after the run with the monitor minus after the run without, which already reached the
+validation loop's own peak) and the share of each marker (``MarkerReport.seconds``).
+
+``--case functional``: ``geometry_markers`` itself, all default markers, on 1000 classes x 50 points x
+2048 features (float32, ReLU of Gaussian class clouds), 1 thread, in a fresh subprocess: total time,
+seconds per marker and the process's peak memory (maxrss, input included; the input is built in place
+so that building it does not set the peak). Target: under 2 GB.
+
+Every line states the thread count and the 1-minute load average (``os.getloadavg()``).
+
+Usage: python benchmarks/bench_monitor.py [--case digits|large|functional] [--epochs 3] [--repeats 2] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
@@ -23,6 +42,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
+import lightning_geomarkers.callbacks.monitor as monitor_module
 from lightning_geomarkers import GeometryMonitor
 
 
@@ -112,17 +132,158 @@ def run(monitor: bool, epochs: int, device: str) -> tuple[float, list[float]]:
     return wall, (callbacks[0].seconds if monitor else [])
 
 
+class LargeHead(L.LightningModule):
+    """A 1000-class head on 2048-wide ReLU features: what the monitor sees on an ImageNet model."""
+
+    def __init__(self, n_in: int = 32, width: int = 2048, n_classes: int = 1000):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(n_in, width), nn.ReLU())
+        self.fc = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])
+
+
+def large_data(n_classes: int = 1000, per_class: int = 50, n_in: int = 32, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = 2.0 * torch.randn(n_classes, n_in, generator=g)[y] + torch.randn(y.numel(), n_in, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=500)
+
+
+def large_worker(threads: int, device: str) -> dict:
+    """One setting in this (fresh) process: validate without, then with the monitor."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    seconds: list[dict[str, float]] = []
+    original = monitor_module.geometry_markers
+
+    def recording(*args, **kwargs):
+        report = original(*args, **kwargs)
+        seconds.append(dict(getattr(report, "seconds", {})))  # older versions: no timings
+        return report
+
+    monitor_module.geometry_markers = recording
+    L.seed_everything(0, verbose=False)
+    model, loader = LargeHead(), large_data()
+    kwargs = dict(
+        accelerator=device, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    L.Trainer(**kwargs).validate(model, loader, verbose=False)
+    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monitor = TimedMonitor()
+    L.Trainer(callbacks=[monitor], **kwargs).validate(model, loader, verbose=False)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "threads": threads,
+        "monitor_s": monitor.seconds[0] if monitor.seconds else float("nan"),
+        "extra_peak_mb": (peak_kb - base_kb) / 1024,
+        "marker_s": seconds[0] if seconds else {},
+        "load": os.getloadavg()[0],
+    }
+
+
+def main_large(args: argparse.Namespace) -> None:
+    print("1000-class head, N=2048, 50 validation samples per class, monitor at default settings")
+    rows = []
+    for threads in args.threads:
+        load = os.getloadavg()[0]
+        cmd = [sys.executable, __file__, "--case", "large", "--worker", str(threads), "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res["load_before"] = load
+        rows.append(res)
+        print(
+            f"threads {threads}: monitor {res['monitor_s']:.2f} s per validation epoch, extra peak memory "
+            f"{res['extra_peak_mb']:.0f} MB (load {load:.2f} before, {res['load']:.2f} after)"
+        )
+        total = sum(res["marker_s"].values()) or float("nan")
+        shares = ", ".join(
+            f"{k} {v:.2f} s ({100 * v / total:.0f}%)"
+            for k, v in sorted(res["marker_s"].items(), key=lambda kv: -kv[1])
+        )
+        print(f"  inside geometry_markers ({total:.2f} s): {shares}")
+    if len(rows) == 2:
+        ratio = rows[1]["monitor_s"] / rows[0]["monitor_s"]
+        print(f"{args.threads[1]} threads / {args.threads[0]} thread(s) time ratio: {ratio:.2f}")
+    print("targets: under 3 s per validation epoch and under 300 MB extra peak memory")
+
+
+def functional_worker() -> dict:
+    """``geometry_markers`` on 1000 x 50 x 2048 in this (fresh) process, 1 thread."""
+    torch.set_num_threads(1)
+    from lightning_geomarkers.functional import geometry_markers
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(1000).repeat_interleave(50)
+    centers = torch.randn(1000, 2048, generator=g)
+    x = torch.randn(50000, 2048, generator=g)
+    for start in range(0, 50000, 1000):  # in place: building the input must not set the peak
+        x[start : start + 1000] += centers[y[start : start + 1000]]
+    x.relu_()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    report = geometry_markers(x, y, markers="all", generator=0)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "before_mb": before,
+        "marker_s": report.seconds,
+        "computed": len(report.values),
+        "load": os.getloadavg()[0],
+    }
+
+
+def main_functional() -> None:
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, __file__, "--case", "functional", "--worker", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"geometry_markers, 1000 classes x 50 x 2048, all markers ({res['computed']} computed), 1 thread: "
+        f"{res['seconds']:.1f} s, peak memory {res['peak_mb']:.0f} MB (process, input included; "
+        f"{res['before_mb']:.0f} MB before the call), load {load:.2f} before, {res['load']:.2f} after"
+    )
+    total = sum(res["marker_s"].values())
+    print(
+        "  "
+        + ", ".join(
+            f"{k} {v:.1f} s ({100 * v / total:.0f}%)"
+            for k, v in sorted(res["marker_s"].items(), key=lambda kv: -kv[1])
+        )
+    )
+    print("target: under 2 GB peak")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=("digits", "large", "functional"), default="digits")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="thread settings (--case large)"
+    )
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.worker:
+        result = functional_worker() if args.case == "functional" else large_worker(args.worker, args.device)
+        print(json.dumps(result))
+        return
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, device {args.device}"
+        f"threads {torch.get_num_threads()}, device {args.device}, load {os.getloadavg()[0]:.2f}"
     )
+    if args.case == "large":
+        main_large(args)
+        return
+    if args.case == "functional":
+        main_functional()
+        return
     run(False, 1, args.device)  # warm-up (imports, allocator)
     without, with_, monitor_s = [], [], []
     for _ in range(args.repeats):
@@ -138,7 +299,8 @@ def main() -> None:
     print(f"overhead: {100 * (mon / base - 1):+.1f}% wall time (median of {args.repeats} runs each)")
     print(
         f"monitor time per validation epoch: median {statistics.median(monitor_s):.3f} s, "
-        f"max {max(monitor_s):.3f} s over {len(monitor_s)} epochs (10-class head, default settings)"
+        f"max {max(monitor_s):.3f} s over {len(monitor_s)} epochs (10-class head, default settings; "
+        f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f})"
     )
 
 

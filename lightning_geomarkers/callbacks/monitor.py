@@ -28,7 +28,6 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
-from lightning_geomarkers.functional.preprocessing import center
 from lightning_geomarkers.functional.suite import (
     GLUE_MARKER_NAMES,
     MARKERS,
@@ -111,6 +110,10 @@ class GeometryMonitor(L.Callback):
         log_standard_errors: also log ``<prefix>/<marker>_se``, the standard error of each GLUE marker
             (they are always in :attr:`history` when the markers report one).
         strict: raise instead of warning on data problems (for debugging a setup).
+        num_threads: torch intra-op threads while the markers are computed (restored afterwards); ``None``
+            keeps the process setting. Default 1: on a CPU shared with DataLoader workers or other jobs the
+            many small solver ops and the large decompositions ran 3-13x slower at 2 threads than at 1
+            (see docs/performance.md). On a GPU it only affects the little CPU work.
 
     Example::
 
@@ -146,6 +149,7 @@ class GeometryMonitor(L.Callback):
         prefix: str = "geometry",
         log_standard_errors: bool = False,
         strict: bool = False,
+        num_threads: int | None = 1,
     ) -> None:
         super().__init__()
         self.layers = layers
@@ -192,6 +196,7 @@ class GeometryMonitor(L.Callback):
         self.prefix = prefix.rstrip("/")
         self.log_standard_errors = bool(log_standard_errors)
         self.strict = bool(strict)
+        self.num_threads = None if num_threads is None else check_positive_int(num_threads, "num_threads")
 
         self.history: list[dict[str, Any]] = []
         self.alert_history: list[dict[str, Any]] = []
@@ -749,7 +754,13 @@ class GeometryMonitor(L.Callback):
                 )
             raise RuntimeError("no labelled features were captured this epoch (see the previous warnings).")
         feats, labels = self._validate_sample(name, feats, labels)
-        report = self.compute_markers(feats, labels, device=pl_module.device, layer=name)
+        report = self.compute_markers(
+            feats,
+            labels,
+            device=pl_module.device,
+            layer=name,
+            return_spectrum=self.log_spectrum and self._tensorboard(trainer) is not None,
+        )
         values = {m: float(v) for m, v in report.values.items()}
         ses = {
             m: float(se)
@@ -771,7 +782,7 @@ class GeometryMonitor(L.Callback):
                     "per_class": view.to_dict(),
                 }
             )
-        self._log_tensorboard(trainer, name, feats.to(pl_module.device), values, view)
+        self._log_tensorboard(trainer, name, report.spectrum, values, view)
         return values, ses
 
     def _validate_sample(
@@ -808,6 +819,7 @@ class GeometryMonitor(L.Callback):
         device: torch.device | str | None = None,
         *,
         layer: str | None = None,
+        return_spectrum: bool = False,
     ) -> MarkerReport:
         """The markers of one labelled feature sample with exactly this monitor's settings (no Trainer needed).
 
@@ -820,6 +832,8 @@ class GeometryMonitor(L.Callback):
             features: (S, N) features; labels: (S,) integer class ids (e.g. ``sampler.state()[:2]``).
             device: where to compute.
             layer: display name used in the warnings.
+            return_spectrum: also return the feature spectrum (``report.spectrum``) when no spectral
+                marker is computed (for the TensorBoard histogram).
 
         Returns:
             The :class:`~lightning_geomarkers.functional.MarkerReport` (``values`` are 0-dim tensors).
@@ -844,6 +858,8 @@ class GeometryMonitor(L.Callback):
                 markers=self.markers,
                 generator=self.seed,
                 strict=False,
+                return_spectrum=return_spectrum,
+                num_threads=self.num_threads,
                 **self.glue_kwargs,
             )
         for w in caught:  # re-issue the solver's warnings once per epoch, with context
@@ -908,13 +924,18 @@ class GeometryMonitor(L.Callback):
         return None
 
     def _log_tensorboard(
-        self, trainer: L.Trainer, layer: str, feats: torch.Tensor, values: dict[str, float], view: Any = None
+        self,
+        trainer: L.Trainer,
+        layer: str,
+        spectrum: torch.Tensor | None,
+        values: dict[str, float],
+        view: Any = None,
     ) -> None:
         writer = self._tensorboard(trainer)
         if writer is None:
             return
-        if self.log_spectrum:
-            spectrum = torch.linalg.svdvals(center(feats.double())).cpu()
+        if self.log_spectrum and spectrum is not None:  # the markers' own decomposition, shared
+            spectrum = spectrum.cpu()
             tag = (
                 f"{self.prefix}/feature_spectrum"
                 if len(self._hooks) == 1

@@ -11,8 +11,18 @@ from lightning_geomarkers.functional.neural_collapse import neural_collapse
 from lightning_geomarkers.functional.preprocessing import center, per_class_subsample, random_projection
 from lightning_geomarkers.functional.protocols import GluePairsResult, glue_joint, glue_pairs
 from lightning_geomarkers.functional.simulated_capacity import SimulatedCapacity, simulated_capacity
-from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
+from lightning_geomarkers.functional.spectral import (
+    effective_rank,
+    feature_spectrum,
+    numerical_rank,
+    participation_ratio,
+)
 from lightning_geomarkers.functional.suite import MARKERS, MarkerInfo, MarkerReport, geometry_markers
+from lightning_geomarkers.functional.uncertainty import (
+    glue_standard_errors,
+    jackknife_standard_errors,
+    pairs_standard_errors,
+)
 
 __all__ = [
     "GLUE_MARKERS",
@@ -25,13 +35,17 @@ __all__ = [
     "SimulatedCapacity",
     "center",
     "effective_rank",
+    "feature_spectrum",
     "glue",
     "glue_joint",
     "glue_pairs",
+    "glue_standard_errors",
+    "jackknife_standard_errors",
     "local_intrinsic_dimension",
     "make_dichotomies",
     "neural_collapse",
     "numerical_rank",
+    "pairs_standard_errors",
     "participation_ratio",
     "per_class_subsample",
     "random_projection",

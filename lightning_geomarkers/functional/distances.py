@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.preprocessing import _scaled64, _unscale
+from lightning_geomarkers.functional.preprocessing import (
+    _abs_peak,
+    _block_elements,
+    _rows_per_block,
+    _safe_shift,
+    _times_pow2_,
+    _unscale,
+)
 from lightning_geomarkers.utilities.checks import check_features_labels
 
 __all__ = ["within_class_distance"]
@@ -19,8 +27,10 @@ def within_class_distance(features: Any, labels: Any) -> torch.Tensor:
               \|x_i - x_j\|_2
 
     Every class weighs the same, whatever its size. Distances are computed directly from coordinate
-    differences (``torch.pdist``, float64, on a copy rescaled by a power of two, so no overflow or
-    cancellation from a Gram matrix). Cost ``O(n_c^2 N)`` per class: subsample large classes first (see
+    differences (``torch.pdist``, or ``torch.cdist`` without its matrix-product shortcut on pairs of row
+    blocks for large classes; float64, on rows rescaled by a power of two, so no overflow or cancellation
+    from a Gram matrix). Cost ``O(n_c^2 N)`` per class, memory bounded by a few 16 MiB blocks per class:
+    subsample large classes first (see
     :func:`~lightning_geomarkers.functional.preprocessing.per_class_subsample`).
 
     Args:
@@ -43,11 +53,35 @@ def within_class_distance(features: Any, labels: Any) -> torch.Tensor:
         3.5
     """
     x, y = check_features_labels(features, labels, min_per_class=2)
-    xs, shift = _scaled64(x)
-    per_class = [torch.pdist(xs[y == c]).mean() for c in torch.unique(y).tolist()]
+    return _within_class_distance(x, y)
+
+
+def _within_class_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`within_class_distance` on already validated features and labels."""
+    shift = _safe_shift(_abs_peak(x))
+    per_class = [
+        _mean_pairwise_distance(x, torch.nonzero(y == c).squeeze(1), shift) for c in torch.unique(y).tolist()
+    ]
     result = _unscale(torch.stack(per_class).mean(), shift)
     if not bool(torch.isfinite(result)):
         raise ValueError(
             "The within-class distance overflows float64: `features` values are too large. Rescale them."
         )
     return result
+
+
+def _mean_pairwise_distance(x: torch.Tensor, rows: torch.Tensor, shift: int) -> torch.Tensor:
+    """Mean distance over the ``n (n - 1) / 2`` pairs of ``x[rows] * 2**shift``, in bounded blocks."""
+    n = rows.numel()
+    n_feat = x.shape[1]
+    if n * (n - 1) // 2 <= _block_elements() and n * n_feat <= _block_elements():
+        return torch.pdist(_times_pow2_(x[rows].to(torch.float64, copy=True), shift)).mean()
+    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, n, step):
+        left = _times_pow2_(x[rows[i : i + step]].to(torch.float64, copy=True), shift)
+        total += torch.pdist(left).sum()
+        for j in range(i + step, n, step):
+            right = _times_pow2_(x[rows[j : j + step]].to(torch.float64, copy=True), shift)
+            total += torch.cdist(left, right, compute_mode="donot_use_mm_for_euclid_dist").sum()
+    return total / (n * (n - 1) // 2)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.preprocessing import _scaled64
+from lightning_geomarkers.functional.preprocessing import _block_elements, _Blocks, _rows_per_block
 from lightning_geomarkers.utilities.checks import check_features, check_positive_int
 
 __all__ = ["local_intrinsic_dimension"]
@@ -14,8 +15,6 @@ __all__ = ["local_intrinsic_dimension"]
 _METHODS = ("mle", "twonn")
 # Extra neighbour candidates whose distances are recomputed exactly (guards against Gram round-off at ties).
 _EXTRA_CANDIDATES = 8
-# Elements per temporary block (distance rows, neighbour differences): 2**22 float64 = 32 MiB.
-_BLOCK_ELEMENTS = 2**22
 
 
 def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -> torch.Tensor:
@@ -42,9 +41,13 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
     still validated).
 
     Duplicate rows have zero distances, which make the logarithms undefined: rows are de-duplicated first
-    (``torch.unique(dim=0)``) and ``S`` above is the number of *distinct* points. Neighbours are selected
-    from a Gram-matrix distance in blocks (memory ``O(S)`` per row block) and their distances recomputed
-    exactly from coordinate differences. The estimate is scale invariant; it is computed in float64.
+    (exactly: rows are grouped by an integer hash of their float64 bit patterns and every group is checked
+    for exact equality) and ``S`` above is the number of *distinct* points. Neighbours are selected from a
+    Gram-matrix distance computed in float64 blocks of the centred points, each block product serving
+    both of its row blocks (the Gram matrix is symmetric), with a running top-k per point; their distances
+    are then recomputed exactly from coordinate differences. Cost ``S^2 N / 2`` multiply-adds; memory
+    ``O(S k)`` plus a few 16 MiB blocks, whatever ``S`` (no ``S x S`` matrix, no float64 copy of the
+    features). The estimate is scale invariant; it is computed in float64.
 
     Args:
         features: ``(S, N)`` tensor or numpy array, rows are samples.
@@ -75,11 +78,15 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     method = method.lower()
     k = check_positive_int(k, "k", minimum=2)
+    return _local_intrinsic_dimension(x, k, method)
+
+
+def _local_intrinsic_dimension(x: torch.Tensor, k: int, method: str) -> torch.Tensor:
+    """:func:`local_intrinsic_dimension` on an already validated tensor and arguments."""
     n_neighbours = k if method == "mle" else 2
 
-    xs, _ = _scaled64(x)
-    points = torch.unique(xs, dim=0)
-    n_distinct = points.shape[0]
+    distinct = _distinct_rows(x)
+    n_distinct = distinct.numel()
     if n_distinct < n_neighbours + 1:
         n_dup = x.shape[0] - n_distinct
         what = f"the MLE with k={k}" if method == "mle" else "TwoNN"
@@ -91,7 +98,7 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
             f"`features` has only {n_distinct} distinct point(s) ({n_dup} duplicate row(s) removed); "
             f"{what} needs at least {n_neighbours + 1}. {hint}"
         )
-    dist = _neighbour_distances(points, n_neighbours)
+    dist = _neighbour_distances(_Blocks(x, centered=True, rows=distinct), n_neighbours)
     if bool((dist[:, 0] == 0).any()):
         raise ValueError(
             "Some distinct points are closer than float64 can resolve relative to the data's scale, so "
@@ -124,32 +131,188 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
     return estimate
 
 
-def _neighbour_distances(points: torch.Tensor, k: int) -> torch.Tensor:
+def _row_hash_multipliers(n_cols: int) -> torch.Tensor:
+    """``(n_cols, 2)`` fixed odd int64 multipliers of the two row hashes (seeded, so runs agree)."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(-(2**62), 2**62, (n_cols, 2), generator=gen, dtype=torch.int64).bitwise_or_(1)
+
+
+def _distinct_rows(x: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of the first occurrence of every distinct row of ``x`` (exact, in blocks).
+
+    Rows are keyed by two wrap-around int64 hashes of their float64 bit patterns (``-0.0`` normalised to
+    ``0.0``), then every row is compared exactly with the first row of its key group; a hash collision
+    between different rows (never seen, but possible) falls back to ``torch.unique`` on those rows.
+    Memory: ``O(S)`` plus one block, instead of the sort of a full copy.
+    """
+    n_rows, n_cols = x.shape
+    mult = _row_hash_multipliers(n_cols).to(x.device)
+    keys = torch.empty((n_rows, 2), dtype=torch.int64, device=x.device)
+    step = _rows_per_block(2 * n_cols)
+    for start in range(0, n_rows, step):
+        bits = x[start : start + step].to(torch.float64, copy=True).contiguous().add_(0.0).view(torch.int64)
+        keys[start : start + step, 0] = (bits * mult[:, 0]).sum(dim=1)
+        keys[start : start + step, 1] = (bits * mult[:, 1]).sum(dim=1)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    order = torch.arange(n_rows, device=x.device)
+    first = torch.full((n_groups,), n_rows, dtype=torch.int64, device=x.device)
+    first = first.scatter_reduce_(0, group, order, reduce="amin")
+    lead = first[group]
+    mismatch = torch.zeros(n_rows, dtype=torch.bool, device=x.device)
+    for start in range(0, n_rows, step):
+        sl = slice(start, start + step)
+        mismatch[sl] = (x[sl] != x[lead[sl]]).any(dim=1)
+    if bool(mismatch.any()):  # a hash collision: resolve the groups involved exactly
+        bad_groups = torch.unique(group[mismatch])
+        involved = torch.isin(group, bad_groups)
+        rows = order[involved]
+        _, sub = torch.unique(x[rows].to(torch.float64), dim=0, return_inverse=True)
+        resolved = torch.full((int(sub.max()) + 1,), n_rows, dtype=torch.int64, device=x.device)
+        resolved = resolved.scatter_reduce_(0, sub, rows, reduce="amin")
+        keep = first[~torch.isin(torch.arange(n_groups, device=x.device), bad_groups)]
+        first = torch.cat([keep, resolved])
+    return first.sort().values
+
+
+def _merge_topk(
+    best_val: torch.Tensor, best_idx: torch.Tensor, rows: slice, block: torch.Tensor, col_offset: int
+) -> None:
+    """Fold one block of candidate values ``(rows, cols)`` into the running k smallest of those rows."""
+    k = best_val.shape[1]
+    vals, idx = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False)
+    vals = torch.cat([best_val[rows], vals], dim=1)
+    idx = torch.cat([best_idx[rows], idx + col_offset], dim=1)
+    vals, pick = torch.topk(vals, k, dim=1, largest=False)
+    best_val[rows] = vals
+    best_idx[rows] = idx.gather(1, pick)
+
+
+def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     """Sorted exact Euclidean distances ``(S, k)`` from each row to its ``k`` nearest other rows.
 
     Candidates (``k`` plus a few spares) are chosen from squared distances via the Gram matrix of the
-    centred points, one block of rows at a time; their distances are then recomputed from differences,
-    so Gram round-off can only affect which of nearly tied neighbours are chosen, never the distances.
-    """
-    n_points = points.shape[0]
-    n_candidates = min(n_points - 1, k + _EXTRA_CANDIDATES)
-    centred = points - points.mean(dim=0, keepdim=True)
-    sq_norms = (centred**2).sum(dim=1)
-    rows_per_block = max(1, _BLOCK_ELEMENTS // n_points)
-    candidates = []
-    for start in range(0, n_points, rows_per_block):
-        stop = min(start + rows_per_block, n_points)
-        # ||x_j||^2 - 2 <x_i, x_j>: the squared distance up to the row constant ||x_i||^2 (same order).
-        block = torch.addmm(sq_norms[None, :], centred[start:stop], centred.T, alpha=-2.0)
-        rows = torch.arange(stop - start, device=points.device)
-        block[rows, rows + start] = float("inf")  # exclude the point itself
-        candidates.append(torch.topk(block, n_candidates, dim=1, largest=False).indices)
-    neighbours = torch.cat(candidates)
+    centred points, one pair of row blocks at a time (each product serves both blocks); their distances
+    are then recomputed from differences of the (uncentred, power-of-two-scaled) points, so Gram round-off
+    can only affect which of nearly tied neighbours are chosen, never the distances.
 
-    rows_per_block = max(1, _BLOCK_ELEMENTS // (n_candidates * points.shape[1]))
-    dists = []
-    for start in range(0, n_points, rows_per_block):
-        stop = min(start + rows_per_block, n_points)
-        diff = points[neighbours[start:stop]] - points[start:stop, None, :]
-        dists.append(torch.linalg.vector_norm(diff, dim=2))
-    return torch.cat(dists).sort(dim=1).values[:, :k]
+    Large problems (``S^2 N >= 2**30``, float32 matmuls in IEEE precision) choose candidates with a
+    float32 Gram (twice the matmul rate),
+    then *certify* every row: with ``c = 1.01 (N + 2) u`` (``u = 2**-24``) the float32 Gram entry is within
+    ``c |w_i| |w_j|`` of the exact one, so no non-candidate can be nearer than the k-th exact distance when
+    the largest candidate value minus ``2 c |w_i| max_j |w_j|`` still exceeds it. Rows that fail (near
+    ties far from the centre) are redone with a float64 Gram, so the result is the float64 path's.
+    """
+    n_points = blocks.n_rows
+    n_candidates = min(n_points - 1, k + _EXTRA_CANDIDATES)
+    sq_norms = _squared_norms(blocks)
+    low = (
+        n_points * n_points * blocks.n_cols >= _FLOAT32_MIN_WORK
+        and n_candidates < n_points - 1
+        and _ieee_float32_matmul(sq_norms.device)
+    )
+    best_val, best_idx = _candidates(blocks, n_candidates, sq_norms, torch.float32 if low else torch.float64)
+    dists = _exact_distances(blocks, torch.arange(n_points, device=sq_norms.device), best_idx)
+    if low:
+        unit = 1.01 * (blocks.n_cols + 2) * 2.0**-24
+        norms = sq_norms.sqrt()
+        margin = 2 * unit * norms * norms.max() + 8 * torch.finfo(torch.float64).eps * (
+            sq_norms + sq_norms.max()
+        )
+        # The k-th exact squared distance, in the centred blocks' units (they carry 2**shift2 more).
+        kth = dists.sort(dim=1).values[:, k - 1].square() * 4.0**blocks.shift2
+        doubtful = torch.nonzero(best_val[:, -1] + sq_norms - margin <= kth * (1 + 1e-9)).squeeze(1)
+        if doubtful.numel():
+            _, redo_idx = _candidates_of(blocks, doubtful, n_candidates, sq_norms)
+            dists[doubtful] = _exact_distances(blocks, doubtful, redo_idx)
+    return dists.sort(dim=1).values[:, :k]
+
+
+# Problems with at least this many multiply-adds (S^2 N) pick neighbour candidates with a float32 Gram.
+_FLOAT32_MIN_WORK = 2**30
+
+
+def _ieee_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls run in IEEE float32 (the certification's error bound assumes it): not
+    when TF32/bf16 shortcuts are allowed (``torch.set_float32_matmul_precision("high")``, or
+    ``torch.backends.cuda.matmul.allow_tf32`` on CUDA); then the float64 Gram is used."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+
+
+def _squared_norms(blocks: _Blocks) -> torch.Tensor:
+    """``(S,)`` squared norms of the centred working rows."""
+    n_points, n_feat = blocks.n_rows, blocks.n_cols
+    out = torch.empty(n_points, dtype=torch.float64, device=blocks.x.device)
+    step = _rows_per_block(n_feat)
+    for start in range(0, n_points, step):
+        out[start : start + step] = blocks.block(slice(start, start + step)).square().sum(dim=1)
+    return out
+
+
+def _candidates(
+    blocks: _Blocks, n_candidates: int, sq_norms: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running ``n_candidates`` smallest ``||w_j||^2 - 2 <w_i, w_j>`` per row (ascending) and their
+    indices, from a Gram in ``dtype`` computed over pairs of row blocks (``i <= j``, each product used for
+    both blocks)."""
+    n_points, n_feat = blocks.n_rows, blocks.n_cols
+    device = sq_norms.device
+    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
+    starts = list(range(0, n_points, step))
+    best_val = torch.full((n_points, n_candidates), math.inf, dtype=torch.float64, device=device)
+    best_idx = torch.zeros((n_points, n_candidates), dtype=torch.int64, device=device)
+    for i, start_i in enumerate(starts):
+        rows_i = slice(start_i, min(start_i + step, n_points))
+        left = blocks.block(rows_i).to(dtype)
+        for start_j in starts[i:]:
+            rows_j = slice(start_j, min(start_j + step, n_points))
+            right = left if start_j == start_i else blocks.block(rows_j).to(dtype)
+            gram = left @ right.T
+            # ||w_j||^2 - 2 <w_i, w_j>: the squared distance up to the row constant ||w_i||^2 (same order).
+            proxy = torch.add(sq_norms[None, rows_j], gram, alpha=-2.0)
+            if start_j == start_i:
+                proxy.fill_diagonal_(math.inf)  # exclude the point itself
+            _merge_topk(best_val, best_idx, rows_i, proxy, start_j)
+            if start_j != start_i:
+                proxy = torch.add(sq_norms[None, rows_i], gram.T, alpha=-2.0)
+                _merge_topk(best_val, best_idx, rows_j, proxy, start_i)
+    return best_val, best_idx
+
+
+def _candidates_of(
+    blocks: _Blocks, rows: torch.Tensor, n_candidates: int, sq_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_candidates` in float64 for the given rows only (against every point)."""
+    n_points, n_feat = blocks.n_rows, blocks.n_cols
+    step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
+    best_val = torch.full((rows.numel(), n_candidates), math.inf, dtype=torch.float64, device=rows.device)
+    best_idx = torch.zeros((rows.numel(), n_candidates), dtype=torch.int64, device=rows.device)
+    for r0 in range(0, rows.numel(), step):
+        sel = slice(r0, r0 + step)
+        left = blocks.block(rows[sel])
+        for start in range(0, n_points, step):
+            cols = slice(start, min(start + step, n_points))
+            proxy = torch.addmm(sq_norms[None, cols], left, blocks.block(cols).T, alpha=-2.0)
+            own = rows[sel] - start
+            inside = (own >= 0) & (own < proxy.shape[1])
+            proxy[torch.nonzero(inside).squeeze(1), own[inside]] = math.inf  # exclude the point itself
+            _merge_topk(best_val, best_idx, sel, proxy, start)
+    return best_val, best_idx
+
+
+def _exact_distances(blocks: _Blocks, rows: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """``(len(rows), kc)`` Euclidean distances from each row to its listed neighbours, from differences
+    of the uncentred (power-of-two-scaled) points."""
+    n_rows, n_candidates = neighbours.shape
+    per_block = max(1, _block_elements() // (n_candidates * blocks.n_cols))
+    dists = torch.empty((n_rows, n_candidates), dtype=torch.float64, device=neighbours.device)
+    for start in range(0, n_rows, per_block):
+        stop = min(start + per_block, n_rows)
+        cand = blocks._raw(neighbours[start:stop].reshape(-1), slice(None)).reshape(
+            stop - start, n_candidates, -1
+        )
+        cand -= blocks._raw(rows[start:stop], slice(None))[:, None, :]
+        dists[start:stop] = torch.linalg.vector_norm(cand, dim=2)
+    return dists

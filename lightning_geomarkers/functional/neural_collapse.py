@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.preprocessing import _scaled64, _times_pow2
+from lightning_geomarkers.functional.preprocessing import _Blocks, _rows_per_block, _scaled64, _times_pow2
 from lightning_geomarkers.functional.spectral import _check_rtol
 from lightning_geomarkers.utilities.checks import check_features_labels
 
@@ -55,13 +55,21 @@ def neural_collapse(features: Any, labels: Any, rtol: float = 1e-3) -> torch.Ten
         0.125
     """
     x, y = check_features_labels(features, labels, min_classes=2)
-    rtol = _check_rtol(rtol)
-    xs, _ = _scaled64(x)
+    return _neural_collapse(x, y, _check_rtol(rtol))
+
+
+def _neural_collapse(x: torch.Tensor, y: torch.Tensor, rtol: float) -> torch.Tensor:
+    """:func:`neural_collapse` on already validated features, labels and ``rtol``."""
+    blocks = _Blocks(x, centered=False)  # power-of-two-scaled float64 rows, made block by block
     _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
     n_classes = counts.numel()
-    sums = xs.new_zeros((n_classes, xs.shape[1])).index_add_(0, inverse, xs)
-    means = sums / counts.to(xs.dtype).unsqueeze(1)
-    within = xs - means[inverse]
+    n_rows, n_feat = x.shape
+    step = _rows_per_block(n_feat)
+    sums = torch.zeros((n_classes, n_feat), dtype=torch.float64, device=x.device)
+    for start in range(0, n_rows, step):
+        sl = slice(start, start + step)
+        sums.index_add_(0, inverse[sl], blocks.block(sl))
+    means = sums / counts.to(torch.float64).unsqueeze(1)
     between, shift = _scaled64(means - means.mean(dim=0, keepdim=True))
     if float(between.abs().max()) == 0.0:
         raise ValueError(
@@ -70,9 +78,16 @@ def neural_collapse(features: Any, labels: Any, rtol: float = 1e-3) -> torch.Ten
         )
     _, sv, vh = torch.linalg.svd(between, full_matrices=False)
     keep = (sv / sv[0]) ** 2 > rtol
+    directions = vh[keep].T  # (N, K)
+    # ||W v_k||^2 accumulated over row blocks of the within-class residuals W.
+    proj_sq = torch.zeros(directions.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, n_rows, step):
+        sl = slice(start, start + step)
+        resid = blocks.block(sl).sub_(means[inverse[sl]])
+        proj_sq += (resid @ directions).square().sum(dim=0)
     # ||W v_k|| / s_k, with s_k of the rescaled class means: undo the power-of-two shift before squaring.
-    ratios = _times_pow2(torch.linalg.vector_norm(within @ vh[keep].T, dim=0) / sv[keep], shift)
-    nc1 = (ratios**2).sum() / xs.shape[0]
+    ratios = _times_pow2(proj_sq.sqrt() / sv[keep], shift)
+    nc1 = (ratios**2).sum() / n_rows
     if not bool(torch.isfinite(nc1)):
         raise ValueError(
             "NC1 overflows float64: the class means are (numerically) equal relative to the within-class "

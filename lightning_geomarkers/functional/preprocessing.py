@@ -41,7 +41,8 @@ def center(features: Any) -> torch.Tensor:
     .. math:: \tilde x_i = x_i - \frac{1}{S} \sum_{j=1}^{S} x_j
 
     The mean is accumulated in float64 (after subtracting the first row, so that exactly constant
-    columns become exactly zero) and the result is cast back to the input's dtype.
+    columns become exactly zero) and the result is cast back to the input's dtype. Works in 16 MiB float64
+    row blocks: the only full-size allocation is the result.
 
     Args:
         features: ``(S, N)`` tensor or numpy array, rows are samples. Integer input is converted to the
@@ -61,8 +62,12 @@ def center(features: Any) -> torch.Tensor:
                 [ 1.,  2.]])
     """
     x = check_features(features)
-    xc, shift = _center_scaled(x)
-    out = _unscale(xc, shift).to(x.dtype)
+    blocks = _Blocks(x, centered=True)
+    out = torch.empty_like(x)
+    step = _rows_per_block(x.shape[1])
+    for start in range(0, x.shape[0], step):
+        sl = slice(start, start + step)
+        out[sl] = _unscale(blocks.block(sl), blocks.shift).to(x.dtype)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"Centring overflowed {x.dtype}: `features` values are too large (max |x| = "
@@ -116,6 +121,36 @@ def random_projection(
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"The random projection overflowed {x.dtype}: `features` values are too large. "
+            "Rescale the features (or cast them to float64) first."
+        )
+    return out
+
+
+def _center_project(
+    x: torch.Tensor, out_dim: int, *, centered: bool, generator: torch.Generator | int | None
+) -> torch.Tensor:
+    """``random_projection(center(x) if centered else x, out_dim, generator=generator)`` in row blocks.
+
+    Same projection matrix (same draws from ``generator``) and the same per-row arithmetic, but the
+    centred ``(S, N)`` copy never exists: each centred row block is projected at once, so the only
+    full-size allocation is the ``(S, out_dim)`` result. ``x`` must already be validated.
+    """
+    if x.shape[1] <= out_dim:
+        return center(x) if centered else x
+    g = as_generator(generator)
+    n_features = x.shape[1]
+    proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
+    proj = proj.to(device=x.device, dtype=x.dtype)
+    out = x.new_empty((x.shape[0], out_dim))
+    blocks = _Blocks(x, centered=True) if centered else None
+    step = _rows_per_block(n_features)
+    for start in range(0, x.shape[0], step):
+        sl = slice(start, start + step)
+        part = _unscale(blocks.block(sl), blocks.shift).to(x.dtype) if blocks is not None else x[sl]
+        out[sl] = part @ proj
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"Centring or the random projection overflowed {x.dtype}: `features` values are too large. "
             "Rescale the features (or cast them to float64) first."
         )
     return out
@@ -241,3 +276,128 @@ def _centered64(x: torch.Tensor) -> torch.Tensor:
     Only for scale-invariant markers: the overall scale is not preserved.
     """
     return _scaled64(_center_scaled(x)[0])[0]
+
+
+# Float64 elements of one temporary working block (16 MiB). Blocks stay below glibc's 32 MiB mmap
+# threshold and are reused in shape, so the allocator recycles them instead of growing the heap.
+_BLOCK_ELEMENTS = 2**21
+
+
+def _block_elements() -> int:
+    """The block budget, read at call time (tests shrink it to check that blocking changes nothing)."""
+    return _BLOCK_ELEMENTS
+
+
+def _rows_per_block(n_cols: int) -> int:
+    """Rows of an ``(rows, n_cols)`` float64 block within the block budget (at least 1)."""
+    return max(1, _block_elements() // max(1, n_cols))
+
+
+def _pow2_shift(peak: float) -> int:
+    """Power-of-two exponent that brings ``peak > 0`` into ``[0.5, 1)`` (0 for ``peak == 0``)."""
+    return 0 if peak == 0.0 else -math.frexp(peak)[1]
+
+
+def _safe_shift(peak: float) -> int:
+    """0 when ``peak`` lies in ``[2**-300, 2**300]`` (squares and their sums over any realistic length
+    stay clear of float64 overflow and underflow), else :func:`_pow2_shift`. Scaling by a power of two
+    changes no rounding, so skipping it where it is not needed gives bit-identical results, faster."""
+    return 0 if peak == 0.0 or 2.0**-300 <= peak <= 2.0**300 else _pow2_shift(peak)
+
+
+def _abs_peak(x: torch.Tensor) -> float:
+    """``max |x|`` without an ``|x|``-sized temporary."""
+    low, high = torch.aminmax(x)
+    return max(-float(low), float(high))
+
+
+class _Blocks:
+    """Centred (or not), power-of-two-rescaled float64 blocks of ``x``, made on demand.
+
+    The same values :func:`_centered64` (``centered=True``) or ``_scaled64(x)[0]`` (``centered=False``)
+    would give, up to summation order in the mean, but block by block, so no full float64 copy of ``x``
+    ever exists: ``block(rows, cols)`` costs one ``(rows, cols)`` float64 temporary. The first row is
+    subtracted before the mean, so exactly constant columns centre to exactly zero. Values are rescaled by
+    a power of two only where squares could overflow or underflow (``shift1`` for the raw values,
+    ``shift2`` for the centred ones; see :func:`_safe_shift`).
+
+    ``shift`` is the total power of two: values of the working blocks are ``(x - mean) * 2**shift``.
+    """
+
+    def __init__(self, x: torch.Tensor, *, centered: bool = True, rows: torch.Tensor | None = None) -> None:
+        self.x = x
+        self.rows = rows  # optional index of the rows in use (e.g. the distinct points)
+        self.n_rows = x.shape[0] if rows is None else rows.numel()
+        self.n_cols = x.shape[1]
+        self.shift1 = _safe_shift(_abs_peak(x))  # any power of two that avoids overflow will do
+        self.centered = centered
+        self.shift2 = 0
+        if centered:
+            step = _rows_per_block(self.n_cols)
+            self._first = self._raw(slice(0, 1), slice(None))[0]
+            total = torch.zeros(self.n_cols, dtype=torch.float64, device=x.device)
+            for start in range(0, self.n_rows, step):
+                total += self._raw(slice(start, start + step), slice(None)).sub_(self._first).sum(dim=0)
+            self._mean = total / self.n_rows
+            peak = 0.0
+            for start in range(0, self.n_rows, step):
+                part = self._raw(slice(start, start + step), slice(None))
+                peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
+            self.shift2 = _safe_shift(peak)
+        self.shift = self.shift1 + self.shift2
+
+    def _raw(self, rows: slice | torch.Tensor, cols: slice) -> torch.Tensor:
+        """``x[rows, cols] * 2**shift1`` as a fresh float64 tensor."""
+        if self.rows is not None:
+            rows = self.rows[rows]
+        if isinstance(rows, torch.Tensor):  # a gather is already a fresh tensor
+            part = self.x.index_select(0, rows)[:, cols].to(torch.float64)
+        else:
+            part = self.x[rows, cols].to(torch.float64, copy=True)
+        return _times_pow2_(part, self.shift1)
+
+    def block(self, rows: slice | torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
+        """Working block ``(x[rows, cols] - mean) * 2**shift`` in float64 (a fresh tensor)."""
+        part = self._raw(rows, cols)
+        if self.centered:
+            part.sub_(self._first[cols]).sub_(self._mean[cols])
+        return _times_pow2_(part, self.shift2)
+
+
+def _times_pow2_(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """In-place ``t *= 2**shift`` in two exact steps (see :func:`_times_pow2`)."""
+    if shift:
+        half = shift // 2
+        t.mul_(math.ldexp(1.0, half)).mul_(math.ldexp(1.0, shift - half))
+    return t
+
+
+def _gram64(blocks: _Blocks) -> torch.Tensor:
+    """Gram matrix of the working matrix ``W`` of ``blocks`` on its smaller side, accumulated in blocks.
+
+    ``W^T W`` (``N x N``) when ``S > N``, else ``W W^T`` (``S x S``): the same non-zero eigenvalues, at
+    ``min(S, N)^2`` memory plus one block, never a full float64 copy of the features. Only the tiles on
+    and below the diagonal are multiplied (the matrix is symmetric: about 60% of the work at n = 2048),
+    and the upper triangle is mirrored at the end.
+    """
+    n_rows, n_cols = blocks.n_rows, blocks.n_cols
+    device = blocks.x.device
+    n = min(n_rows, n_cols)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+    tile = n if n <= 768 else 512
+    edges = list(range(0, n, tile))
+    long_side, step = (
+        (n_rows, _rows_per_block(n_cols)) if n_rows > n_cols else (n_cols, _rows_per_block(n_rows))
+    )
+    for start in range(0, long_side, step):
+        if n_rows > n_cols:
+            part = blocks.block(slice(start, start + step))  # (rows, n): accumulate part^T part
+        else:
+            part = blocks.block(slice(None), slice(start, start + step)).T  # (cols, n): the same
+        for i in edges:
+            rows_i = slice(i, i + tile)
+            for j in edges:
+                if j > i:
+                    break
+                gram[rows_i, j : j + tile].addmm_(part[:, rows_i].T, part[:, j : j + tile])
+    return gram.tril() + gram.tril(-1).T

@@ -9,21 +9,29 @@ with better out-of-distribution transfer (``docs/markers.md`` section 8), used a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.distances import within_class_distance
+from lightning_geomarkers.functional.distances import _within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult
-from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_dimension
-from lightning_geomarkers.functional.neural_collapse import neural_collapse
-from lightning_geomarkers.functional.preprocessing import center, random_projection
+from lightning_geomarkers.functional.intrinsic_dimension import _local_intrinsic_dimension
+from lightning_geomarkers.functional.neural_collapse import _neural_collapse
+from lightning_geomarkers.functional.preprocessing import _center_project
 from lightning_geomarkers.functional.protocols import GluePairsResult, glue_joint, glue_pairs
-from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
+from lightning_geomarkers.functional.spectral import (
+    _effective_rank,
+    _feature_spectrum,
+    _numerical_rank,
+    _participation_ratio,
+)
+from lightning_geomarkers.functional.uncertainty import glue_standard_errors
 from lightning_geomarkers.utilities.checks import check_features_labels, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
+from lightning_geomarkers.utilities.threads import limit_threads
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
 
@@ -61,6 +69,7 @@ MARKERS: dict[str, MarkerInfo] = {
     ]
 }
 GLUE_MARKER_NAMES = tuple(f"glue_{name}" for name in GLUE_MARKERS)
+SPECTRAL_MARKER_NAMES = ("participation_ratio", "numerical_rank", "effective_rank")
 DEFAULT_MARKERS = tuple(name for name in MARKERS if name != "lid_twonn")
 
 
@@ -83,11 +92,23 @@ def resolve_marker_names(markers: str | Iterable[str]) -> tuple[str, ...]:
 
 @dataclass
 class MarkerReport:
-    """Values of the computed markers (0-dim float64 tensors) and, for those skipped, the reason."""
+    """Values of the computed markers (0-dim float64 tensors) and, for those skipped, the reason.
+
+    ``spectrum``: the descending singular values of the centred features (float64,
+    :func:`~lightning_geomarkers.functional.spectral.feature_spectrum`), the one decomposition shared by
+    the spectral markers; None when no spectral marker was asked and ``return_spectrum=False``.
+    ``standard_errors``: marker name -> standard error of the GLUE markers (see
+    :mod:`~lightning_geomarkers.functional.uncertainty`); markers without an SE are absent.
+    ``seconds``: host wall-clock seconds per step ("glue", "spectrum", and each other marker; on CUDA
+    they include only what the host waited for).
+    """
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     glue: Any = None
+    spectrum: torch.Tensor | None = None
+    standard_errors: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def geometry_markers(
@@ -106,6 +127,8 @@ def geometry_markers(
     lid_k: int = 20,
     generator: torch.Generator | int | None = None,
     strict: bool = True,
+    return_spectrum: bool = False,
+    num_threads: int | None = None,
 ) -> MarkerReport:
     """Compute a selection of geometry markers on one labelled feature sample.
 
@@ -126,6 +149,15 @@ def geometry_markers(
             ``MarkerReport.skipped`` and carry on with the others. Markers that come out undefined
             (not finite, e.g. axis alignments of point-like manifolds) are always left out and listed in
             ``skipped``.
+        return_spectrum: also compute ``MarkerReport.spectrum`` when no spectral marker is asked (it is
+            always returned when one is: participation ratio, numerical and effective rank share it).
+        num_threads: run with this many torch intra-op threads (restored afterwards; ``None`` leaves
+            torch's setting). On a CPU shared with other busy processes ``1`` avoids large slow-downs
+            (see ``docs/performance.md``).
+
+    Memory is bounded: every non-GLUE marker works on 16 MiB float64 blocks (plus a ``min(S, N)^2``
+    Gram for the spectrum and ``O(S k)`` neighbour lists for LID); no float64 copy of the features is
+    made, and the GLUE input is centred and projected block by block.
 
     Returns:
         :class:`MarkerReport`.
@@ -154,13 +186,55 @@ def geometry_markers(
         lid_k=lid_k,
     )
     lid_k, projection_dim = protocol["lid_k"], protocol["projection_dim"]
+    if not isinstance(return_spectrum, bool):
+        raise TypeError(f"`return_spectrum` must be a bool, got {return_spectrum!r}.")
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     gen = as_generator(generator)
     # Independent streams, so adding or removing one marker leaves the others' draws unchanged.
     seeds = split_seeds(gen, 2)
+    with limit_threads(num_threads):
+        return _compute(
+            x,
+            y,
+            names,
+            seeds,
+            glue_protocol=glue_protocol,
+            points_per_class=points_per_class,
+            n_pairs=n_pairs,
+            n_t=n_t,
+            dichotomies=dichotomies,
+            max_classes=max_classes,
+            center_features=center_features,
+            projection_dim=projection_dim,
+            lid_k=lid_k,
+            strict=strict,
+            return_spectrum=return_spectrum,
+        )
+
+
+def _compute(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    names: tuple[str, ...],
+    seeds: Any,
+    *,
+    glue_protocol: str,
+    points_per_class: int,
+    n_pairs: int | None,
+    n_t: int,
+    dichotomies: str,
+    max_classes: int | None,
+    center_features: bool,
+    projection_dim: int | None,
+    lid_k: int,
+    strict: bool,
+    return_spectrum: bool,
+) -> MarkerReport:
+    """The body of :func:`geometry_markers` on validated input."""
     report = MarkerReport()
 
-    def attempt(keys: tuple[str, ...], fn) -> None:
+    def attempt(keys: tuple[str, ...], fn, timer: str) -> None:
+        start = time.perf_counter()
         try:
             out = fn()
         except (ValueError, RuntimeError) as err:
@@ -169,6 +243,8 @@ def geometry_markers(
             for key in keys:
                 report.skipped[key] = str(err)
             return
+        finally:
+            report.seconds[timer] = time.perf_counter() - start
         for key, val in out.items():
             report.values[key] = torch.as_tensor(val, dtype=torch.float64).detach()
 
@@ -176,9 +252,10 @@ def geometry_markers(
     if glue_wanted:
 
         def run_glue() -> dict[str, Any]:
-            z = center(x) if center_features else x
-            if projection_dim is not None and z.shape[1] > projection_dim:
-                z = random_projection(z, projection_dim, generator=seeds[0])
+            if projection_dim is not None:
+                z = _center_project(x, projection_dim, centered=center_features, generator=seeds[0])
+            else:
+                z = _center_project(x, x.shape[1], centered=center_features, generator=None)
             common: dict[str, Any] = dict(
                 points_per_class=points_per_class,
                 n_t=n_t,
@@ -191,25 +268,41 @@ def geometry_markers(
                 res = glue_pairs(z, y, n_pairs=n_pairs, **common)
             else:
                 res = glue_joint(z, y, **common)
+            del z
             report.glue = res
+            errors = glue_standard_errors(res)
+            report.standard_errors.update(
+                {f"glue_{n}": float(v) for n, v in errors.items() if f"glue_{n}" in glue_wanted}
+            )
             return {n: getattr(res, n.removeprefix("glue_")) for n in glue_wanted}
 
-        attempt(glue_wanted, run_glue)
+        attempt(glue_wanted, run_glue, "glue")
 
+    spectral_wanted = tuple(n for n in names if n in SPECTRAL_MARKER_NAMES)
+    if spectral_wanted or return_spectrum:
+
+        def run_spectrum() -> dict[str, Any]:
+            report.spectrum = _feature_spectrum(x)  # x is validated: no second pass over it
+            return {}
+
+        attempt(spectral_wanted, run_spectrum, "spectrum")
+    spectrum = report.spectrum
     others = {
-        "participation_ratio": lambda: participation_ratio(x),
-        "numerical_rank": lambda: numerical_rank(x),
-        "effective_rank": lambda: effective_rank(x),
-        "nc1": lambda: neural_collapse(x, y),
-        "lid": lambda: local_intrinsic_dimension(x, k=lid_k),
-        "lid_twonn": lambda: local_intrinsic_dimension(x, method="twonn"),
-        "within_class_distance": lambda: within_class_distance(x, y),
+        "participation_ratio": lambda: _participation_ratio(x, spectrum),
+        "numerical_rank": lambda: _numerical_rank(x, 1e-3, spectrum),
+        "effective_rank": lambda: _effective_rank(x, True, spectrum),
+        # x and y were validated once above (2+ classes, 2+ samples each): no second pass over them.
+        "nc1": lambda: _neural_collapse(x, y, 1e-3),
+        "lid": lambda: _local_intrinsic_dimension(x, lid_k, "mle"),
+        "lid_twonn": lambda: _local_intrinsic_dimension(x, 20, "twonn"),
+        "within_class_distance": lambda: _within_class_distance(x, y),
     }
     for name in names:
-        if name in others:
-            attempt((name,), lambda fn=others[name], key=name: {key: fn()})
+        if name in others and not (name in SPECTRAL_MARKER_NAMES and spectrum is None):
+            attempt((name,), lambda fn=others[name], key=name: {key: fn()}, name)
     for name, val in list(report.values.items()):
         if not math.isfinite(float(val)):  # e.g. alignments of point-like manifolds, which have no axes
             del report.values[name]
+            report.standard_errors.pop(name, None)
             report.skipped[name] = "undefined for these features (the value is not finite)"
     return report

@@ -1,0 +1,417 @@
+"""The shared spectrum, block-bounded markers and GLUE standard errors, against independent references.
+
+* ``feature_spectrum`` (eigenvalues of the smaller Gram side) against ``numpy.linalg.svd`` in float64, also
+  on ill-conditioned inputs, and the three spectral markers fed with it against direct SVD formulas;
+* ``geometry_markers`` decomposes once and returns that spectrum;
+* every blocked computation gives the same result with tiny blocks (chunked == unchunked);
+* peak memory of the non-GLUE markers stays bounded (maxrss in a subprocess);
+* standard errors against a direct numpy jackknife loop and a Monte-Carlo spread over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+import lightning_geomarkers.functional.intrinsic_dimension as lid_module
+import lightning_geomarkers.functional.preprocessing as prep
+from lightning_geomarkers.functional import (
+    center,
+    effective_rank,
+    feature_spectrum,
+    geometry_markers,
+    glue,
+    glue_pairs,
+    glue_standard_errors,
+    jackknife_standard_errors,
+    local_intrinsic_dimension,
+    neural_collapse,
+    numerical_rank,
+    pairs_standard_errors,
+    participation_ratio,
+    random_projection,
+    within_class_distance,
+)
+from lightning_geomarkers.functional.preprocessing import _center_project
+
+EPS = np.finfo(np.float64).eps
+
+
+def ref_singular_values(x, centered=True):
+    x = np.asarray(x, dtype=np.float64)
+    return np.linalg.svd(x - x.mean(axis=0) if centered else x, compute_uv=False)
+
+
+def ref_markers_from_svd(s, rtol=1e-3):
+    lam = s**2
+    pr = lam.sum() ** 2 / (lam**2).sum()
+    rank = int((s >= rtol * s[0]).sum())
+    p = s / s.sum()
+    p = p[p > 0]
+    return pr, rank, float(np.exp(-(p * np.log(p)).sum()))
+
+
+def with_spectrum(rng, n_rows, n_cols, singular_values):
+    """Centred ``(n_rows, n_cols)`` matrix with the given singular values (random orthonormal factors)."""
+    r = len(singular_values)
+    u, _ = np.linalg.qr(rng.normal(size=(n_rows, r)))
+    u -= u.mean(axis=0)  # centred columns (then re-orthonormalised)
+    u, _ = np.linalg.qr(u)
+    v, _ = np.linalg.qr(rng.normal(size=(n_cols, r)))
+    return (u * singular_values) @ v.T + rng.normal(size=n_cols) * 10.0  # plus an offset: centring matters
+
+
+# ----------------------------------------------------------------------------------------------------
+# The spectrum
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(300, 40), (40, 300), (64, 64), (1, 5), (7, 1)])
+@pytest.mark.parametrize("centered", [True, False])
+def test_feature_spectrum_matches_numpy_svd(n_rows, n_cols, centered):
+    x = np.random.default_rng(n_rows * n_cols).normal(size=(n_rows, n_cols)) * 3.0 + 1.0
+    got = feature_spectrum(x, centered=centered).numpy()
+    ref = ref_singular_values(x, centered)
+    assert got.shape == (min(n_rows, n_cols),) and np.all(np.diff(got) <= 0)
+    resolved = ref > np.sqrt(10 * min(x.shape) * EPS) * ref.max()
+    np.testing.assert_allclose(got[resolved], ref[resolved], rtol=1e-9)
+    # Below the Gram route's resolution everything is round-off: zero or tiny.
+    assert np.all(got[~resolved] <= np.sqrt(10 * min(x.shape) * EPS) * ref.max())
+
+
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(400, 60), (60, 400)])
+def test_spectrum_on_ill_conditioned_input(n_rows, n_cols):
+    # Singular values spread over 12 decades, one group straddling rtol = 1e-3.
+    rng = np.random.default_rng(1)
+    sv = np.concatenate([np.logspace(0, -12, 40), [1.0001e-3, 0.9999e-3]])
+    x = with_spectrum(rng, n_rows, n_cols, sv)
+    ref = ref_singular_values(x)
+    got = feature_spectrum(x).numpy()
+    n = min(x.shape)
+    # The precision claim: values above 1e-3 sigma_max (eigenvalues above 1e-6 lambda_max) to 1e-6 relative.
+    big = ref >= 1e-3 * ref[0]
+    np.testing.assert_allclose(got[big], ref[big], rtol=1e-6)
+    # Absolute error of every value bounded by the Gram floor sqrt(n eps) sigma_max (up to a small factor).
+    assert np.max(np.abs(got - ref)) <= 4 * np.sqrt(n * EPS) * ref[0]
+    pr, rank, erank = ref_markers_from_svd(ref)
+    spectrum = torch.from_numpy(got)
+    assert int(numerical_rank(x, spectrum=spectrum)) == rank == int(numerical_rank(x))
+    np.testing.assert_allclose(float(participation_ratio(x, spectrum=spectrum)), pr, rtol=1e-9)
+    # Effective rank: the unresolved tail moves it by at most k sqrt(n eps) (1 + log(1 / sqrt(n eps))).
+    tail = np.sqrt(n * EPS)
+    bound = n * tail * (1 + np.log(1 / tail))
+    assert abs(float(effective_rank(x, spectrum=spectrum)) - erank) <= bound * erank
+    assert abs(float(effective_rank(x)) - erank) <= 1e-4 * erank
+
+
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(200, 30), (30, 200)])
+def test_shared_spectrum_equals_direct_marker_formulas(n_rows, n_cols):
+    x = np.random.default_rng(2).normal(size=(n_rows, n_cols)) @ np.diag(np.linspace(0.1, 3, n_cols))
+    ref = ref_singular_values(x)
+    pr, rank, erank = ref_markers_from_svd(ref)
+    spectrum = feature_spectrum(x)
+    for value, expected in [
+        (participation_ratio(x, spectrum=spectrum), pr),
+        (participation_ratio(x), pr),
+        (effective_rank(x, spectrum=spectrum), erank),
+        (effective_rank(x), erank),
+    ]:
+        np.testing.assert_allclose(float(value), expected, rtol=1e-9)
+    assert int(numerical_rank(x, spectrum=spectrum)) == rank == int(numerical_rank(x))
+    raw = feature_spectrum(x, centered=False)
+    _, _, rankme = ref_markers_from_svd(ref_singular_values(x, centered=False))
+    np.testing.assert_allclose(float(effective_rank(x, centered=False, spectrum=raw)), rankme, rtol=1e-9)
+
+
+def test_numerical_rank_tiny_rtol_falls_back_to_exact_svd():
+    rng = np.random.default_rng(3)
+    x = with_spectrum(rng, 300, 50, np.array([1.0, 1e-5, 1e-7, 1e-9]))
+    # 1e-7 and 1e-9 are below the Gram route's resolution; with rtol = 1e-8 the exact SVD must decide.
+    assert int(numerical_rank(x, rtol=1e-8)) == int((ref_singular_values(x) >= 1e-8 * 1.0).sum()) == 3
+    assert int(numerical_rank(x, rtol=1e-3)) == 1
+
+
+def test_spectrum_argument_is_validated():
+    x = np.random.default_rng(4).normal(size=(20, 5))
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        participation_ratio(x, spectrum=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-negative"):
+        effective_rank(x, spectrum=-torch.ones(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="feature_spectrum"):
+        numerical_rank(x, spectrum=[1.0] * 5)
+
+
+def test_spectrum_scale_and_overflow():
+    x = np.random.default_rng(5).normal(size=(30, 4))
+    np.testing.assert_allclose(
+        feature_spectrum(x * 1e-200).numpy(), ref_singular_values(x) * 1e-200, rtol=1e-9
+    )
+    huge = x / np.abs(x).max() * 1.7e308  # sigma_max ~ sqrt(S) * 1e308: beyond float64
+    with pytest.raises(ValueError, match="overflow"):
+        feature_spectrum(huge)
+    # Markers never unscale, so they work where the spectrum itself would overflow.
+    np.testing.assert_allclose(float(participation_ratio(huge)), float(participation_ratio(x)), rtol=1e-9)
+
+
+def test_geometry_markers_decomposes_once_and_returns_the_spectrum(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(25)
+    x = 3 * torch.randn(4, 40, generator=g)[y] + torch.randn(100, 40, generator=g)
+    calls = {"eigvalsh": 0, "svdvals": 0, "svd": 0}
+    for name in calls:
+        original = getattr(torch.linalg, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counting)
+    spectral = ["participation_ratio", "numerical_rank", "effective_rank"]
+    report = geometry_markers(x, y, markers=spectral)
+    assert calls == {"eigvalsh": 1, "svdvals": 0, "svd": 0}
+    torch.testing.assert_close(report.spectrum, feature_spectrum(x), rtol=0, atol=0)
+    np.testing.assert_allclose(report.spectrum.numpy(), ref_singular_values(x.double().numpy()), rtol=1e-9)
+    assert geometry_markers(x, y, markers=["nc1"]).spectrum is None
+    calls.update(eigvalsh=0)
+    withspec = geometry_markers(x, y, markers=["nc1"], return_spectrum=True)
+    assert calls["eigvalsh"] == 1 and withspec.spectrum is not None
+    assert set(report.seconds) == {"spectrum", *spectral}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked == unchunked
+# ----------------------------------------------------------------------------------------------------
+
+
+def _all_non_glue(x, y):
+    return {
+        "spectrum": feature_spectrum(x),
+        "rankme": feature_spectrum(x, centered=False),
+        "pr": participation_ratio(x),
+        "erank": effective_rank(x),
+        "nrank": numerical_rank(x),
+        "nc1": neural_collapse(x, y),
+        "lid": local_intrinsic_dimension(x, k=6),
+        "twonn": local_intrinsic_dimension(x, method="twonn"),
+        "wcd": within_class_distance(x, y),
+        "center": center(x),
+        "project": _center_project(x, 7, centered=True, generator=3),
+    }
+
+
+def test_tiny_blocks_give_the_same_results(monkeypatch):
+    rng = np.random.default_rng(6)
+    y = np.repeat(np.arange(3), [40, 25, 35])
+    x = torch.from_numpy(rng.normal(size=(100, 12)) + rng.normal(size=(3, 12))[y] * 2 + 50.0)
+    x[7] = x[3]  # a duplicate row for LID
+    y = torch.from_numpy(y)
+    big = _all_non_glue(x, y)
+    monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 30)  # blocks of 2 rows: every loop runs many times
+    small = _all_non_glue(x, y)
+    for key in big:
+        torch.testing.assert_close(small[key], big[key], rtol=1e-10, atol=1e-12, msg=key)
+    # and the blocked GLUE input equals center-then-project
+    torch.testing.assert_close(
+        big["project"], random_projection(center(x), 7, generator=3), rtol=1e-12, atol=1e-12
+    )
+    dup_free = x[torch.arange(100) != 7].numpy()
+    dist, _ = cKDTree(dup_free).query(dup_free, k=7)
+    ref = np.mean(1.0 / (np.log(dist[:, -1:] / dist[:, 1:-1]).sum(axis=1) / 5))
+    np.testing.assert_allclose(float(small["lid"]), ref, rtol=1e-9)
+
+
+def test_within_class_distance_blocked_for_large_classes(monkeypatch):
+    from scipy.spatial.distance import pdist
+
+    x = np.random.default_rng(7).normal(size=(90, 6))
+    y = np.repeat([0, 1], [70, 20])
+    ref = np.mean([pdist(x[y == c]).mean() for c in (0, 1)])
+    monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 200)  # class 0 has 2415 pairs: the cdist path
+    np.testing.assert_allclose(float(within_class_distance(x, y)), ref, rtol=1e-12)
+
+
+def test_duplicate_detection_survives_hash_collisions(monkeypatch):
+    # All multipliers 1: the hash is the sum of the bit patterns, so permuted rows collide.
+    monkeypatch.setattr(lid_module, "_row_hash_multipliers", lambda n: torch.ones((n, 2), dtype=torch.int64))
+    x = np.random.default_rng(8).normal(size=(40, 3))
+    x[10] = x[4][::-1]  # same multiset of values, different row: a collision
+    x[11] = x[4]  # a real duplicate
+    distinct = lid_module._distinct_rows(torch.from_numpy(x))
+    assert distinct.tolist() == [i for i in range(40) if i != 11]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, torch
+    from lightning_geomarkers.functional import geometry_markers
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(80).repeat_interleave(50)  # S = 4000 rows
+    x = torch.randn(4000, 256, generator=g) + torch.randn(80, 256, generator=g)[y]
+    names = ["participation_ratio", "numerical_rank", "effective_rank", "nc1", "lid", "within_class_distance"]
+    geometry_markers(x[:400], y[:400], markers=names)  # warm-up: allocator, kernels
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    report = geometry_markers(x, y, markers=names)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"extra_mb": (peak - base) / 1024, "values": sorted(report.values)}))
+    """
+)
+
+
+def test_non_glue_markers_memory_is_bounded():
+    # An S x S float64 matrix alone would be 128 MB here; the features are 4 MB (float32). The blocks
+    # are 16 MiB each (a few alive at once).
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["values"]) == 6
+    assert result["extra_mb"] < 100, result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Standard errors
+# ----------------------------------------------------------------------------------------------------
+
+
+def ref_jackknife(a, b, c, p, groups):
+    """Direct delete-a-group jackknife: a loop recomputing every marker from scratch."""
+    n = len(a)
+    label = np.arange(n) * groups // n
+    thetas = []
+    for g in range(groups):
+        keep = label != g
+        ea, eb, ec = a[keep].mean(), b[keep].mean(), c[keep].mean()
+        thetas.append([p / ea, eb / p, np.sqrt(ec / (eb - ec)), ec / ea])
+    thetas = np.array(thetas)
+    return np.sqrt((groups - 1) / groups * ((thetas - thetas.mean(axis=0)) ** 2).sum(axis=0))
+
+
+@pytest.mark.parametrize("groups", [None, 7])
+def test_jackknife_matches_direct_loop(groups):
+    rng = np.random.default_rng(9)
+    a = rng.uniform(1, 3, 50)
+    b = rng.uniform(0.5, 1.5, 50)
+    c = b * rng.uniform(0.1, 0.6, 50)
+    se = jackknife_standard_errors(
+        torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), 4, n_groups=groups
+    )
+    ref = ref_jackknife(a, b, c, 4, 50 if groups is None else groups)
+    got = [float(se[n]) for n in ("capacity", "dimension", "radius", "utility")]
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+
+
+def test_standard_error_input_checks():
+    with pytest.raises(ValueError, match="1-D"):
+        jackknife_standard_errors(torch.ones(1), torch.ones(1), torch.ones(1), 2)
+    with pytest.raises(ValueError, match="n_groups"):
+        jackknife_standard_errors(torch.ones(5), torch.ones(5), torch.ones(5), 2, n_groups=6)
+    with pytest.raises(TypeError, match="GlueResult"):
+        glue_standard_errors({"capacity": 1.0})
+    se = pairs_standard_errors({"x": torch.tensor([1.0, float("nan")]), "y": torch.tensor([1.0, 2.0, 4.0])})
+    assert "x" not in se
+    np.testing.assert_allclose(float(se["y"]), np.std([1, 2, 4], ddof=1) / np.sqrt(3), rtol=1e-12)
+
+
+def _clouds(seed, n_classes=4, points=12, dim=48):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, 1, dim, generator=g, dtype=torch.float64)
+    return centers + 0.5 * torch.randn(n_classes, points, dim, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_jackknife_se_matches_spread_over_probe_seeds():
+    clouds = _clouds(0)
+    runs = [glue(clouds, n_t=60, generator=s, warn=False) for s in range(30)]
+    for name in ("capacity", "dimension", "radius", "utility"):
+        spread = np.std([float(getattr(r, name)) for r in runs], ddof=1)
+        se = np.mean([float(glue_standard_errors(r)[name]) for r in runs])
+        assert 0.6 < se / spread < 1.6, (name, se, spread)
+
+
+@pytest.mark.slow
+def test_pairs_se_matches_spread_over_seeds():
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(20).repeat_interleave(15)
+    x = 2 * torch.randn(20, 40, generator=g, dtype=torch.float64)[y] + torch.randn(
+        300, 40, generator=g, dtype=torch.float64
+    )
+    runs = [
+        glue_pairs(x, y, points_per_class=10, n_pairs=15, n_t=30, generator=s, warn=False) for s in range(25)
+    ]
+    for name in ("capacity", "dimension", "utility"):
+        spread = np.std([float(getattr(r, name)) for r in runs], ddof=1)
+        se = np.mean([float(glue_standard_errors(r)[name]) for r in runs])
+        assert 0.6 < se / spread < 1.6, (name, se, spread)
+
+
+def test_geometry_markers_attaches_standard_errors():
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(4).repeat_interleave(20)
+    x = 3 * torch.randn(4, 32, generator=g)[y] + torch.randn(80, 32, generator=g)
+    pairs = geometry_markers(x, y, markers="glue", n_t=30, generator=0, strict=False)
+    assert set(pairs.standard_errors) == set(pairs.values)  # every pairs marker that was computed
+    ref = pairs_standard_errors(pairs.glue.per_pair)
+    for name, value in pairs.standard_errors.items():
+        assert isinstance(value, float)
+        np.testing.assert_allclose(value, float(ref[name.removeprefix("glue_")]), rtol=1e-12)
+    joint = geometry_markers(
+        x, y, markers=["glue_dimension", "glue_center_alignment"], glue_protocol="joint", n_t=30, generator=0
+    )
+    assert set(joint.standard_errors) == {"glue_dimension"}  # alignments have no jackknife SE
+    assert geometry_markers(x, y, markers=["lid"]).standard_errors == {}
+
+
+def ref_mle(x, k):
+    dist, _ = cKDTree(x).query(x, k=k + 1)
+    t = dist[:, 1:]
+    return np.mean(1.0 / (np.log(t[:, -1:] / t[:, :-1]).sum(axis=1) / (k - 1)))
+
+
+@pytest.mark.parametrize("case", ["gaussian", "far_tight_clusters"])
+def test_lid_float32_candidates_are_certified_or_redone(monkeypatch, case):
+    rng = np.random.default_rng(10)
+    if case == "gaussian":
+        x = rng.normal(size=(300, 40)) @ np.diag(np.linspace(0.2, 2, 40))
+    else:  # distances ~1e-3 between points ~1e3 from the centre: float32 cannot rank them, rows are redone
+        x = np.concatenate([rng.normal(size=(150, 6)) * 1e-3 + 1e3, rng.normal(size=(150, 6)) * 1e-3 - 1e3])
+    redone = []
+    original = lid_module._candidates_of
+    monkeypatch.setattr(
+        lid_module, "_candidates_of", lambda b, rows, *a: redone.append(rows.numel()) or original(b, rows, *a)
+    )
+    monkeypatch.setattr(lid_module, "_FLOAT32_MIN_WORK", 0)
+    np.testing.assert_allclose(float(local_intrinsic_dimension(x, k=10)), ref_mle(x, 10), rtol=1e-9)
+    if case == "far_tight_clusters":
+        assert redone and redone[0] == 300
+    else:
+        assert sum(redone) < 30  # almost every row certified from the float32 Gram
+
+
+def test_lid_float32_path_needs_ieee_float32_matmul(monkeypatch):
+    # With TF32/bf16 shortcuts allowed the error bound does not hold: the float64 Gram is used instead.
+    monkeypatch.setattr(lid_module, "_FLOAT32_MIN_WORK", 0)
+    used = []
+    original = lid_module._candidates
+    monkeypatch.setattr(
+        lid_module, "_candidates", lambda b, kc, sq, dtype: used.append(dtype) or original(b, kc, sq, dtype)
+    )
+    x = np.random.default_rng(11).normal(size=(120, 8))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        high = float(local_intrinsic_dimension(x, k=5))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert used == [torch.float64]
+    np.testing.assert_allclose(high, ref_mle(x, 5), rtol=1e-9)
