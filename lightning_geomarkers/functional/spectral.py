@@ -171,15 +171,20 @@ def participation_ratio(features: Any, *, spectrum: torch.Tensor | None = None) 
 
 def _participation_ratio(x: torch.Tensor, spectrum: torch.Tensor | None) -> torch.Tensor:
     """:func:`participation_ratio` on an already validated tensor."""
+    # PR is scale invariant: normalise by the trace before squaring, so huge features (a spectrum in the
+    # features' own units, e.g. 1e77) cannot overflow total**2 or the sum of squares.
     if spectrum is not None:
-        lam = _as_spectrum(spectrum, x) ** 2
-        total, frob_sq = lam.sum(), (lam**2).sum()
+        sv = _as_spectrum(spectrum, x)
+        peak = sv.max() if sv.numel() else sv.new_zeros(())
+        if float(peak) == 0.0:
+            return peak.new_zeros(())
+        lam = (sv / peak) ** 2
     else:
-        gram = _gram64(_Blocks(x, centered=True))
-        total, frob_sq = torch.trace(gram), (gram**2).sum()
+        lam = _gram64(_Blocks(x, centered=True))  # the Gram's trace and Frobenius norm are the spectrum's
+    total = torch.trace(lam) if lam.ndim == 2 else lam.sum()
     if float(total) == 0.0:
         return total.new_zeros(())
-    return total**2 / frob_sq
+    return 1.0 / ((lam / total) ** 2).sum()
 
 
 def numerical_rank(
