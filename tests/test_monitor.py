@@ -239,7 +239,14 @@ def test_layer_autodetection_on_mlp_cnn_transformer(tmp_path, model, shape, expe
     x = torch.randn(len(y), *shape, generator=g) + y.view(-1, *[1] * len(shape)).float()
     monitor = GeometryMonitor(markers=["glue_dimension", "participation_ratio"], **FAST)
     tr, _ = fit(tmp_path, monitor, model=model, data=(x, y), max_epochs=1, logger=False)
-    assert list(monitor.history[0]) == ["epoch", "step", "layer", "glue_dimension", "participation_ratio"]
+    assert list(monitor.history[0]) == [
+        "epoch",
+        "step",
+        "layer",
+        "glue_dimension",
+        "participation_ratio",
+        "glue_dimension_se",  # the standard error over pairs (noise-aware alerts)
+    ]
     assert monitor.history[0]["layer"] == expected_layer
     assert torch.isfinite(tr.callback_metrics["geometry/glue_dimension"])
 

@@ -56,7 +56,9 @@ def test_custom_scalar_charts_do_not_mix_scales_and_markers_are_described(tmp_pa
 
 
 def test_no_layout_or_text_without_custom_scalars(tmp_path):
-    acc = _fit(tmp_path, GeometryMonitor(custom_scalars=False, log_spectrum=False, **SMALL))
+    acc = _fit(
+        tmp_path, GeometryMonitor(custom_scalars=False, log_spectrum=False, log_class_heatmap=False, **SMALL)
+    )
     assert acc.Tags()["tensors"] == []
     assert acc.Tags()["histograms"] == []
     assert "geometry/glue_dimension" in acc.Tags()["scalars"]
