@@ -5,8 +5,8 @@ monitor defaults) and records, at every validation epoch, the sample the monitor
 epoch it plots
 
 * the logged GLUE dimension and utility with a band of +-2 standard errors over class pairs
-  (``std(per-pair values) / sqrt(n_pairs)``, computed here from ``report.glue.per_pair``; the monitor's
-  ``<marker>_se`` is the same quantity where the markers report it),
+  (``std(per-pair values) / sqrt(n_pairs)``: ``MarkerReport.standard_errors``, the same ``<marker>_se``
+  the monitor keeps in its history),
 * the same markers recomputed on the same features with ``--reseeds`` other seeds (other probes and
   projection; all ~36 validation digits per class are in the sample, so the points do not change): the
   spread of these dots is the noise that remains at fixed weights.
@@ -41,9 +41,7 @@ MARKERS = ("glue_dimension", "glue_utility")
 
 
 def pair_se(report, marker: str) -> float:
-    values = report.glue.per_pair[marker.removeprefix("glue_")].double()
-    values = values[torch.isfinite(values)]
-    return float(values.std() / values.numel() ** 0.5)
+    return float(report.standard_errors[marker])
 
 
 def main() -> None:
