@@ -185,7 +185,6 @@ def geometry_markers(
         projection_dim=projection_dim,
         lid_k=lid_k,
     )
-    lid_k, projection_dim = protocol["lid_k"], protocol["projection_dim"]
     if not isinstance(return_spectrum, bool):
         raise TypeError(f"`return_spectrum` must be a bool, got {return_spectrum!r}.")
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
@@ -198,15 +197,7 @@ def geometry_markers(
             y,
             names,
             seeds,
-            glue_protocol=glue_protocol,
-            points_per_class=points_per_class,
-            n_pairs=n_pairs,
-            n_t=n_t,
-            dichotomies=dichotomies,
-            max_classes=max_classes,
-            center_features=center_features,
-            projection_dim=projection_dim,
-            lid_k=lid_k,
+            **protocol,  # the validated arguments
             strict=strict,
             return_spectrum=return_spectrum,
         )
