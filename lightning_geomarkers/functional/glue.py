@@ -190,17 +190,46 @@ def _mean_abs_cos(
     return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
 
-def _manifold_gram_rows(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, n_t, P, T) rows w_p K_{p,:}: each manifold's coefficients times its own rows of the Gram.
+def _support_products(
+    gram: torch.Tensor,
+    group: torch.Tensor,
+    lam: torch.Tensor,
+    weight: torch.Tensor,
+    c0k: torch.Tensor,
+    m_max: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S S^T and S S0^T of a batch of probes from their supports only.
 
-    Manifold p's anchor only involves p's points, so row p is (n_t, M) @ (M, T) with K_{p,:} the M rows
-    of manifold p: n_t P M T multiply-adds per group (a dense block-diagonal product would cost P times
-    more and allocate an (n_t, P, P, M) zero-padded operand).
+    With F the support of probe q (lambda_F > 0), B (|F|, P) the normalised multipliers w_a = lambda_a /
+    weight_{man(a)} placed in their manifold's column, and K_FF the Gram block of the support:
+
+        S S^T = B^T K_FF B,      S S0^T = B^T (K C0^T)_F,
+
+    where (K C0^T)_{a, nu} = (c0_nu K_{nu,:})_a is ``c0k`` (B, P, T) transposed. Cost O(Q |F| (|F| + P) P)
+    instead of the O(Q P M T) of forming each anchor's Gram row: supports are a handful of points.
+
+    Args:
+        gram: (G, T, T); group: (Q,); lam: (Q, T) multipliers; weight: (Q, P) per-manifold sums of lam;
+        c0k: (G, P, T); m_max: points per manifold (T = P m_max, manifold by manifold).
+    Returns:
+        (Q, P, P) S S^T and (Q, P, P) S S0^T.
     """
-    n_groups, n_t, n_man, m_max = w.shape
-    k_rows = gram.reshape(n_groups, n_man, m_max, -1)  # (B, P, M, T)
-    rows = torch.matmul(w.permute(0, 2, 1, 3), k_rows)  # (B, P, n_t, T): one (n_t, M) @ (M, T) per manifold
-    return rows.permute(0, 2, 1, 3)
+    n_q, n_points = lam.shape
+    n_man = weight.shape[1]
+    n_sup = max(1, int((lam > 0).sum(1).max())) if n_q else 1  # one host read per chunk
+    vals, idx = lam.topk(n_sup, dim=1)  # the support (lam >= 0: positive entries come first)
+    man = torch.div(idx, m_max, rounding_mode="floor")
+    w_f = vals / weight.gather(1, man).clamp_min(torch.finfo(lam.dtype).tiny)  # 0 off the support
+    coef = torch.zeros((n_q, n_sup, n_man), dtype=lam.dtype, device=lam.device)
+    coef.scatter_(2, man[..., None], w_f[..., None])  # (Q, S, P): B
+    flat = (group * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
+    k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(n_q, n_sup, n_sup)
+    s_s = coef.transpose(1, 2) @ (k_ff @ coef)
+    kc_f = (
+        c0k.transpose(1, 2).reshape(-1, n_man).index_select(0, (group[:, None] * n_points + idx).reshape(-1))
+    )
+    s_c = coef.transpose(1, 2) @ kc_f.view(n_q, n_sup, n_man)
+    return s_s, s_c
 
 
 def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -323,21 +352,20 @@ def _glue_markers(
     w = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
     n_active = active.reshape(n_groups, n_t, n_man).sum(1)  # (B, P)
     c0 = w.reshape(n_groups, n_t, n_man, m_max).sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, M)
-    # S S^T and S S0^T (unmasked centers) from the rows w_p K of each manifold p, a bounded number of
-    # probes at a time: the (B, probes, P, T) rows are the largest temporary of the marker algebra.
-    w4 = w.reshape(n_groups, n_t, n_man, m_max)
-    s_s = w.new_empty((n_groups, n_t, n_man, n_man))
-    s_c = w.new_empty((n_groups, n_t, n_man, n_man))
-    step = max(1, _ALGEBRA_ELEMENTS // max(1, n_groups * n_man * n_man * m_max))
-    for k0 in range(0, n_t, step):
-        w_k = w4[:, k0 : k0 + step]
-        wk5 = _manifold_gram_rows(gram, w_k).reshape(n_groups, -1, n_man, n_man, m_max)
-        s_s[:, k0 : k0 + step] = (wk5 * w_k[:, :, None]).sum(-1)
-        s_c[:, k0 : k0 + step] = (wk5 * c0[:, None, None]).sum(-1)
-    s_s, s_c = s_s.reshape(q_all, n_man, n_man), s_c.reshape(q_all, n_man, n_man)
     c0_blocks = c0.reshape(n_groups, n_man, m_max)
     c0k = torch.einsum("bpm,bpmt->bpt", c0_blocks, gram.reshape(n_groups, n_man, m_max, n_man * m_max))
     c_c = (c0k.reshape(n_groups, n_man, n_man, m_max) * c0_blocks[:, None]).sum(-1)  # (B, P, P) = S0 S0^T
+    # S S^T and S S0^T (unmasked centers) from each probe's support, a bounded number of probes at a
+    # time (the (probes, |F|, |F|) Gram blocks are the largest temporary of the marker algebra).
+    lam_flat = sol.lam
+    n_sup_all = max(1, int((lam_flat > 0).sum(1).max()))
+    step = max(1, _ALGEBRA_ELEMENTS // (n_sup_all * (n_sup_all + 2 * n_man)))
+    s_s = lam_flat.new_empty((q_all, n_man, n_man))
+    s_c = lam_flat.new_empty((q_all, n_man, n_man))
+    weight_flat = weight.reshape(q_all, n_man)
+    for k0 in range(0, q_all, step):
+        sl = slice(k0, k0 + step)
+        s_s[sl], s_c[sl] = _support_products(gram, group[sl], lam_flat[sl], weight_flat[sl], c0k, m_max)
     h3 = h.reshape(q_all, n_man, m_max)
     s_t = (w * h3).sum(-1)  # (Q, P) = S t
     c_t = (c0[group] * h3).sum(-1)  # (Q, P) = S0 t
