@@ -52,20 +52,17 @@ class NNLSSolution:
 _DEPENDENT_PIVOT = 1e-9
 
 
-def _solve_spd(
-    blocks: torch.Tensor, rhs: torch.Tensor, jitter: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve batched SPD systems (K_FF + jitter I) u = rhs by one Cholesky, without a host sync.
+def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve batched SPD systems ``blocks`` u = rhs by one Cholesky, without a host sync.
 
-    ``jitter`` is absolute and tied to the data scale (1e-12 of the squared point norm by default): far
-    below any eigenvalue a passive set of Lawson-Hanson can have (a point enters only with a positive
-    gradient, so it is not in the span of the others), it only keeps round-off from making a block
-    numerically indefinite. A block that still fails to factor yields 0, whose multipliers are then
-    infeasible and dropped by the caller. Also returns, per row, whether the block is numerically
-    singular (a tiny relative pivot).
+    The blocks already carry the absolute diagonal jitter (1e-12 of the squared point norm by default,
+    added once to the Gram by :func:`_extended_gram`): far below any eigenvalue a passive set of
+    Lawson-Hanson can have (a point enters only with a positive gradient, so it is not in the span of
+    the others), it only keeps round-off from making a block numerically indefinite. A block that still
+    fails to factor yields 0, whose multipliers are then infeasible and dropped by the caller. Also
+    returns, per row, whether the block is numerically singular (a tiny relative pivot).
     """
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    chol, info = torch.linalg.cholesky_ex(blocks + jitter[:, None, None] * eye)
+    chol, info = torch.linalg.cholesky_ex(blocks)
     sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     # Relative pivots L_ii^2 / K_ii: each point's squared distance from the span of the slots before
     # it, relative to its norm; tiny means the passive set is (numerically) linearly dependent.
@@ -74,6 +71,20 @@ def _solve_spd(
     )
     failed = (info != 0) | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
     return torch.where((info != 0)[:, None], torch.zeros_like(sol), sol), failed
+
+
+def _extended_gram(gram: torch.Tensor, jitter: float) -> torch.Tensor:
+    """(B, T + 1, T + 1): K + jitter I bordered by a zero sentinel point T.
+
+    Free slots point at the sentinel, so a passive block gathered by slot indices is already jittered
+    and zero off the passive slots: one gather and a diagonal update per iteration, no full-block masks
+    or padding passes.
+    """
+    n_groups, n_points = gram.shape[0], gram.shape[-1]
+    ext = gram.new_zeros((n_groups, n_points + 1, n_points + 1))
+    ext[:, :n_points, :n_points] = gram
+    ext.diagonal(dim1=-2, dim2=-1)[:, :n_points] += jitter
+    return ext
 
 
 def _mark(mask: torch.Tensor, index: torch.Tensor, where: torch.Tensor, value: bool) -> torch.Tensor:
@@ -104,7 +115,6 @@ class _WorkingSet:
     sigma: torch.Tensor
     rank_one: torch.Tensor | None
     w_tol: torch.Tensor
-    jitter: torch.Tensor
     passive: torch.Tensor
     blocked: torch.Tensor
     slots: torch.Tensor
@@ -147,24 +157,25 @@ class _WorkingSet:
         self.valid |= torch.zeros_like(self.valid).scatter_(1, free_pos, take)
         self.passive = _mark(self.passive, cand, take, True)
 
-    def solve_passive(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve_passive(self, gram_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
 
-        Returns the candidate multipliers per slot (0 on free slots) and whether K_FF is singular.
+        ``gram_ext`` is :func:`_extended_gram`. Returns the candidate multipliers per slot (0 on free
+        slots) and whether K_FF is singular.
         """
-        n_slots, n_points = self.slots.shape[1], gram.shape[-1]
-        # K_FF gathered straight from the group's Gram by flat indices: Q S^2 elements, no row cache.
-        base = self.group[:, None, None] * (n_points * n_points)
-        flat = base + self.slots[:, :, None] * n_points + self.slots[:, None, :]
-        blocks = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, n_slots, n_slots)
-        r1_f = None if self.rank_one is None else torch.gather(self.rank_one, 1, self.slots)
-        if r1_f is not None:
-            blocks = blocks + r1_f[:, :, None] * r1_f[:, None, :]
-        pad2 = ~(self.valid[:, :, None] & self.valid[:, None, :])
-        eye = torch.eye(n_slots, dtype=blocks.dtype, device=blocks.device)
-        blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
+        n_slots, n_ext = self.slots.shape[1], gram_ext.shape[-1]
+        # K_FF gathered straight from the group's Gram by flat indices (Q S^2 elements, no row cache);
+        # free slots read the zero sentinel point and get a unit diagonal (identity padding).
+        sl = torch.where(self.valid, self.slots, n_ext - 1)
+        row = (self.group * n_ext)[:, None] + sl
+        flat = (row * n_ext)[:, :, None] + sl[:, None, :]
+        blocks = gram_ext.view(-1).index_select(0, flat.view(-1)).view(-1, n_slots, n_slots)
+        blocks.diagonal(dim1=-2, dim2=-1).add_(~self.valid)
+        if self.rank_one is not None:
+            r1_f = torch.gather(self.rank_one, 1, self.slots) * self.valid
+            blocks = torch.baddbmm(blocks, r1_f[:, :, None], r1_f[:, None, :])
         sig_f = torch.gather(self.sigma, 1, self.slots) * self.valid
-        u, singular = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid, self.jitter)
+        u, singular = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid)
         return sig_f * u, singular
 
     def dual(self, gram: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -291,6 +302,7 @@ def batched_nnls(
     jitter_scale = cutoff * max(point_scale, 1.0) ** 2
 
     pos, capacity = _layout(group, gram.shape[0])
+    gram_ext = _extended_gram(gram, jitter_scale)
 
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
     # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
@@ -302,7 +314,6 @@ def batched_nnls(
         sigma=sigma,
         rank_one=rank_one,
         w_tol=tol * t_norm * point_scale,
-        jitter=torch.full((n_probs,), jitter_scale, dtype=dtype, device=device),
         passive=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
         blocked=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
         slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
@@ -350,7 +361,7 @@ def batched_nnls(
         st.insert(take, cand)
         fresh = st.valid & (st.x == 0)  # points at zero: just added, not yet moved
         # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
-        z, singular = st.solve_passive(gram)  # candidate multipliers on the passive set
+        z, singular = st.solve_passive(gram_ext)  # candidate multipliers on the passive set
         # Points added together can be jointly dependent (each alone is independent of the passive set,
         # Lawson-Hanson's invariant): then reject them all, which sends the row to single mode and keeps
         # the passive sets independent (so the multipliers stay the unique, sparse ones).
