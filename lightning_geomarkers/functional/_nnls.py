@@ -148,9 +148,10 @@ class _WorkingSet:
         self.x = self.x.gather(1, order)
 
     def insert(self, take: torch.Tensor, cand: torch.Tensor) -> None:
-        """Put the candidate points cand[r, c] with take[r, c] into free slots (at least k = cand.shape[1]
-        free slots per row are guaranteed by the caller), with masked writes only."""
-        k = cand.shape[1]
+        """Put the candidate points cand[r, c] with take[r, c] into free slots (the caller guarantees a
+        free slot for every taken candidate; take is True on a prefix of each row), masked writes only."""
+        k = min(cand.shape[1], self.slots.shape[1])
+        take, cand = take[:, :k], cand[:, :k]
         # The first k free slots of every row, in slot order (a stable sort puts free slots first).
         free_pos = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, :k]
         self.slots.scatter_(1, free_pos, torch.where(take, cand, self.slots.gather(1, free_pos)))
@@ -342,7 +343,7 @@ def batched_nnls(
         n_add = torch.where(st.single, violating[:, 0].long(), violating.sum(1)) * outer
         st.done |= outer & (n_add == 0)
         # The one host synchronisation of the iteration: finished rows and the slots needed.
-        n_done, most_valid = torch.stack([st.done.sum(), st.valid.sum(1).max()]).tolist()
+        n_done, need = torch.stack([st.done.sum(), (st.valid.sum(1) + n_add).max()]).tolist()
         if n_done == st.rows.numel():
             break
         if 4 * n_done >= st.rows.numel():
@@ -351,10 +352,13 @@ def batched_nnls(
             n_add, cand = n_add[keep], cand[keep]
             st.compress(keep)
             st.pos, capacity = _layout(st.group, gram.shape[0])
-        if most_valid + k_add > st.slots.shape[1]:
-            st.grow(max(most_valid + k_add, st.slots.shape[1] + st.slots.shape[1] // 2))
-        elif st.slots.shape[1] > most_valid + 3 * k_add:
-            st.shrink(most_valid + 2 * k_add)  # padded slots cost O(S^3) in every factorization
+        # Exactly the slots this step needs (the largest passive set after adding): padded slots cost
+        # O(S^3) in every factorization, while compacting the (rows, S) slot arrays is cheap.
+        need = max(need, 1)
+        if need > st.slots.shape[1]:
+            st.grow(need)
+        elif need < st.slots.shape[1]:
+            st.shrink(need)
         take = steps[None, :] < n_add[:, None]
         added_one = n_add == 1
         st.single &= n_add == 0  # a row that adds now leaves single mode
