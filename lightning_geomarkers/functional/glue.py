@@ -196,23 +196,25 @@ def _support_products(
     lam: torch.Tensor,
     weight: torch.Tensor,
     c0k: torch.Tensor,
+    h: torch.Tensor,
     m_max: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """S S^T and S S0^T of a batch of probes from their supports only.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S S^T, S S0^T and S t of a batch of probes from their supports only.
 
     With F the support of probe q (lambda_F > 0), B (|F|, P) the normalised multipliers w_a = lambda_a /
     weight_{man(a)} placed in their manifold's column, and K_FF the Gram block of the support:
 
-        S S^T = B^T K_FF B,      S S0^T = B^T (K C0^T)_F,
+        S S^T = B^T K_FF B,      S S0^T = B^T (K C0^T)_F,      S t = B^T h_F,
 
     where (K C0^T)_{a, nu} = (c0_nu K_{nu,:})_a is ``c0k`` (B, P, T) transposed. Cost O(Q |F| (|F| + P) P)
     instead of the O(Q P M T) of forming each anchor's Gram row: supports are a handful of points.
 
     Args:
         gram: (G, T, T); group: (Q,); lam: (Q, T) multipliers; weight: (Q, P) per-manifold sums of lam;
-        c0k: (G, P, T); m_max: points per manifold (T = P m_max, manifold by manifold).
+        c0k: (G, P, T); h: (Q, T) the products X t; m_max: points per manifold (T = P m_max,
+        manifold by manifold).
     Returns:
-        (Q, P, P) S S^T and (Q, P, P) S S0^T.
+        (Q, P, P) S S^T, (Q, P, P) S S0^T and (Q, P) S t.
     """
     n_q, n_points = lam.shape
     n_man = weight.shape[1]
@@ -229,7 +231,8 @@ def _support_products(
         c0k.transpose(1, 2).reshape(-1, n_man).index_select(0, (group[:, None] * n_points + idx).reshape(-1))
     )
     s_c = coef.transpose(1, 2) @ kc_f.view(n_q, n_sup, n_man)
-    return s_s, s_c
+    s_t = (coef * h.gather(1, idx)[..., None]).sum(1)
+    return s_s, s_c, s_t
 
 
 def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -349,7 +352,8 @@ def _glue_markers(
     lam = sol.lam.reshape(q_all, n_man, m_max)
     weight = lam.sum(-1)  # (Q, P)
     active = weight > 0
-    w = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
+    # lam >= 0, so a manifold with zero weight has all-zero multipliers and gets w = 0 / tiny = 0.
+    w = lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None]
     n_active = active.reshape(n_groups, n_t, n_man).sum(1)  # (B, P)
     c0 = w.reshape(n_groups, n_t, n_man, m_max).sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, M)
     c0_blocks = c0.reshape(n_groups, n_man, m_max)
@@ -362,13 +366,14 @@ def _glue_markers(
     step = max(1, _ALGEBRA_ELEMENTS // (n_sup_all * (n_sup_all + 2 * n_man)))
     s_s = lam_flat.new_empty((q_all, n_man, n_man))
     s_c = lam_flat.new_empty((q_all, n_man, n_man))
+    s_t = lam_flat.new_empty((q_all, n_man))  # S t
     weight_flat = weight.reshape(q_all, n_man)
     for k0 in range(0, q_all, step):
         sl = slice(k0, k0 + step)
-        s_s[sl], s_c[sl] = _support_products(gram, group[sl], lam_flat[sl], weight_flat[sl], c0k, m_max)
-    h3 = h.reshape(q_all, n_man, m_max)
-    s_t = (w * h3).sum(-1)  # (Q, P) = S t
-    c_t = (c0[group] * h3).sum(-1)  # (Q, P) = S0 t
+        s_s[sl], s_c[sl], s_t[sl] = _support_products(
+            gram, group[sl], lam_flat[sl], weight_flat[sl], c0k, h[sl], m_max
+        )
+    c_t = (h.reshape(n_groups, n_t, n_man, m_max) * c0[:, None]).sum(-1).reshape(q_all, n_man)  # S0 t
 
     act = active.to(s_s.dtype)
     pair_act = act[:, :, None] * act[:, None, :]
