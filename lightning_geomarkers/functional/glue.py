@@ -53,6 +53,9 @@ GLUE_MARKERS = (
 #: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
 #: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
 _INDEPENDENCE_RTOL = 1e-10
+#: The Cholesky path of the pseudo-inverse quadratic forms is taken where a lower bound on the
+#: smallest eigenvalue exceeds this multiple of the cut-off (the rest go through ``eigh``).
+_CERTIFIED_CUTOFF_FACTOR = 4.0
 #: Ho-Kashyap steps of the cheap separability certificate (before the exact test).
 _HO_KASHYAP_STEPS = 20
 #: Cap on the float64 elements of the marker algebra's per-chunk temporaries (2^22: 32 MiB).
@@ -143,32 +146,61 @@ def make_dichotomies(
     return y
 
 
+def _eigh_quad(gram: torch.Tensor, vec: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """v^T G^+ v by eigendecomposition (eigenvalues <= cutoff dropped) and v projected on the kept
+    eigenvectors."""
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > cutoff
+    proj = (evecs.transpose(-1, -2) @ vec.unsqueeze(-1)).squeeze(-1)
+    inv = torch.where(keep, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+    kept = (evecs @ (proj * keep).unsqueeze(-1)).squeeze(-1)
+    return (proj.square() * inv).sum(-1), kept
+
+
 @overload
 def _quad_pinv(
-    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: Literal[False] = False
+    gram: torch.Tensor,
+    vec: torch.Tensor,
+    cutoff: float,
+    active: torch.Tensor,
+    *,
+    return_kept: Literal[False] = False,
 ) -> torch.Tensor: ...
 @overload
 def _quad_pinv(
-    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: Literal[True]
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, active: torch.Tensor, *, return_kept: Literal[True]
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def _quad_pinv(
-    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: bool = False
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, active: torch.Tensor, *, return_kept: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """v^T G^+ v for batched symmetric PSD G, with an ABSOLUTE eigenvalue cut-off.
 
     An absolute cut-off (tied to the data scale) keeps round-off from being counted as dimensions;
     zero rows of inactive manifolds fall below it and drop out exactly as if left out. With
     ``return_kept`` also returns v projected on the retained eigenvectors.
+
+    ``active`` (..., P) marks the rows and columns that may be non-zero (G and v vanish elsewhere).
+    Fast path, same value: with a unit diagonal on the inactive rows, G' = L L^T by Cholesky, and
+    lambda_min(G') >= 1 / trace(G'^-1) = 1 / ||L^-1||_F^2. Where that bound exceeds
+    ``_CERTIFIED_CUTOFF_FACTOR`` x cutoff, no eigenvalue of the active block falls below the cut-off, so
+    G^+ is the inverse there: v^T G^+ v = ||L^-1 v||^2 and v is kept whole. The other rows (some
+    eigenvalue near or below the cut-off, or a failed factorization) are decomposed by ``eigh``.
     """
-    evals, evecs = torch.linalg.eigh(gram)
-    keep = evals > cutoff
-    proj = (evecs.transpose(-1, -2) @ vec.unsqueeze(-1)).squeeze(-1)
-    inv = torch.where(keep, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-    value = (proj.square() * inv).sum(-1)
-    if not return_kept:
-        return value
-    kept = (evecs @ (proj * keep).unsqueeze(-1)).squeeze(-1)
-    return value, kept
+    n = gram.shape[-1]
+    padded = gram + torch.diag_embed((~active).to(gram.dtype))
+    chol, info = torch.linalg.cholesky_ex(padded)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device).expand_as(padded)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    bound = 1.0 / chol_inv.square().sum((-1, -2))
+    certified = (info == 0) & (bound > _CERTIFIED_CUTOFF_FACTOR * cutoff)  # NaN bounds fail
+    value = (chol_inv @ vec.unsqueeze(-1)).squeeze(-1).square().sum(-1)
+    kept = vec
+    rest = (~certified).nonzero().squeeze(1)  # one host read per call
+    if rest.numel():
+        v_rest, k_rest = _eigh_quad(gram[rest], vec[rest], cutoff)
+        value = value.index_put((rest,), v_rest)
+        kept = kept.index_put((rest,), k_rest)
+    return (value, kept) if return_kept else value
 
 
 def _mean_abs_cos(
@@ -383,10 +415,10 @@ def _glue_markers(
     s1_t = s_t - c_t * act
 
     # Points have mean squared norm 1 here, so the cut-off is absolute in the data's own scale.
-    a = _quad_pinv(s_s, s_t, eigen_cutoff)
-    b, s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, return_kept=True)
+    a = _quad_pinv(s_s, s_t, eigen_cutoff, active)
+    b, s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, active, return_kept=True)
     # c only sees the axis directions that survived the cut-off in b: round-off is not a dimension.
-    c = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff)
+    c = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff, active)
     a, b, c = (v.reshape(n_groups, n_t) for v in (a, b, c))
     active = active.reshape(n_groups, n_t, n_man)
 
