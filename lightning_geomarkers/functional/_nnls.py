@@ -115,8 +115,8 @@ class _WorkingSet:
     sigma: torch.Tensor
     rank_one: torch.Tensor | None
     w_tol: torch.Tensor
-    passive: torch.Tensor
-    blocked: torch.Tensor
+    ineligible: torch.Tensor  # (rows, T) padding points (sigma = 0), never added
+    excluded: torch.Tensor  # ineligible or blocked (a single added point that got no positive multiplier)
     slots: torch.Tensor
     valid: torch.Tensor
     x: torch.Tensor
@@ -156,7 +156,6 @@ class _WorkingSet:
         free_pos = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, :k]
         self.slots.scatter_(1, free_pos, torch.where(take, cand, self.slots.gather(1, free_pos)))
         self.valid |= torch.zeros_like(self.valid).scatter_(1, free_pos, take)
-        self.passive = _mark(self.passive, cand, take, True)
 
     def solve_passive(self, gram_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
@@ -315,8 +314,8 @@ def batched_nnls(
         sigma=sigma,
         rank_one=rank_one,
         w_tol=tol * t_norm * point_scale,
-        passive=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
-        blocked=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
+        ineligible=sigma == 0,
+        excluded=sigma == 0,
         slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
         valid=torch.zeros((n_probs, n_slots0), dtype=torch.bool, device=device),
         x=torch.zeros((n_probs, n_slots0), dtype=dtype, device=device),
@@ -331,7 +330,11 @@ def batched_nnls(
     while st.rows.numel() and iterations < max_iter:
         iterations += 1
         # Outer step for the rows not inside an inner loop: add the most violating points.
-        score = st.w.masked_fill(st.passive | st.blocked | (st.sigma == 0), -torch.inf)
+        # The passive set is the valid slots: knocked out of the score by one scatter over the slots
+        # (free slots scatter +inf, which a minimum ignores), so no dense passive mask is kept.
+        score = st.w.masked_fill(st.excluded, -torch.inf)
+        knock_out = torch.where(st.valid, -torch.inf, torch.inf).to(score.dtype)
+        score.scatter_reduce_(1, st.slots, knock_out, "amin")
         if block_size > 1:  # the most violating point of each manifold, then the best manifolds
             b_best, b_arg = score.view(-1, n_blocks, block_size).max(2)
             best, b_pick = b_best.topk(k_add, dim=1)
@@ -376,8 +379,7 @@ def batched_nnls(
         # A single added point must get a positive multiplier (Lawson-Hanson); a non-positive one is
         # round-off: block that point and leave the row where it was.
         single_bad = added_one & (infeasible & fresh).any(1)
-        st.blocked = _mark(st.blocked, st.slots, infeasible & fresh & single_bad[:, None], True)
-        st.passive = _mark(st.passive, st.slots, fresh & single_bad[:, None], False)
+        st.excluded = _mark(st.excluded, st.slots, infeasible & fresh & single_bad[:, None], True)
         st.valid &= ~(fresh & single_bad[:, None])
         moved = ~single_bad & ~st.done
         # Feasible: accept. Infeasible: step towards z until a multiplier hits zero (fresh points with
@@ -391,10 +393,9 @@ def batched_nnls(
         drop = st.valid & (hit | ((new_x <= x_tol) & ~keep_fresh)) & moved[:, None]
         st.single |= (drop & fresh).any(1) & moved  # overshoot: next outer step adds one point
         st.x = torch.where(moved[:, None], torch.where(drop | ~st.valid, 0.0, new_x), st.x)
-        st.passive = _mark(st.passive, st.slots, drop, False)
         st.valid &= ~drop
         st.pending = moved & ~all_pos
-        st.blocked &= ~moved[:, None]
+        st.excluded = torch.where(moved[:, None], st.ineligible, st.excluded)  # unblock after a move
         # Fresh dual (negative gradient) for the next outer step.
         st.w = st.dual(gram, capacity)
     st.write_back(st.done, lam_out, done_out, n_points)
