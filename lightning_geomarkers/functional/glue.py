@@ -275,7 +275,8 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
     # points are (numerically) dependent need the exact test. Cholesky pivots L_ii^2 are each point's
     # squared distance from the span of the points before it.
-    padded = gram + torch.diag_embed((~mask.reshape(n_groups, -1)).to(gram.dtype))
+    padded = gram.clone()  # padding points get a unit diagonal (in place: no (T, T) temporaries)
+    padded.diagonal(dim1=-2, dim2=-1).add_(~mask.reshape(n_groups, -1))
     chol, info = torch.linalg.cholesky_ex(padded)
     pivots = chol.diagonal(dim1=-2, dim2=-1).square()
     dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL * pivots.amax(-1))
@@ -290,18 +291,19 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     #    whenever the classes' affine spans are independent (low-dimensional clouds, P M > N).
     # The margin threshold bounds the round-off of K c, so a certificate is never an artefact.
     # Then a few Ho-Kashyap steps on what is left (below).
-    gram_d = gram[dep]
+    gram_d = gram if dep.numel() == n_groups else gram[dep]
     fmask = mask[dep].to(labels.dtype)  # (D, P, M)
     n_dep, n_pts = dep.numel(), gram_d.shape[-1]
     sig = (labels[dep][..., None] * fmask[:, None]).reshape(n_dep, n_t, n_pts)
     real = fmask.reshape(n_dep, 1, n_pts) > 0
-    k_max = gram_d.abs().amax((-1, -2)).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
+    # max |K_ij| of a Gram matrix is its largest diagonal entry (Cauchy-Schwarz), up to round-off.
+    k_max = gram_d.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
     mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)
     coefs = [(labels[dep][..., None] * mean_coef[:, None]).reshape(n_dep, n_t, n_pts)]
     eps = 1e-8 * k_max
-    ridge_chol, ridge_info = torch.linalg.cholesky_ex(
-        gram_d + eps * torch.eye(n_pts, dtype=gram.dtype, device=gram.device)
-    )
+    ridge = gram_d.clone()
+    ridge.diagonal(dim1=-2, dim2=-1).add_(eps[:, :, 0])
+    ridge_chol, ridge_info = torch.linalg.cholesky_ex(ridge)
     coefs.append(
         torch.cholesky_solve(sig.transpose(1, 2), ridge_chol).transpose(1, 2)
         * (ridge_info == 0)[:, None, None]
