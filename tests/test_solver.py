@@ -193,3 +193,37 @@ def test_device_agnostic_path_keeps_inputs_device_and_dtype():
     assert res.a.device == mans.device and res.active.device == mans.device
     ref = glue(mans.double(), n_t=10, generator=0)
     assert float(res.capacity) == pytest.approx(float(ref.capacity), rel=1e-6)
+
+
+def test_quad_pinv_cholesky_path_matches_numpy_eigendecomposition():
+    """The certified Cholesky path of v^T G^+ v (and of v's kept part) equals the cut-off
+    pseudo-inverse computed by numpy's eigh, on full-rank, rank-deficient, near-cut-off and partly
+    inactive blocks (the last three go through the eigh fallback)."""
+    rng = np.random.default_rng(5)
+    n_man, cutoff = 6, 1e-9
+    grams, vecs, actives = [], [], []
+    for k in range(48):
+        active = rng.random(n_man) < 0.75
+        basis = rng.standard_normal((n_man, n_man))
+        evals = rng.uniform(0.05, 3.0, n_man)
+        if k % 4 == 1:
+            evals[: k % 3 + 1] = 0.0  # rank-deficient
+        elif k % 4 == 2:
+            evals[0] = 2.5 * cutoff  # an eigenvalue just above the cut-off
+        q = np.linalg.qr(basis)[0]
+        g = (q * evals) @ q.T
+        g[~active], g[:, ~active] = 0.0, 0.0
+        v = rng.standard_normal(n_man) * active
+        grams.append(g), vecs.append(v), actives.append(active)
+    g_t, v_t = torch.from_numpy(np.stack(grams)), torch.from_numpy(np.stack(vecs))
+    value, kept = glue_module._quad_pinv(
+        g_t, v_t, cutoff, torch.from_numpy(np.stack(actives)), return_kept=True
+    )
+    for i, (g, v) in enumerate(zip(grams, vecs, strict=True)):
+        w, vv = np.linalg.eigh(g)
+        keep = w > cutoff
+        proj = vv[:, keep].T @ v
+        # Round-off in an eigenvalue near the cut-off is relative to the largest (u ||G|| / 2.5e-9).
+        rel = 1e-8 if w[keep].min(initial=1.0) > 1e-3 else 1e-5
+        assert float(value[i]) == pytest.approx(float((proj**2 / w[keep]).sum()), rel=rel, abs=1e-12), i
+        np.testing.assert_allclose(kept[i].numpy(), vv[:, keep] @ proj, atol=1e-8)

@@ -52,20 +52,17 @@ class NNLSSolution:
 _DEPENDENT_PIVOT = 1e-9
 
 
-def _solve_spd(
-    blocks: torch.Tensor, rhs: torch.Tensor, jitter: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve batched SPD systems (K_FF + jitter I) u = rhs by one Cholesky, without a host sync.
+def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve batched SPD systems ``blocks`` u = rhs by one Cholesky, without a host sync.
 
-    ``jitter`` is absolute and tied to the data scale (1e-12 of the squared point norm by default): far
-    below any eigenvalue a passive set of Lawson-Hanson can have (a point enters only with a positive
-    gradient, so it is not in the span of the others), it only keeps round-off from making a block
-    numerically indefinite. A block that still fails to factor yields 0, whose multipliers are then
-    infeasible and dropped by the caller. Also returns, per row, whether the block is numerically
-    singular (a tiny relative pivot).
+    The blocks already carry the absolute diagonal jitter (1e-12 of the squared point norm by default,
+    added once to the Gram by :func:`_extended_gram`): far below any eigenvalue a passive set of
+    Lawson-Hanson can have (a point enters only with a positive gradient, so it is not in the span of
+    the others), it only keeps round-off from making a block numerically indefinite. A block that still
+    fails to factor yields 0, whose multipliers are then infeasible and dropped by the caller. Also
+    returns, per row, whether the block is numerically singular (a tiny relative pivot).
     """
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    chol, info = torch.linalg.cholesky_ex(blocks + jitter[:, None, None] * eye)
+    chol, info = torch.linalg.cholesky_ex(blocks)
     sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     # Relative pivots L_ii^2 / K_ii: each point's squared distance from the span of the slots before
     # it, relative to its norm; tiny means the passive set is (numerically) linearly dependent.
@@ -74,6 +71,20 @@ def _solve_spd(
     )
     failed = (info != 0) | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
     return torch.where((info != 0)[:, None], torch.zeros_like(sol), sol), failed
+
+
+def _extended_gram(gram: torch.Tensor, jitter: float) -> torch.Tensor:
+    """(B, T + 1, T + 1): K + jitter I bordered by a zero sentinel point T.
+
+    Free slots point at the sentinel, so a passive block gathered by slot indices is already jittered
+    and zero off the passive slots: one gather and a diagonal update per iteration, no full-block masks
+    or padding passes.
+    """
+    n_groups, n_points = gram.shape[0], gram.shape[-1]
+    ext = gram.new_zeros((n_groups, n_points + 1, n_points + 1))
+    ext[:, :n_points, :n_points] = gram
+    ext.diagonal(dim1=-2, dim2=-1)[:, :n_points] += jitter
+    return ext
 
 
 def _mark(mask: torch.Tensor, index: torch.Tensor, where: torch.Tensor, value: bool) -> torch.Tensor:
@@ -104,9 +115,8 @@ class _WorkingSet:
     sigma: torch.Tensor
     rank_one: torch.Tensor | None
     w_tol: torch.Tensor
-    jitter: torch.Tensor
-    passive: torch.Tensor
-    blocked: torch.Tensor
+    ineligible: torch.Tensor  # (rows, T) padding points (sigma = 0), never added
+    excluded: torch.Tensor  # ineligible or blocked (a single added point that got no positive multiplier)
     slots: torch.Tensor
     valid: torch.Tensor
     x: torch.Tensor
@@ -138,33 +148,34 @@ class _WorkingSet:
         self.x = self.x.gather(1, order)
 
     def insert(self, take: torch.Tensor, cand: torch.Tensor) -> None:
-        """Put the candidate points cand[r, c] with take[r, c] into free slots (at least k = cand.shape[1]
-        free slots per row are guaranteed by the caller), with masked writes only."""
-        k = cand.shape[1]
+        """Put the candidate points cand[r, c] with take[r, c] into free slots (the caller guarantees a
+        free slot for every taken candidate; take is True on a prefix of each row), masked writes only."""
+        k = min(cand.shape[1], self.slots.shape[1])
+        take, cand = take[:, :k], cand[:, :k]
         # The first k free slots of every row, in slot order (a stable sort puts free slots first).
         free_pos = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, :k]
         self.slots.scatter_(1, free_pos, torch.where(take, cand, self.slots.gather(1, free_pos)))
         self.valid |= torch.zeros_like(self.valid).scatter_(1, free_pos, take)
-        self.passive = _mark(self.passive, cand, take, True)
 
-    def solve_passive(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve_passive(self, gram_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
 
-        Returns the candidate multipliers per slot (0 on free slots) and whether K_FF is singular.
+        ``gram_ext`` is :func:`_extended_gram`. Returns the candidate multipliers per slot (0 on free
+        slots) and whether K_FF is singular.
         """
-        n_slots, n_points = self.slots.shape[1], gram.shape[-1]
-        # K_FF gathered straight from the group's Gram by flat indices: Q S^2 elements, no row cache.
-        base = self.group[:, None, None] * (n_points * n_points)
-        flat = base + self.slots[:, :, None] * n_points + self.slots[:, None, :]
-        blocks = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, n_slots, n_slots)
-        r1_f = None if self.rank_one is None else torch.gather(self.rank_one, 1, self.slots)
-        if r1_f is not None:
-            blocks = blocks + r1_f[:, :, None] * r1_f[:, None, :]
-        pad2 = ~(self.valid[:, :, None] & self.valid[:, None, :])
-        eye = torch.eye(n_slots, dtype=blocks.dtype, device=blocks.device)
-        blocks = torch.where(pad2, eye.expand_as(blocks), blocks)
+        n_slots, n_ext = self.slots.shape[1], gram_ext.shape[-1]
+        # K_FF gathered straight from the group's Gram by flat indices (Q S^2 elements, no row cache);
+        # free slots read the zero sentinel point and get a unit diagonal (identity padding).
+        sl = torch.where(self.valid, self.slots, n_ext - 1)
+        row = (self.group * n_ext)[:, None] + sl
+        flat = (row * n_ext)[:, :, None] + sl[:, None, :]
+        blocks = gram_ext.view(-1).index_select(0, flat.view(-1)).view(-1, n_slots, n_slots)
+        blocks.diagonal(dim1=-2, dim2=-1).add_(~self.valid)
+        if self.rank_one is not None:
+            r1_f = torch.gather(self.rank_one, 1, self.slots) * self.valid
+            blocks = torch.baddbmm(blocks, r1_f[:, :, None], r1_f[:, None, :])
         sig_f = torch.gather(self.sigma, 1, self.slots) * self.valid
-        u, singular = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid, self.jitter)
+        u, singular = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid)
         return sig_f * u, singular
 
     def dual(self, gram: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -291,6 +302,7 @@ def batched_nnls(
     jitter_scale = cutoff * max(point_scale, 1.0) ** 2
 
     pos, capacity = _layout(group, gram.shape[0])
+    gram_ext = _extended_gram(gram, jitter_scale)
 
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
     # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
@@ -302,9 +314,8 @@ def batched_nnls(
         sigma=sigma,
         rank_one=rank_one,
         w_tol=tol * t_norm * point_scale,
-        jitter=torch.full((n_probs,), jitter_scale, dtype=dtype, device=device),
-        passive=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
-        blocked=torch.zeros((n_probs, n_points), dtype=torch.bool, device=device),
+        ineligible=sigma == 0,
+        excluded=sigma == 0,
         slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
         valid=torch.zeros((n_probs, n_slots0), dtype=torch.bool, device=device),
         x=torch.zeros((n_probs, n_slots0), dtype=dtype, device=device),
@@ -319,7 +330,11 @@ def batched_nnls(
     while st.rows.numel() and iterations < max_iter:
         iterations += 1
         # Outer step for the rows not inside an inner loop: add the most violating points.
-        score = st.w.masked_fill(st.passive | st.blocked | (st.sigma == 0), -torch.inf)
+        # The passive set is the valid slots: knocked out of the score by one scatter over the slots
+        # (free slots scatter +inf, which a minimum ignores), so no dense passive mask is kept.
+        score = st.w.masked_fill(st.excluded, -torch.inf)
+        knock_out = torch.where(st.valid, -torch.inf, torch.inf).to(score.dtype)
+        score.scatter_reduce_(1, st.slots, knock_out, "amin")
         if block_size > 1:  # the most violating point of each manifold, then the best manifolds
             b_best, b_arg = score.view(-1, n_blocks, block_size).max(2)
             best, b_pick = b_best.topk(k_add, dim=1)
@@ -331,7 +346,7 @@ def batched_nnls(
         n_add = torch.where(st.single, violating[:, 0].long(), violating.sum(1)) * outer
         st.done |= outer & (n_add == 0)
         # The one host synchronisation of the iteration: finished rows and the slots needed.
-        n_done, most_valid = torch.stack([st.done.sum(), st.valid.sum(1).max()]).tolist()
+        n_done, need = torch.stack([st.done.sum(), (st.valid.sum(1) + n_add).max()]).tolist()
         if n_done == st.rows.numel():
             break
         if 4 * n_done >= st.rows.numel():
@@ -340,17 +355,20 @@ def batched_nnls(
             n_add, cand = n_add[keep], cand[keep]
             st.compress(keep)
             st.pos, capacity = _layout(st.group, gram.shape[0])
-        if most_valid + k_add > st.slots.shape[1]:
-            st.grow(max(most_valid + k_add, st.slots.shape[1] + st.slots.shape[1] // 2))
-        elif st.slots.shape[1] > most_valid + 3 * k_add:
-            st.shrink(most_valid + 2 * k_add)  # padded slots cost O(S^3) in every factorization
+        # Exactly the slots this step needs (the largest passive set after adding): padded slots cost
+        # O(S^3) in every factorization, while compacting the (rows, S) slot arrays is cheap.
+        need = max(need, 1)
+        if need > st.slots.shape[1]:
+            st.grow(need)
+        elif need < st.slots.shape[1]:
+            st.shrink(need)
         take = steps[None, :] < n_add[:, None]
         added_one = n_add == 1
         st.single &= n_add == 0  # a row that adds now leaves single mode
         st.insert(take, cand)
         fresh = st.valid & (st.x == 0)  # points at zero: just added, not yet moved
         # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
-        z, singular = st.solve_passive(gram)  # candidate multipliers on the passive set
+        z, singular = st.solve_passive(gram_ext)  # candidate multipliers on the passive set
         # Points added together can be jointly dependent (each alone is independent of the passive set,
         # Lawson-Hanson's invariant): then reject them all, which sends the row to single mode and keeps
         # the passive sets independent (so the multipliers stay the unique, sparse ones).
@@ -361,8 +379,7 @@ def batched_nnls(
         # A single added point must get a positive multiplier (Lawson-Hanson); a non-positive one is
         # round-off: block that point and leave the row where it was.
         single_bad = added_one & (infeasible & fresh).any(1)
-        st.blocked = _mark(st.blocked, st.slots, infeasible & fresh & single_bad[:, None], True)
-        st.passive = _mark(st.passive, st.slots, fresh & single_bad[:, None], False)
+        st.excluded = _mark(st.excluded, st.slots, infeasible & fresh & single_bad[:, None], True)
         st.valid &= ~(fresh & single_bad[:, None])
         moved = ~single_bad & ~st.done
         # Feasible: accept. Infeasible: step towards z until a multiplier hits zero (fresh points with
@@ -376,10 +393,9 @@ def batched_nnls(
         drop = st.valid & (hit | ((new_x <= x_tol) & ~keep_fresh)) & moved[:, None]
         st.single |= (drop & fresh).any(1) & moved  # overshoot: next outer step adds one point
         st.x = torch.where(moved[:, None], torch.where(drop | ~st.valid, 0.0, new_x), st.x)
-        st.passive = _mark(st.passive, st.slots, drop, False)
         st.valid &= ~drop
         st.pending = moved & ~all_pos
-        st.blocked &= ~moved[:, None]
+        st.excluded = torch.where(moved[:, None], st.ineligible, st.excluded)  # unblock after a move
         # Fresh dual (negative gradient) for the next outer step.
         st.w = st.dual(gram, capacity)
     st.write_back(st.done, lam_out, done_out, n_points)

@@ -53,6 +53,9 @@ GLUE_MARKERS = (
 #: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
 #: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
 _INDEPENDENCE_RTOL = 1e-10
+#: The Cholesky path of the pseudo-inverse quadratic forms is taken where a lower bound on the
+#: smallest eigenvalue exceeds this multiple of the cut-off (the rest go through ``eigh``).
+_CERTIFIED_CUTOFF_FACTOR = 4.0
 #: Ho-Kashyap steps of the cheap separability certificate (before the exact test).
 _HO_KASHYAP_STEPS = 20
 #: Cap on the float64 elements of the marker algebra's per-chunk temporaries (2^22: 32 MiB).
@@ -143,32 +146,61 @@ def make_dichotomies(
     return y
 
 
+def _eigh_quad(gram: torch.Tensor, vec: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """v^T G^+ v by eigendecomposition (eigenvalues <= cutoff dropped) and v projected on the kept
+    eigenvectors."""
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > cutoff
+    proj = (evecs.transpose(-1, -2) @ vec.unsqueeze(-1)).squeeze(-1)
+    inv = torch.where(keep, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
+    kept = (evecs @ (proj * keep).unsqueeze(-1)).squeeze(-1)
+    return (proj.square() * inv).sum(-1), kept
+
+
 @overload
 def _quad_pinv(
-    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: Literal[False] = False
+    gram: torch.Tensor,
+    vec: torch.Tensor,
+    cutoff: float,
+    active: torch.Tensor,
+    *,
+    return_kept: Literal[False] = False,
 ) -> torch.Tensor: ...
 @overload
 def _quad_pinv(
-    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: Literal[True]
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, active: torch.Tensor, *, return_kept: Literal[True]
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def _quad_pinv(
-    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, *, return_kept: bool = False
+    gram: torch.Tensor, vec: torch.Tensor, cutoff: float, active: torch.Tensor, *, return_kept: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """v^T G^+ v for batched symmetric PSD G, with an ABSOLUTE eigenvalue cut-off.
 
     An absolute cut-off (tied to the data scale) keeps round-off from being counted as dimensions;
     zero rows of inactive manifolds fall below it and drop out exactly as if left out. With
     ``return_kept`` also returns v projected on the retained eigenvectors.
+
+    ``active`` (..., P) marks the rows and columns that may be non-zero (G and v vanish elsewhere).
+    Fast path, same value: with a unit diagonal on the inactive rows, G' = L L^T by Cholesky, and
+    lambda_min(G') >= 1 / trace(G'^-1) = 1 / ||L^-1||_F^2. Where that bound exceeds
+    ``_CERTIFIED_CUTOFF_FACTOR`` x cutoff, no eigenvalue of the active block falls below the cut-off, so
+    G^+ is the inverse there: v^T G^+ v = ||L^-1 v||^2 and v is kept whole. The other rows (some
+    eigenvalue near or below the cut-off, or a failed factorization) are decomposed by ``eigh``.
     """
-    evals, evecs = torch.linalg.eigh(gram)
-    keep = evals > cutoff
-    proj = (evecs.transpose(-1, -2) @ vec.unsqueeze(-1)).squeeze(-1)
-    inv = torch.where(keep, 1.0 / evals.clamp_min(cutoff), torch.zeros_like(evals))
-    value = (proj.square() * inv).sum(-1)
-    if not return_kept:
-        return value
-    kept = (evecs @ (proj * keep).unsqueeze(-1)).squeeze(-1)
-    return value, kept
+    n = gram.shape[-1]
+    padded = gram + torch.diag_embed((~active).to(gram.dtype))
+    chol, info = torch.linalg.cholesky_ex(padded)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device).expand_as(padded)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    bound = 1.0 / chol_inv.square().sum((-1, -2))
+    certified = (info == 0) & (bound > _CERTIFIED_CUTOFF_FACTOR * cutoff)  # NaN bounds fail
+    value = (chol_inv @ vec.unsqueeze(-1)).squeeze(-1).square().sum(-1)
+    kept = vec
+    rest = (~certified).nonzero().squeeze(1)  # one host read per call
+    if rest.numel():
+        v_rest, k_rest = _eigh_quad(gram[rest], vec[rest], cutoff)
+        value = value.index_put((rest,), v_rest)
+        kept = kept.index_put((rest,), k_rest)
+    return (value, kept) if return_kept else value
 
 
 def _mean_abs_cos(
@@ -190,17 +222,49 @@ def _mean_abs_cos(
     return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
 
-def _manifold_gram_rows(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, n_t, P, T) rows w_p K_{p,:}: each manifold's coefficients times its own rows of the Gram.
+def _support_products(
+    gram: torch.Tensor,
+    group: torch.Tensor,
+    lam: torch.Tensor,
+    weight: torch.Tensor,
+    c0k: torch.Tensor,
+    h: torch.Tensor,
+    m_max: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S S^T, S S0^T and S t of a batch of probes from their supports only.
 
-    Manifold p's anchor only involves p's points, so row p is (n_t, M) @ (M, T) with K_{p,:} the M rows
-    of manifold p: n_t P M T multiply-adds per group (a dense block-diagonal product would cost P times
-    more and allocate an (n_t, P, P, M) zero-padded operand).
+    With F the support of probe q (lambda_F > 0), B (|F|, P) the normalised multipliers w_a = lambda_a /
+    weight_{man(a)} placed in their manifold's column, and K_FF the Gram block of the support:
+
+        S S^T = B^T K_FF B,      S S0^T = B^T (K C0^T)_F,      S t = B^T h_F,
+
+    where (K C0^T)_{a, nu} = (c0_nu K_{nu,:})_a is ``c0k`` (B, P, T) transposed. Cost O(Q |F| (|F| + P) P)
+    instead of the O(Q P M T) of forming each anchor's Gram row: supports are a handful of points.
+
+    Args:
+        gram: (G, T, T); group: (Q,); lam: (Q, T) multipliers; weight: (Q, P) per-manifold sums of lam;
+        c0k: (G, P, T); h: (Q, T) the products X t; m_max: points per manifold (T = P m_max,
+        manifold by manifold).
+    Returns:
+        (Q, P, P) S S^T, (Q, P, P) S S0^T and (Q, P) S t.
     """
-    n_groups, n_t, n_man, m_max = w.shape
-    k_rows = gram.reshape(n_groups, n_man, m_max, -1)  # (B, P, M, T)
-    rows = torch.matmul(w.permute(0, 2, 1, 3), k_rows)  # (B, P, n_t, T): one (n_t, M) @ (M, T) per manifold
-    return rows.permute(0, 2, 1, 3)
+    n_q, n_points = lam.shape
+    n_man = weight.shape[1]
+    n_sup = max(1, int((lam > 0).sum(1).max())) if n_q else 1  # one host read per chunk
+    vals, idx = lam.topk(n_sup, dim=1)  # the support (lam >= 0: positive entries come first)
+    man = torch.div(idx, m_max, rounding_mode="floor")
+    w_f = vals / weight.gather(1, man).clamp_min(torch.finfo(lam.dtype).tiny)  # 0 off the support
+    coef = torch.zeros((n_q, n_sup, n_man), dtype=lam.dtype, device=lam.device)
+    coef.scatter_(2, man[..., None], w_f[..., None])  # (Q, S, P): B
+    flat = (group * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
+    k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(n_q, n_sup, n_sup)
+    s_s = coef.transpose(1, 2) @ (k_ff @ coef)
+    kc_f = (
+        c0k.transpose(1, 2).reshape(-1, n_man).index_select(0, (group[:, None] * n_points + idx).reshape(-1))
+    )
+    s_c = coef.transpose(1, 2) @ kc_f.view(n_q, n_sup, n_man)
+    s_t = (coef * h.gather(1, idx)[..., None]).sum(1)
+    return s_s, s_c, s_t
 
 
 def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,7 +275,8 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
     # points are (numerically) dependent need the exact test. Cholesky pivots L_ii^2 are each point's
     # squared distance from the span of the points before it.
-    padded = gram + torch.diag_embed((~mask.reshape(n_groups, -1)).to(gram.dtype))
+    padded = gram.clone()  # padding points get a unit diagonal (in place: no (T, T) temporaries)
+    padded.diagonal(dim1=-2, dim2=-1).add_(~mask.reshape(n_groups, -1))
     chol, info = torch.linalg.cholesky_ex(padded)
     pivots = chol.diagonal(dim1=-2, dim2=-1).square()
     dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL * pivots.amax(-1))
@@ -226,18 +291,19 @@ def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     #    whenever the classes' affine spans are independent (low-dimensional clouds, P M > N).
     # The margin threshold bounds the round-off of K c, so a certificate is never an artefact.
     # Then a few Ho-Kashyap steps on what is left (below).
-    gram_d = gram[dep]
+    gram_d = gram if dep.numel() == n_groups else gram[dep]
     fmask = mask[dep].to(labels.dtype)  # (D, P, M)
     n_dep, n_pts = dep.numel(), gram_d.shape[-1]
     sig = (labels[dep][..., None] * fmask[:, None]).reshape(n_dep, n_t, n_pts)
     real = fmask.reshape(n_dep, 1, n_pts) > 0
-    k_max = gram_d.abs().amax((-1, -2)).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
+    # max |K_ij| of a Gram matrix is its largest diagonal entry (Cauchy-Schwarz), up to round-off.
+    k_max = gram_d.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
     mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)
     coefs = [(labels[dep][..., None] * mean_coef[:, None]).reshape(n_dep, n_t, n_pts)]
     eps = 1e-8 * k_max
-    ridge_chol, ridge_info = torch.linalg.cholesky_ex(
-        gram_d + eps * torch.eye(n_pts, dtype=gram.dtype, device=gram.device)
-    )
+    ridge = gram_d.clone()
+    ridge.diagonal(dim1=-2, dim2=-1).add_(eps[:, :, 0])
+    ridge_chol, ridge_info = torch.linalg.cholesky_ex(ridge)
     coefs.append(
         torch.cholesky_solve(sig.transpose(1, 2), ridge_chol).transpose(1, 2)
         * (ridge_info == 0)[:, None, None]
@@ -320,27 +386,28 @@ def _glue_markers(
     lam = sol.lam.reshape(q_all, n_man, m_max)
     weight = lam.sum(-1)  # (Q, P)
     active = weight > 0
-    w = torch.where(active[..., None], lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None], 0.0)
+    # lam >= 0, so a manifold with zero weight has all-zero multipliers and gets w = 0 / tiny = 0.
+    w = lam / weight.clamp_min(torch.finfo(lam.dtype).tiny)[..., None]
     n_active = active.reshape(n_groups, n_t, n_man).sum(1)  # (B, P)
     c0 = w.reshape(n_groups, n_t, n_man, m_max).sum(1) / n_active.clamp_min(1)[..., None]  # (B, P, M)
-    # S S^T and S S0^T (unmasked centers) from the rows w_p K of each manifold p, a bounded number of
-    # probes at a time: the (B, probes, P, T) rows are the largest temporary of the marker algebra.
-    w4 = w.reshape(n_groups, n_t, n_man, m_max)
-    s_s = w.new_empty((n_groups, n_t, n_man, n_man))
-    s_c = w.new_empty((n_groups, n_t, n_man, n_man))
-    step = max(1, _ALGEBRA_ELEMENTS // max(1, n_groups * n_man * n_man * m_max))
-    for k0 in range(0, n_t, step):
-        w_k = w4[:, k0 : k0 + step]
-        wk5 = _manifold_gram_rows(gram, w_k).reshape(n_groups, -1, n_man, n_man, m_max)
-        s_s[:, k0 : k0 + step] = (wk5 * w_k[:, :, None]).sum(-1)
-        s_c[:, k0 : k0 + step] = (wk5 * c0[:, None, None]).sum(-1)
-    s_s, s_c = s_s.reshape(q_all, n_man, n_man), s_c.reshape(q_all, n_man, n_man)
     c0_blocks = c0.reshape(n_groups, n_man, m_max)
     c0k = torch.einsum("bpm,bpmt->bpt", c0_blocks, gram.reshape(n_groups, n_man, m_max, n_man * m_max))
     c_c = (c0k.reshape(n_groups, n_man, n_man, m_max) * c0_blocks[:, None]).sum(-1)  # (B, P, P) = S0 S0^T
-    h3 = h.reshape(q_all, n_man, m_max)
-    s_t = (w * h3).sum(-1)  # (Q, P) = S t
-    c_t = (c0[group] * h3).sum(-1)  # (Q, P) = S0 t
+    # S S^T and S S0^T (unmasked centers) from each probe's support, a bounded number of probes at a
+    # time (the (probes, |F|, |F|) Gram blocks are the largest temporary of the marker algebra).
+    lam_flat = sol.lam
+    n_sup_all = max(1, int((lam_flat > 0).sum(1).max()))
+    step = max(1, _ALGEBRA_ELEMENTS // (n_sup_all * (n_sup_all + 2 * n_man)))
+    s_s = lam_flat.new_empty((q_all, n_man, n_man))
+    s_c = lam_flat.new_empty((q_all, n_man, n_man))
+    s_t = lam_flat.new_empty((q_all, n_man))  # S t
+    weight_flat = weight.reshape(q_all, n_man)
+    for k0 in range(0, q_all, step):
+        sl = slice(k0, k0 + step)
+        s_s[sl], s_c[sl], s_t[sl] = _support_products(
+            gram, group[sl], lam_flat[sl], weight_flat[sl], c0k, h[sl], m_max
+        )
+    c_t = (h.reshape(n_groups, n_t, n_man, m_max) * c0[:, None]).sum(-1).reshape(q_all, n_man)  # S0 t
 
     act = active.to(s_s.dtype)
     pair_act = act[:, :, None] * act[:, None, :]
@@ -350,10 +417,10 @@ def _glue_markers(
     s1_t = s_t - c_t * act
 
     # Points have mean squared norm 1 here, so the cut-off is absolute in the data's own scale.
-    a = _quad_pinv(s_s, s_t, eigen_cutoff)
-    b, s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, return_kept=True)
+    a = _quad_pinv(s_s, s_t, eigen_cutoff, active)
+    b, s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, active, return_kept=True)
     # c only sees the axis directions that survived the cut-off in b: round-off is not a dimension.
-    c = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff)
+    c = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff, active)
     a, b, c = (v.reshape(n_groups, n_t) for v in (a, b, c))
     active = active.reshape(n_groups, n_t, n_man)
 
