@@ -8,6 +8,7 @@ from lightning_geomarkers.functional.distances import within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult, glue, make_dichotomies
 from lightning_geomarkers.functional.intrinsic_dimension import local_intrinsic_dimension
 from lightning_geomarkers.functional.neural_collapse import neural_collapse
+from lightning_geomarkers.functional.per_class import PerClassGlue, pairwise_matrix, per_class_glue
 from lightning_geomarkers.functional.preprocessing import center, per_class_subsample, random_projection
 from lightning_geomarkers.functional.protocols import GluePairsResult, glue_joint, glue_pairs
 from lightning_geomarkers.functional.simulated_capacity import SimulatedCapacity, simulated_capacity
@@ -47,6 +48,9 @@ __all__ = [
     "numerical_rank",
     "pairs_standard_errors",
     "participation_ratio",
+    "PerClassGlue",
+    "pairwise_matrix",
+    "per_class_glue",
     "per_class_subsample",
     "random_projection",
     "simulated_capacity",
