@@ -8,7 +8,7 @@ Usage (from the repository root)::
 
     python docs/scripts/screenshot_tensorboard.py                      # quickstart run + screenshot
     python docs/scripts/screenshot_tensorboard.py --logdir lightning_logs
-    python docs/scripts/screenshot_tensorboard.py --page custom_scalars --height 800 \
+    python docs/scripts/screenshot_tensorboard.py --page custom_scalars --height 900 \
         --out docs/images/tensorboard_custom_scalars.png
 
 Needs Chromium (Debian: ``apt-get install -y chromium``; or pass ``--chromium /path/to/chrome``).
@@ -16,7 +16,7 @@ Only the loopback interface is used. If ``examples/quickstart.py`` is missing, a
 (a digits MLP with ``GeometryMonitor`` and a ``TensorBoardLogger``) produces the logs instead.
 
 Pages: ``scalars`` (default) shows one chart per marker, filtered by ``--tag-filter`` (a regex);
-``custom_scalars`` shows the grouped layout ``GeometryMonitor`` writes (several markers per chart).
+``custom_scalars`` shows the layout ``GeometryMonitor`` writes (one chart per marker, titled with its description).
 
 Display settings: smoothing is turned off through the page URL. TensorBoard keeps its "Ignore outliers
 in chart scaling" setting (on by default, it clips the first epochs' values off the charts) in the
