@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from bench_glue import class_features  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from lightning_geomarkers.functional import GLUE_MARKERS, geometry_markers, glue
 from lightning_geomarkers.functional.glue import _glue_markers, _normalise
@@ -40,16 +41,6 @@ def timed(fn, device: str):
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
-
-
-def clouds(rng: np.random.Generator, n_classes: int, per_class: int, n_feat: int) -> np.ndarray:
-    centers = rng.standard_normal((n_classes, 1, n_feat))
-    scales = np.exp(-np.arange(n_feat) / 40.0)
-    out = np.empty((n_classes, per_class, n_feat))
-    for c in range(n_classes):
-        basis = np.linalg.qr(rng.standard_normal((n_feat, n_feat)))[0]
-        out[c] = centers[c] + 0.6 * (rng.standard_normal((per_class, n_feat)) * scales) @ basis.T
-    return out
 
 
 def compare(name: str, cpu: dict[str, float], gpu: dict[str, float]) -> bool:
@@ -70,7 +61,7 @@ def compare(name: str, cpu: dict[str, float], gpu: dict[str, float]) -> bool:
 
 def case_joint(device: str) -> dict[str, float]:
     rng = np.random.default_rng(0)
-    mans = clouds(rng, 10, 50, 512)
+    mans = class_features(rng, 10, 50, 512)
     t = torch.from_numpy(rng.standard_normal((200, 512)))
     y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(200, 10)))
     x = torch.from_numpy(mans).to(device)
@@ -80,7 +71,7 @@ def case_joint(device: str) -> dict[str, float]:
 
 def case_pairs(device: str) -> dict[str, float]:
     rng = np.random.default_rng(1)
-    mans = clouds(rng, 10, 50, 512)
+    mans = class_features(rng, 10, 50, 512)
     pairs = list(itertools.combinations(range(10), 2))
     points = torch.from_numpy(np.stack([mans[list(p)] for p in pairs])).to(device)
     mask = torch.ones(points.shape[:3], dtype=torch.bool, device=device)
