@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning.pytorch as L
@@ -27,6 +27,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_geomarkers.utilities import limit_threads
 
 __all__ = [
     "ExampleParser",
@@ -98,19 +100,14 @@ def monitor_settings(fast: bool) -> dict[str, Any]:
     return dict(samples_per_class=30, n_pairs=10, n_t=50, lid_k=10) if fast else {}
 
 
-@contextmanager
-def cpu_threads(threads: int = 1) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op threads, then restore the previous setting.
+def cpu_threads(threads: int = 1) -> AbstractContextManager[None]:
+    """Run the block with ``threads`` intra-op threads, then restore the previous setting
+    (``lightning_geomarkers.utilities.limit_threads``).
 
     A model this small gains nothing from more threads, and on a busy machine several threads contend
     (an epoch goes from ~0.3 s to several seconds); one thread also keeps run times reproducible.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return limit_threads(threads)
 
 
 def digits_tensors(classes: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
