@@ -141,6 +141,48 @@ def test_non_strict_early_stopping_acts_only_on_computed_epochs(tmp_path):
     assert stop.best_score == pytest.approx(max(h["participation_ratio"] for h in monitor.history))
 
 
+class PlateauMLP(TinyMLP):
+    def __init__(self, strict: bool):
+        super().__init__()
+        self.strict = strict
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0)
+        scheduler = {"scheduler": plateau, "monitor": "geometry/glue_dimension", "strict": self.strict}
+        return {"optimizer": opt, "lr_scheduler": scheduler}
+
+
+def test_strict_lr_scheduler_on_a_marker_is_refused_and_the_fix_runs(tmp_path):
+    settings = dict(markers=["glue_dimension"], every_n_epochs=2, **{**FAST, "n_t": 10})
+    with pytest.raises(
+        ValueError, match=r"ReduceLROnPlateau monitors 'geometry/glue_dimension'.*\"strict\": False"
+    ):
+        fit(tmp_path, [GeometryMonitor(**settings)], model=PlateauMLP(strict=True), max_epochs=2)
+    monitor = GeometryMonitor(**settings)
+    tr, _ = fit(tmp_path, [monitor], model=PlateauMLP(strict=False), max_epochs=2)
+    assert tr.current_epoch == 2  # epoch 0 (no marker) used to raise in Lightning's scheduler update
+    assert [h["epoch"] for h in monitor.history] == [1]
+
+
+def test_model_checkpoint_filename_naming_another_marker_is_refused(tmp_path):
+    ckpt = ModelCheckpoint(
+        monitor="val_acc", mode="max", filename="{epoch}-{geometry/participation_ratio:.2f}"
+    )
+    with pytest.raises(
+        ValueError, match=r"names 'geometry/participation_ratio'.*leave it out of the filename"
+    ):
+        fit(tmp_path, [GeometryMonitor(every_n_epochs=2, **CHEAP), ckpt])
+    # naming its own monitored marker is fine: the name is formatted only when the value exists
+    ckpt = ModelCheckpoint(
+        monitor="geometry/participation_ratio",
+        mode="max",
+        filename="{epoch}-{geometry/participation_ratio:.2f}",
+    )
+    fit(tmp_path, [GeometryMonitor(every_n_epochs=2, **CHEAP), ckpt], max_epochs=2)
+    assert ckpt.best_model_path.endswith(".ckpt") and "epoch=1" in ckpt.best_model_path
+
+
 def test_trainer_validate_computes_whatever_every_n_epochs(tmp_path):
     monitor = GeometryMonitor(every_n_epochs=2, **CHEAP)
     L.seed_everything(0, verbose=False)
@@ -160,6 +202,15 @@ def test_every_n_epochs_that_never_meets_validation_warns_with_the_fix(tmp_path)
     with pytest.warns(MonitorWarning, match=r"never computed in 4 epochs.*multiple of 2"):
         fit(tmp_path, [monitor], max_epochs=4, check_val_every_n_epoch=2)
     assert monitor.history == []
+
+
+@pytest.mark.parametrize("every_val", [2, 4])
+def test_every_n_epochs_dividing_the_validation_interval_does_not_warn(tmp_path, every_val):
+    monitor = GeometryMonitor(every_n_epochs=2, **CHEAP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)
+        fit(tmp_path, [monitor], max_epochs=every_val, check_val_every_n_epoch=every_val)
+    assert [h["epoch"] for h in monitor.history] == [every_val - 1]  # every validation computed
 
 
 # ------------------------------------------------------------------ 4. stable sample without inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -10,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -94,7 +95,8 @@ class GeometryMonitor(L.Callback):
         lid_k: neighbours of the local intrinsic dimension.
         every_n_epochs: compute at validations that end a training epoch ``e`` with
             ``(e + 1) % every_n_epochs == 0`` (epochs counted from 0). ``trainer.validate`` always computes.
-            With ``check_val_every_n_epoch`` > 1 choose a multiple of it (a warning at setup otherwise).
+            With ``check_val_every_n_epoch`` > 1 choose a multiple or a divisor of it (every validation
+            then computes, or every k-th; a warning at setup otherwise).
         dataloader_idx: which validation dataloader to monitor.
         alerts: :class:`MarkerAlert` objects.
         seed: seeds sampling, GLUE probes and projections (fixed across epochs, so markers move only when
@@ -390,11 +392,43 @@ class GeometryMonitor(L.Callback):
                     "epochs only), or stop on a geometry alert: MarkerAlert(<marker>, relative_drop=..., "
                     "action='stop')."
                 )
+            if isinstance(cb, ModelCheckpoint) and cb.filename:
+                named = [
+                    k
+                    for k in sorted(mine)
+                    if k != cb.monitor and re.search(r"\{" + re.escape(k) + r"[:}]", cb.filename)
+                ]
+                if named:
+                    raise ValueError(
+                        f"ModelCheckpoint(filename={cb.filename!r}) names {named[0]!r}, which has no value at "
+                        "validations where the marker is not computed (the filename would be formatted with "
+                        "None, which raises, or 0, a number that is not the marker's). Name a marker in the "
+                        "filename only when it is that ModelCheckpoint's monitor, e.g. "
+                        f"ModelCheckpoint(monitor={named[0]!r}, mode=..., filename="
+                        f"'{{epoch}}-{{{named[0]}:.3f}}'), or leave it out of the filename."
+                    )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a strict lr scheduler on a marker key (the optimizers exist only from here on)."""
+        if not self._hooks:
+            return
+        mine = set(self.logged_keys())
+        for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+            if config.monitor in mine and config.strict:
+                raise ValueError(
+                    f"The lr scheduler {type(config.scheduler).__name__} monitors {config.monitor!r} with "
+                    "strict=True (Lightning's default), which raises at every validation where the marker has "
+                    "no value (epochs skipped by "
+                    f"every_n_epochs={self.every_n_epochs}, data problems), and GeometryMonitor never puts a "
+                    "placeholder there. Return it from configure_optimizers with strict=False: "
+                    f'{{"scheduler": scheduler, "monitor": {config.monitor!r}, "strict": False}} (it then '
+                    "steps only on computed epochs)."
+                )
 
     def _check_schedule(self, trainer: L.Trainer) -> None:
         every_val = getattr(trainer, "check_val_every_n_epoch", None)
         n = self.every_n_epochs
-        if not every_val or n == 1 or n % every_val == 0:
+        if not every_val or n == 1 or n % every_val == 0 or every_val % n == 0:
             return
         meet = n * every_val // math.gcd(n, every_val)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
@@ -407,7 +441,7 @@ class GeometryMonitor(L.Callback):
                 if never
                 else f"computed only every {meet} epochs (when both schedules meet)"
             )
-            + f". Use an every_n_epochs that is a multiple of {every_val}, e.g. every_n_epochs={every_val}.",
+            + f". Use an every_n_epochs that is a multiple of {every_val} or a divisor of it, e.g. every_n_epochs={every_val}.",
         )
 
     def _new_sampler(self) -> PerClassSample:
