@@ -312,6 +312,35 @@ def test_monitor_per_class_history_and_heatmap_image_in_tensorboard(tmp_path):
     assert [h["epoch"] for h in monitor.per_class_history] == [0] and len(monitor.history) == 1
 
 
+def test_a_failing_tensorboard_extra_warns_and_keeps_the_markers(tmp_path, monkeypatch):
+    import sys
+
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes(per_class=30)
+    monitor = GeometryMonitor(samples_per_class=20, markers=["glue_capacity"], **SMALL)
+    tr = trainer(tmp_path, [monitor], max_epochs=1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(tr.logger.experiment), "add_histogram", full_disk)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # the writer's add_image imports Pillow: as if missing
+    train, val = loaders(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(TinyMLP(), train, val)
+    tb = [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, MonitorWarning) and "TensorBoard" in str(w.message)
+    ]
+    assert len(tb) == 1, tb
+    assert "feature spectrum: OSError" in tb[0] and "pip install pillow" in tb[0]
+    assert [h["epoch"] for h in monitor.history] == [0] and monitor.last_computed_step is not None
+    assert len(monitor.per_class_history) == 1
+    assert "geometry/glue_capacity" in tr.callback_metrics
+
+
 def test_joint_protocol_and_switch_off_write_no_heatmap(tmp_path):
     L.seed_everything(0, verbose=False)
     x, y = gaussian_classes(per_class=30)

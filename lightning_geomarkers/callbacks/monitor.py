@@ -965,35 +965,56 @@ class GeometryMonitor(L.Callback):
         values: dict[str, float],
         view: Any = None,
     ) -> None:
+        """Write the TensorBoard extras (spectrum histogram, heat map, layout and text table). Each extra
+        runs on its own: one that raises (a writer without Pillow for images, a full disk) is skipped with
+        one ``MonitorWarning`` per epoch, and the markers, history and alerts of the epoch are kept."""
         writer = self._tensorboard(trainer)
         if writer is None:
             return
+        failed: list[str] = []
+
+        def guarded(what: str, write: Callable[[], Any]) -> None:
+            try:
+                write()
+            except Exception as err:
+                hint = (
+                    " (images need Pillow: pip install pillow)"
+                    if isinstance(err, ImportError) and "PIL" in str(err)
+                    else ""
+                )
+                failed.append(f"{what}: {err!r}{hint}")
+
+        step = self._log_step(trainer)
+        single = len(self._hooks) == 1
         if self.log_spectrum and spectrum is not None:  # the markers' own decomposition, shared
-            spectrum = spectrum.cpu()
-            tag = (
-                f"{self.prefix}/feature_spectrum"
-                if len(self._hooks) == 1
-                else f"{self.prefix}/{layer}/feature_spectrum"
-            )
-            writer.add_histogram(tag, spectrum, self._log_step(trainer))
+            tag = f"{self.prefix}/feature_spectrum" if single else f"{self.prefix}/{layer}/feature_spectrum"
+            guarded("feature spectrum", lambda: writer.add_histogram(tag, spectrum.cpu(), step))
         if self.log_class_heatmap and view is not None:
-            tag = (
-                f"{self.prefix}/pairwise_capacity"
-                if len(self._hooks) == 1
-                else f"{self.prefix}/{layer}/pairwise_capacity"
+            heat = (
+                f"{self.prefix}/pairwise_capacity" if single else f"{self.prefix}/{layer}/pairwise_capacity"
             )
-            write_class_heatmap(writer, tag, view, self._log_step(trainer))
+            guarded("pairwise-capacity heat map", lambda: write_class_heatmap(writer, heat, view, step))
         if self.custom_scalars and not self._layout_written:
-            writer.add_custom_scalars(self._layout())
-            # What each marker measures, readable in TensorBoard's Text tab next to the charts.
-            rows = [
-                f"| `{self._key(layer, m)}` | {MARKERS[m].description} | {_SIGN[MARKERS[m].higher_is_better]} |"
-                for layer in self._hooks
-                for m in self.markers
-            ]
-            table = "| tag | what it measures | better transfer in the literature |\n|---|---|---|\n"
-            writer.add_text(f"{self.prefix}/markers", table + "\n".join(rows), self._log_step(trainer))
-            self._layout_written = True
+            guarded("custom-scalars layout", lambda: self._write_layout(writer, step))
+        if failed:
+            self._problem(
+                f"tensorboard:{layer}",
+                f"GeometryMonitor skipped a TensorBoard extra for layer {layer!r} at epoch "
+                f"{trainer.current_epoch} ({'; '.join(failed)}); the markers are logged and kept as usual. "
+                "Switch the extra off (log_spectrum / log_class_heatmap / custom_scalars=False) if this persists.",
+            )
+
+    def _write_layout(self, writer: Any, step: int) -> None:
+        writer.add_custom_scalars(self._layout())
+        # What each marker measures, readable in TensorBoard's Text tab next to the charts.
+        rows = [
+            f"| `{self._key(layer, m)}` | {MARKERS[m].description} | {_SIGN[MARKERS[m].higher_is_better]} |"
+            for layer in self._hooks
+            for m in self.markers
+        ]
+        table = "| tag | what it measures | better transfer in the literature |\n|---|---|---|\n"
+        writer.add_text(f"{self.prefix}/markers", table + "\n".join(rows), step)
+        self._layout_written = True
 
     def _layout(self) -> dict[str, dict[str, list[Any]]]:
         """One chart per marker (markers differ in scale: a numerical rank of ~100 next to a participation
