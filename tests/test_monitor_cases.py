@@ -109,6 +109,47 @@ def test_multi_task_model_is_refused_with_the_candidates_and_the_fix(tmp_path):
     assert monitor.history[0]["layer"] == "fc:input"
 
 
+class Attention(nn.Module):
+    def __init__(self, d: int, qkv: str) -> None:
+        super().__init__()
+        setattr(self, qkv, nn.Linear(d, 3 * d))  # feeds no later Linear of width 3d
+        self.proj = nn.Linear(d, d)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, attn: str = "attn", qkv: str = "qkv") -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        setattr(self, attn, Attention(d, qkv))
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+
+class TimmLikeViT(nn.Module):
+    """timm's ViT layout: patch_embed, blocks with attn.qkv / attn.proj and mlp.fc1 / mlp.fc2, head."""
+
+    def __init__(self, d: int = 16, n_classes: int = 5, attn: str = "attn", qkv: str = "qkv") -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, 4, 4)
+        self.blocks = nn.Sequential(*(Block(d, attn, qkv) for _ in range(2)))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_classes)
+
+
+@pytest.mark.parametrize(("attn", "qkv"), [("attn", "qkv"), ("0", "to_qkv")])  # timm; lucidrains-style names
+def test_vit_like_models_resolve_to_their_head(attn, qkv):
+    from lightning_geomarkers.callbacks._layers import find_classifier_head, head_candidates
+
+    model = TimmLikeViT(attn=attn, qkv=qkv)
+    assert [n for n, _ in head_candidates(model)] == [
+        "head"
+    ]  # was ['blocks.0.attn.qkv', 'blocks.1.attn.qkv', 'head']
+    assert find_classifier_head(model)[0] == "head"
+    # a multi-task model is still refused
+    with pytest.raises(ValueError, match=r"Several possible classifier heads: 'fc' .*'aux.2'"):
+        find_classifier_head(MultiTask())
+
+
 def test_labels_beyond_the_head_say_wrong_head_not_only_ignore_index(tmp_path):
     x, y = gaussian_classes(n_classes=5)
     model = TinyMLP(n_classes=2)  # a head with 2 outputs watched for 5-class labels

@@ -75,8 +75,25 @@ def _parent_name(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+#: Names of attention projections (timm ``qkv``, lucidrains ``to_qkv``, HF ``query``/``key``/``value``, ...).
+_PROJECTION_NAMES = frozenset(
+    {"qkv", "to_qkv", "kv", "to_kv", "q", "k", "v", "to_q", "to_k", "to_v", "query", "key", "value"}
+)
+
+
+def _in_attention(name: str) -> bool:
+    """True for a module inside a hand-written attention block (timm ``blocks.0.attn.qkv``, HF
+    ``encoder.layer.0.attention.self.query``): an *enclosing* module's name part contains "attn" or
+    "attention" (case-insensitive), or the module's own name is an attention projection (``qkv``,
+    ``to_qkv``, ``query``, ...). A Linear itself named e.g. ``attn_head`` is not excluded."""
+    parts = name.lower().split(".")
+    return parts[-1] in _PROJECTION_NAMES or any("attn" in p or "attention" in p for p in parts[:-1])
+
+
 def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every ``nn.Linear`` in registration order, minus those inside attention/transformer blocks."""
+    """Every ``nn.Linear`` in registration order, minus those inside attention/transformer blocks
+    (``nn.MultiheadAttention``, ``nn.Transformer*`` and, by name, hand-written ones: see
+    :func:`_in_attention`)."""
     blocked: list[str] = []
     out: list[tuple[str, nn.Linear]] = []
     for name, module in model.named_modules():
@@ -85,7 +102,7 @@ def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
         if isinstance(module, _ATTENTION_BLOCKS):
             blocked.append(name)
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and not _in_attention(name):
             out.append((name, module))
     return out
 
@@ -129,7 +146,12 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
     Rule: the candidates are the ``nn.Linear`` modules of ``model.named_modules()`` (registration order),
     excluding any Linear nested inside ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` /
     ``nn.TransformerDecoderLayer`` / ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` /
-    ``nn.Transformer`` (projection and feed-forward layers, never the classifier). The head is the *last*
+    ``nn.Transformer`` (projection and feed-forward layers, never the classifier), and the Linear layers
+    of hand-written attention blocks, recognised by name: inside a module whose name contains "attn" or
+    "attention" (timm's ``blocks.0.attn.qkv`` and ``attn.proj``, Hugging Face's ``attention.self.query``),
+    or themselves named ``qkv``, ``to_qkv``, ``kv``, ``q``/``k``/``v``, ``to_q``/``to_k``/``to_v`` or
+    ``query``/``key``/``value``. A ``qkv = Linear(d, 3d)`` feeds no later Linear of width ``3d``, so it
+    would otherwise look like a branch end. The head is the *last*
     candidate. Registration order is used because execution order is unknown without running the model;
     a model that registers its head before its backbone needs an explicit ``layers=``.
 
