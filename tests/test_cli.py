@@ -18,11 +18,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+import lightning_geomarkers.cli.rank as rank_module
 from lightning_geomarkers import GeometryMonitor
 from lightning_geomarkers.cli import (
     CheckpointScore,
     CLIError,
     both_higher_counts,
+    build_parser,
     load_object,
     main,
     monitor_from_config,
@@ -30,6 +32,7 @@ from lightning_geomarkers.cli import (
     rank_checkpoints,
     rank_scores,
 )
+from lightning_geomarkers.functional.suite import GLUE_MARKER_NAMES
 from tests.lightning_helpers import TinyMLP, gaussian_classes, loaders, trainer
 
 SETTINGS = dict(samples_per_class=20, n_t=30, n_pairs=None, lid_k=10, seed=1)
@@ -132,6 +135,10 @@ def test_rank_writes_csv_markdown_png_with_the_live_values(run, tmp_path, capsys
     assert f"**Choice: `{choice}`**" in md and "## Ranking" in md and "Pareto front" in md
     assert f"`geometry/glue_dimension` >= {floor:g}" in md and "fails geometry/glue_dimension" in md
     assert "`n_t`: `30`" in md and "`seed`: `1`" in md
+    # --n-pairs all reached the monitor (not the default 100); the sample's max_classes (100) is reported,
+    # not GLUE's internal None; input_fn is listed (it changes the sampling keys).
+    assert "`n_pairs`: `None`" in md and "`max_classes`: `100`" in md and "`max_classes`: `None`" not in md
+    assert "`input_fn`: `None`" in md and "num_threads" not in md
     assert (out / "markers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"Choice (both-higher rule): {choice}" in printed.out
     assert "checkpoints" in printed.err  # the progress bar
@@ -392,3 +399,123 @@ def test_console_entry_point_help_in_a_subprocess():
     assert list(itertools.islice(proc.stdout.splitlines(), 1))[0].startswith(
         "usage: lightning-geomarkers rank"
     )
+
+
+def _monitor(argv, tmp_path=None):
+    args = build_parser().parse_args(["rank", "x.ckpt", "--model", MODEL, "--data", DATA, *argv])
+    return rank_module._monitor_from_args(args)
+
+
+def test_none_and_all_options_reach_the_monitor_and_override_the_config(tmp_path):
+    default = _monitor([])
+    assert (default.max_classes, default.glue_kwargs["n_pairs"], default.glue_kwargs["projection_dim"]) == (
+        100,
+        100,
+        1000,
+    )
+    m = _monitor(["--max-classes", "none", "--n-pairs", "all", "--projection-dim", "none"])
+    assert (
+        m.max_classes is None and m.glue_kwargs["n_pairs"] is None and m.glue_kwargs["projection_dim"] is None
+    )
+    config = tmp_path / "m.yaml"
+    config.write_text(
+        "class_path: lightning_geomarkers.GeometryMonitor\n"
+        "init_args: {max_classes: 7, n_pairs: 5, projection_dim: 64, n_t: 40, center_features: false}\n"
+    )
+    from_file = _monitor(["--config", str(config)])
+    assert (from_file.max_classes, from_file.glue_kwargs["n_pairs"], from_file.glue_kwargs["n_t"]) == (
+        7,
+        5,
+        40,
+    )
+    assert from_file.glue_kwargs["center_features"] is False  # an option not given keeps the file's value
+    over = _monitor(
+        ["--config", str(config), "--max-classes", "none", "--n-pairs", "all", "--projection-dim", "none"]
+    )
+    assert over.max_classes is None and over.glue_kwargs["n_pairs"] is None
+    assert over.glue_kwargs["projection_dim"] is None and over.glue_kwargs["n_t"] == 40
+
+
+def test_markers_glue_or_all_mix_with_names():
+    assert _monitor(["--markers", "glue", "nc1"]).markers == (*GLUE_MARKER_NAMES, "nc1")
+    assert _monitor(["--markers", "nc1", "glue", "glue_dimension"]).markers == ("nc1", *GLUE_MARKER_NAMES)
+    assert _monitor(["--markers", "glue"]).markers == GLUE_MARKER_NAMES
+    assert set(_monitor(["--markers", "all", "nc1"]).markers) == set(_monitor([]).markers)
+
+
+def test_markers_without_d_eff_and_psi_eff_are_refused_before_measuring(run, tmp_path, capsys, monkeypatch):
+    paths, _ = run
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a checkpoint was measured")
+
+    monkeypatch.setattr(rank_module, "evaluate_model", must_not_run)
+    base = ["--model", MODEL, "--data", DATA, "--out", tmp_path / "out", "--quiet", "--device", "cpu"]
+    assert main(["rank", *paths, *base, "--markers", "nc1", "glue_dimension"]) == 1
+    err = capsys.readouterr().err
+    assert "--markers must include glue_dimension and glue_utility (or 'glue'/'all')" in err, err
+    assert "['glue_utility']" in err and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"needs D_eff and Psi_eff.*\['glue_dimension', 'glue_utility'\]"):
+        rank_scores([CheckpointScore("a.ckpt", {"geometry/nc1": 0.5})])
+
+
+def test_several_layers_rank_on_the_first_monitored_layer(run, tmp_path):
+    # Keys in the monitor's layer order ("fc" first), which is not the alphabetical one ("body" first).
+    values = [
+        {
+            "geometry/fc/glue_dimension": 2.0,
+            "geometry/fc/glue_utility": 0.1,
+            "geometry/body/glue_dimension": 9.0,
+            "geometry/body/glue_utility": 0.9,
+        },
+        {
+            "geometry/fc/glue_dimension": 3.0,
+            "geometry/fc/glue_utility": 0.2,
+            "geometry/body/glue_dimension": 1.0,
+            "geometry/body/glue_utility": 0.1,
+        },
+    ]
+    res = rank_scores(
+        [CheckpointScore(f"c{i}", v) for i, v in enumerate(values)], floors={"glue_utility": 0.15}
+    )
+    assert (res.dimension_key, res.utility_key) == ("geometry/fc/glue_dimension", "geometry/fc/glue_utility")
+    assert res.choice.path == "c1" and list(res.floors) == ["geometry/fc/glue_utility"]
+    # End to end: the monitor logs in its layer order, so --layers fc:input body.0 ranks on fc:input.
+    paths, _ = run
+    result = rank_checkpoints(
+        paths[:2],
+        TinyMLP,
+        val_loader,
+        monitor=GeometryMonitor(**SETTINGS, layers=["fc:input", "body.0"], markers="glue"),
+        out=None,
+        device="cpu",
+        progress=False,
+    )
+    assert "body" not in result.dimension_key and result.dimension_key.endswith("/glue_dimension")
+    assert any("body" in k for k in result.scores[0].values)
+
+
+def test_unreadable_checkpoint_names_the_file_and_the_fix(run, tmp_path, capsys):
+    paths, _ = run
+    base = ["--model", MODEL, "--data", DATA, "--out", tmp_path / "out", "--quiet", "--device", "cpu"]
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(paths[0].read_bytes()[:300])
+    listed = tmp_path / "list.ckpt"
+    torch.save([1, 2, 3], listed)
+    for bad in (text, truncated, listed):
+        assert main(["rank", paths[0], bad, *base]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("lightning-geomarkers rank: error:") and str(bad) in err, err
+        assert "Traceback" not in err and ("save it again" in err or "ModelCheckpoint" in err), err
+
+
+def test_input_fn_in_a_config_file_points_to_the_python_api(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "class_path: lightning_geomarkers.GeometryMonitor\n"
+        "init_args:\n  input_fn: {class_path: my.module.get_inputs}\n"
+    )
+    with pytest.raises(CLIError, match="input_fn is a callable.*rank_checkpoints"):
+        monitor_from_config(config)

@@ -29,6 +29,8 @@ import yaml  # type: ignore[import-untyped]
 from lightning_geomarkers.callbacks.monitor import GeometryMonitor
 from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
 from lightning_geomarkers.cli.selection import (
+    D_EFF,
+    PSI_EFF,
     CheckpointScore,
     RankingResult,
     parse_threshold,
@@ -37,7 +39,7 @@ from lightning_geomarkers.cli.selection import (
     write_markdown,
     write_plot,
 )
-from lightning_geomarkers.functional.suite import MARKERS
+from lightning_geomarkers.functional.suite import MARKERS, resolve_marker_names
 
 __all__ = [
     "CLIError",
@@ -256,7 +258,7 @@ def monitor_from_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     unknown = [k for k in init_args if k not in valid]
     if unknown:
         raise CLIError(f"--config {path}: unknown GeometryMonitor argument(s) {unknown}; valid: {valid}.")
-    for key in ("pooling", "label_fn"):
+    for key in ("pooling", "label_fn", "input_fn"):
         if isinstance(init_args.get(key), Mapping):
             raise CLIError(
                 f"--config {path}: {key} is a callable, which the command line cannot build; use the Python "
@@ -277,14 +279,22 @@ def monitor_settings(monitor: GeometryMonitor) -> dict[str, Any]:
         if monitor.layers is None or isinstance(monitor.layers, (str, list, tuple))
         else "module"
     )
+
+    def name(fn: Any) -> str | None:
+        return None if fn is None else getattr(fn, "__name__", "callable")
+
+    # glue_kwargs["max_classes"] is GLUE's own class cap (None: GLUE uses every sampled class); the
+    # sample's max_classes is what caps the classes, so it is the one reported.
+    glue = {k: v for k, v in monitor.glue_kwargs.items() if k != "max_classes"}
     return {
         "layers": layers,
         "pooling": pooling,
-        "label_fn": None if monitor.label_fn is None else getattr(monitor.label_fn, "__name__", "callable"),
+        "label_fn": name(monitor.label_fn),
+        "input_fn": name(monitor.input_fn),  # changes the sample keys, so which rows are kept
         "markers": list(monitor.markers),
         "samples_per_class": monitor.samples_per_class,
         "max_classes": monitor.max_classes,
-        **monitor.glue_kwargs,
+        **glue,
         "seed": monitor.seed,
         "prefix": monitor.prefix,
         "dataloader_idx": monitor.dataloader_idx,
@@ -321,10 +331,26 @@ def _expand(checkpoints: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _epoch_step(path: Path) -> tuple[int | None, int | None]:
+    """The checkpoint's ``epoch`` and ``global_step`` (None where absent).
+
+    Raises:
+        CLIError: the file cannot be read as a checkpoint (truncated, not a torch file), with its path.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CLIError(
+            f"Could not read {path} as a Lightning checkpoint ({type(err).__name__}: {err}). The file may be "
+            "truncated (a run stopped while saving) or not a checkpoint; remove it from the list or save it again."
+        ) from err
+    if not isinstance(ckpt, Mapping):
+        raise CLIError(
+            f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint (a dict with 'state_dict'); pass "
+            "files written by ModelCheckpoint or trainer.save_checkpoint."
+        )
     epoch, step = ckpt.get("epoch"), ckpt.get("global_step")
     return (int(epoch) if isinstance(epoch, int) else None, int(step) if isinstance(step, int) else None)
 
@@ -401,6 +427,12 @@ def rank_checkpoints(
     monitor = monitor if monitor is not None else GeometryMonitor()
     if not isinstance(monitor, GeometryMonitor):
         raise CLIError(f"`monitor` must be a GeometryMonitor, got {type(monitor).__name__}.")
+    missing = [m for m in (D_EFF, PSI_EFF) if m not in monitor.markers]
+    if missing:  # the ranking needs both; refuse before measuring every checkpoint
+        raise CLIError(
+            f"The ranking needs D_eff and Psi_eff, but the monitor's markers {list(monitor.markers)} lack "
+            f"{missing}: --markers must include glue_dimension and glue_utility (or 'glue'/'all')."
+        )
     run_device = torch.device(device) if device is not None else _default_device()
     loader = load_dataloader(data)
     labels = _labels(paths)
@@ -477,7 +509,12 @@ _MONITOR_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--markers",
         "markers",
-        dict(nargs="+", metavar="MARKER", help="'all' (default), 'glue', or marker names"),
+        dict(
+            nargs="+",
+            metavar="MARKER",
+            help="'all' (default), 'glue' (the GLUE markers), or marker names; 'glue'/'all' may be mixed "
+            "with names ('glue nc1'). The ranking needs glue_dimension and glue_utility",
+        ),
     ),
     (
         "--samples-per-class",
@@ -577,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = rank.add_argument_group("monitor settings (default: GeometryMonitor's defaults)")
     for option, dest, kwargs in _MONITOR_OPTIONS:
-        group.add_argument(option, dest=dest, default=None, **kwargs)
+        # SUPPRESS: only options actually given reach the namespace, so "none"/"all" (None) override the
+        # defaults and a --config value.
+        group.add_argument(option, dest=dest, default=argparse.SUPPRESS, **kwargs)
     rules = rank.add_argument_group("rules")
     rules.add_argument(
         "--floor",
@@ -603,18 +642,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expand_markers(markers: list[str]) -> str | list[str]:
+    """``--markers`` values: 'all'/'glue' alone as given, and inside a list expanded to their names."""
+    if len(markers) == 1 and markers[0] in ("all", "glue"):
+        return markers[0]
+    names: list[str] = []
+    for m in markers:
+        names += list(resolve_marker_names(m)) if m in ("all", "glue") else [m]
+    return list(dict.fromkeys(names))
+
+
 def _monitor_from_args(args: argparse.Namespace) -> GeometryMonitor:
     kwargs: dict[str, Any] = monitor_from_config(args.config) if args.config else {}
     for _, dest, _ in _MONITOR_OPTIONS:
-        value = getattr(args, dest)
-        if value is not None:
-            kwargs[dest] = value
+        if hasattr(args, dest):  # given on the command line (the options default to SUPPRESS)
+            kwargs[dest] = getattr(args, dest)
     layers = kwargs.get("layers")
     if isinstance(layers, list) and len(layers) == 1:
         kwargs["layers"] = layers[0]
     markers = kwargs.get("markers")
-    if isinstance(markers, list) and len(markers) == 1 and markers[0] in ("all", "glue"):
-        kwargs["markers"] = markers[0]
+    if isinstance(markers, list):
+        kwargs["markers"] = _expand_markers(markers)
     try:
         return GeometryMonitor(**kwargs)
     except (TypeError, ValueError) as err:

@@ -184,8 +184,9 @@ def parse_threshold(text: str) -> tuple[str, float]:
     return name, number
 
 
-def _resolve_key(name: str, keys: Sequence[str], prefix: str) -> str:
-    """The logged key a user's marker name refers to: exact, ``prefix/name``, or the first ``.../name``."""
+def _find_key(name: str, keys: Sequence[str], prefix: str) -> str | None:
+    """The logged key a marker name refers to: exact, ``prefix/name``, or the first ``.../name`` in ``keys``
+    order (the monitor's layer order), or None."""
     if name in keys:
         return name
     if f"{prefix}/{name}" in keys:
@@ -193,6 +194,14 @@ def _resolve_key(name: str, keys: Sequence[str], prefix: str) -> str:
     for key in keys:  # several layers: the first monitored layer, as an unqualified alert
         if key.startswith(prefix + "/") and key.endswith("/" + name):
             return key
+    return None
+
+
+def _resolve_key(name: str, keys: Sequence[str], prefix: str) -> str:
+    """:func:`_find_key` for a threshold rule; raises where the marker was not computed."""
+    key = _find_key(name, keys, prefix)
+    if key is not None:
+        return key
     raise ValueError(
         f"Threshold on {name!r}, but no such marker was computed; computed: {sorted(keys)}. Use one of "
         "these names (or the bare marker name) and make sure the marker is in the monitor's `markers`."
@@ -210,10 +219,13 @@ def rank_scores(
     """Rank measured checkpoints by the both-higher rule; mark the Pareto front and the thresholds.
 
     D_eff and Psi_eff are read under ``<prefix>/glue_dimension`` and ``<prefix>/glue_utility`` (with
-    several layers, the first layer's keys). Threshold names may be logged keys or bare marker names.
+    several layers, those of the first monitored layer: the first layer whose keys appear in the scores'
+    ``values``, in their insertion order, which is the monitor's layer order). Threshold names may be
+    logged keys or bare marker names, resolved the same way.
 
     Raises:
-        ValueError: no checkpoint, or a threshold on a marker that was not computed.
+        ValueError: no checkpoint, no ``glue_dimension``/``glue_utility`` among the measured values, or a
+            threshold on a marker that was not computed.
 
     Example:
         >>> s = [CheckpointScore("a.ckpt", {"geometry/glue_dimension": 2.0, "geometry/glue_utility": 0.3}),
@@ -225,9 +237,16 @@ def rank_scores(
     scores = list(scores)
     if not scores:
         raise ValueError("No checkpoints to rank; pass at least one checkpoint file.")
-    keys = sorted({k for s in scores for k in s.values})
-    dim_key = _resolve_key(D_EFF, keys, prefix) if keys else f"{prefix}/{D_EFF}"
-    util_key = _resolve_key(PSI_EFF, keys, prefix) if keys else f"{prefix}/{PSI_EFF}"
+    keys = list(dict.fromkeys(k for s in scores for k in s.values))  # as logged: first layer first
+    dim_key = _find_key(D_EFF, keys, prefix) if keys else f"{prefix}/{D_EFF}"
+    util_key = _find_key(PSI_EFF, keys, prefix) if keys else f"{prefix}/{PSI_EFF}"
+    if dim_key is None or util_key is None:
+        missing = [m for m, k in ((D_EFF, dim_key), (PSI_EFF, util_key)) if k is None]
+        raise ValueError(
+            f"The ranking needs D_eff and Psi_eff, but no checkpoint has {missing} under the prefix "
+            f"{prefix!r}; computed: {sorted(keys)}. Measure with markers that include glue_dimension and "
+            "glue_utility (markers='glue' or 'all'), and pass the monitor's prefix."
+        )
     floors = {_resolve_key(k, keys, prefix): float(v) for k, v in (floors or {}).items()}
     ceilings = {_resolve_key(k, keys, prefix): float(v) for k, v in (ceilings or {}).items()}
     d = [s.get(dim_key) for s in scores]
