@@ -104,6 +104,24 @@ def test_metric_rejects_bad_input():
         metric.update(torch.full((2, 3), float("nan")), torch.zeros(2))
     with pytest.raises(ValueError, match="Unknown marker"):
         GeometryMarkers(markers=["capacity"])
+    with pytest.raises(ValueError, match="must be 2-D"):
+        metric.update(torch.randn(4, 3, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="no columns"):
+        metric.update(torch.randn(4, 0), torch.zeros(4))
+
+
+def test_metric_accepts_an_empty_batch_like_its_sample():
+    """A rank without data offers a (0, N) batch; it records N and changes nothing else."""
+    x = torch.randn(60, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(60) % 3
+    metric = ParticipationRatio(samples_per_class=10, seed=0)
+    metric.update(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    assert metric.feature_dim == 6 and metric.num_stored == 0 and metric.n_seen == {}
+    metric.update(x.numpy(), y)  # array-likes are still converted
+    fresh = ParticipationRatio(samples_per_class=10, seed=0)
+    fresh.update(x, y)
+    assert torch.equal(metric.compute(), fresh.compute())
+    assert torch.equal(metric.compute(), participation_ratio(fresh.state()[0]))
 
 
 SAMPLE = dict(samples_per_class=12, max_classes=3, seed=1)  # 4 classes of 30: both limits bite

@@ -318,6 +318,20 @@ def test_sync_with_empty_ranks() -> None:
     assert not nobody[0].is_synced
 
 
+def test_metric_rank_with_only_an_empty_batch_takes_part_in_the_sync() -> None:
+    from lightning_geomarkers.metrics import ParticipationRatio
+
+    x, y = _dataset(50, 3, dim=6)
+    full = ParticipationRatio(samples_per_class=4, seed=0)
+    full.update(x, y)
+    ranks = [ParticipationRatio(samples_per_class=4, seed=0), ParticipationRatio(samples_per_class=4, seed=0)]
+    ranks[0].update(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))  # this rank got no data
+    ranks[1].update(x, y)
+    _sync_as_ranks(ranks)
+    for r in ranks:
+        assert torch.equal(r.state()[0], full.state()[0]) and r.n_seen == full.n_seen
+
+
 def test_sync_rejects_different_feature_dims() -> None:
     a, b = PerClassSample(4, seed=0), PerClassSample(4, seed=0)
     a.update(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))

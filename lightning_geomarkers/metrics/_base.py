@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lightning_geomarkers.metrics.sample import PerClassSample
-from lightning_geomarkers.utilities.checks import check_features_labels
+from lightning_geomarkers.utilities.checks import as_tensor, check_finite
 
 
 class LabelledFeatureMetric(PerClassSample):
@@ -37,9 +37,16 @@ class LabelledFeatureMetric(PerClassSample):
         super().__init__(samples_per_class, max_classes, seed=seed, **kwargs)
 
     def update(self, features: torch.Tensor, labels: Any, keys: torch.Tensor | None = None) -> None:
-        """Add a batch: ``features`` (B, N) finite floats, ``labels`` (B,) integer classes."""
-        x, y = check_features_labels(features, labels)
-        super().update(x, y, keys)
+        """Add a batch: ``features`` (B, N) finite floats, ``labels`` (B,) integer classes.
+
+        An empty ``(0, N)`` batch is accepted (it records N for a later DDP sync, as on a rank without
+        data). Array-likes and integer features are converted to a floating tensor; shape, dtype and
+        labels are checked once, by :class:`PerClassSample`.
+        """
+        x = as_tensor(features, "features")
+        if x.ndim == 2 and x.shape[0] > 0:
+            check_finite(x, "features")
+        super().update(x, labels, keys)
 
     def compute(self) -> Any:
         features, labels, _ = self.state()

@@ -177,7 +177,12 @@ class PerClassSample(Metric):
     # ------------------------------------------------------------------------------------ reading
     @property
     def n_seen(self) -> dict[int, int]:
-        """Samples seen per class before subsampling (all classes, also those left out by ``max_classes``)."""
+        """Rows offered per class before subsampling (all classes, also those left out by ``max_classes``).
+
+        Every offered row counts, duplicates included: under DDP the counts are summed over the ranks, so
+        the copies ``DistributedSampler`` pads the data with are counted (2001 rows for 2000 samples on
+        3 ranks) although the sample itself keeps each row once.
+        """
         classes, counts = self._seen()
         return dict(zip(classes.tolist(), counts.tolist(), strict=True))
 
@@ -282,6 +287,10 @@ class PerClassSample(Metric):
         if not features.is_floating_point():
             raise TypeError(f"`features` must be floating point, got {features.dtype}; cast with .float().")
         b, n = features.shape
+        if n == 0:
+            raise ValueError(
+                f"`features` has no columns (shape {tuple(features.shape)}); pass at least one feature per row."
+            )
         f = features.detach()
         if self.features:
             store = self.features[0]
