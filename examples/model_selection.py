@@ -49,7 +49,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
-from lightning_geomarkers.cli import CheckpointScore, rank_scores
+from lightning_geomarkers.cli import CheckpointScore, both_higher_counts, rank_scores
 from lightning_geomarkers.cli import main as cli_main
 
 ID_CLASSES = (0, 1, 2, 3, 4)
@@ -182,8 +182,9 @@ def _pair_agreement(rows: Sequence[dict[str, Any]], key: str) -> tuple[int, int]
     hits = pairs = 0
     for a in rows:
         for b in rows:
-            if key == "rule":
-                prefers = a["d_eff"] > b["d_eff"] and a["psi_eff"] > b["psi_eff"]
+            if key == "rule":  # the package's both-higher test, on the pair (a, b)
+                wins, _ = both_higher_counts([a["d_eff"], b["d_eff"]], [a["psi_eff"], b["psi_eff"]])
+                prefers = bool(wins[0])
             else:
                 prefers = a["id_acc"] > b["id_acc"]
             if prefers and a["transfer"] != b["transfer"]:
@@ -266,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 transfer=transfer,
             )
         )
-    choice = rows[0]["label"] if result.choice is not None else None
+    choice = Path(result.choice.path).stem if result.choice is not None else None  # the rule's pick
     by_id = max(rows, key=lambda r: (r["id_acc"], -r["rank"]))["label"]
     best = max(rows, key=lambda r: r["transfer"])["label"]
     marks: dict[str, str] = {}
