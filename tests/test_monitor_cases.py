@@ -317,6 +317,30 @@ def test_position_keys_on_a_shuffled_loader_say_so(tmp_path):
         )
 
 
+def test_sampling_keys_and_position_checks_are_computed_once_per_batch(tmp_path, monkeypatch):
+    x, y = gaussian_classes()  # 200 samples: 5 validation batches of 40
+    calls = {"keys": 0, "shuffled": 0}
+    real_keys = monitor_module.sample_keys
+
+    def counting_keys(*args, **kwargs):
+        calls["keys"] += 1
+        return real_keys(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "sample_keys", counting_keys)
+    monitor = GeometryMonitor(layers=["body.1", "fc:input"], **CHEAP)
+    real_shuffled = monitor._loader_shuffled
+
+    def counting_shuffled(trainer):
+        calls["shuffled"] += 1
+        return real_shuffled(trainer)
+
+    monitor._loader_shuffled = counting_shuffled
+    with pytest.warns(MonitorWarning, match="position in the validation loader"):
+        trainer(tmp_path, [monitor], logger=False).validate(DictBatches(), _dict_loader(x, y), verbose=False)
+    assert calls == {"keys": 5, "shuffled": 1}  # was 10 keys (once per layer) and a check per batch
+    assert len(monitor.history) == 2
+
+
 # ------------------------------------------------------------------ 5. a new fit starts afresh
 
 

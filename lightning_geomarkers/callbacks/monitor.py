@@ -599,6 +599,7 @@ class GeometryMonitor(L.Callback):
                 if self._num_classes is not None
                 else f"GeometryMonitor ignored samples with negative labels {bad} (e.g. an ignore index).",
             )
+        keys: torch.Tensor | None = None  # one set of sampling keys per batch, shared by the layers
         for name, hook in self._hooks.items():
             feats = hook.pop()
             if feats is None:
@@ -611,7 +612,8 @@ class GeometryMonitor(L.Callback):
                     "Monitor a layer that runs once per sample, or pass `label_fn`.",
                 )
                 continue
-            keys = sample_keys(inputs[keep.to(inputs.device)], labels[keep], self.seed)
+            if keys is None:
+                keys = sample_keys(inputs[keep.to(inputs.device)], labels[keep], self.seed)
             self._samplers[name].update(feats[keep.to(feats.device)], labels[keep], keys)
 
     def _inputs(self, batch: Any, n: int, trainer: L.Trainer | None) -> torch.Tensor:
@@ -631,6 +633,12 @@ class GeometryMonitor(L.Callback):
         if found is not None and found.ndim > 0 and found.shape[0] == n:
             return found
         rank = trainer.global_rank if trainer is not None else 0
+        pos = torch.arange(start, start + n, dtype=torch.int64)
+        if "position-keys" not in self._run_warnings:  # warned once per fit: build the message once
+            self._warn_position_keys(batch, trainer)
+        return torch.stack([torch.full_like(pos, rank), pos], dim=1)
+
+    def _warn_position_keys(self, batch: Any, trainer: L.Trainer | None) -> None:
         shuffled = self._loader_shuffled(trainer)
         self._warn_run(
             "position-keys",
@@ -645,8 +653,6 @@ class GeometryMonitor(L.Callback):
             )
             + " pass input_fn=lambda batch: <the inputs tensor>, e.g. input_fn=lambda b: b['img'].",
         )
-        pos = torch.arange(start, start + n, dtype=torch.int64)
-        return torch.stack([torch.full_like(pos, rank), pos], dim=1)
 
     def _loader_shuffled(self, trainer: L.Trainer | None) -> bool:
         loaders = getattr(trainer, "val_dataloaders", None) if trainer is not None else None
