@@ -227,3 +227,18 @@ def test_quad_pinv_cholesky_path_matches_numpy_eigendecomposition():
         rel = 1e-8 if w[keep].min(initial=1.0) > 1e-3 else 1e-5
         assert float(value[i]) == pytest.approx(float((proj**2 / w[keep]).sum()), rel=rel, abs=1e-12), i
         np.testing.assert_allclose(kept[i].numpy(), vv[:, keep] @ proj, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e200, 1e-170, 1e-200])
+def test_extreme_scales_give_the_same_markers(scale):
+    """Every GLUE marker is scale invariant; squaring unscaled float64 points overflowed (capacity inf,
+    every probe 'degenerate') at 1e160 and underflowed to 'all points are zero' at 1e-170."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 40, generator=g, dtype=torch.float64)
+    ref = glue(x, n_t=40, generator=0)
+    res = glue(x * scale, n_t=40, generator=0)
+    assert res.n_degenerate == 0 and res.converged
+    for name in ("capacity", "dimension", "radius", "utility"):
+        assert float(getattr(res, name)) == pytest.approx(float(getattr(ref, name)), rel=1e-9), name
+    anchors = glue(x * scale, n_t=5, generator=0, return_anchors=True).anchors
+    assert torch.isfinite(anchors).all()  # returned in the input's units

@@ -38,7 +38,8 @@ class NNLSSolution:
         proj_norm2: (Q,) squared norm of the cone projection ||G^T lambda||^2.
         kkt_violation: (Q,) largest violation of the KKT conditions, relative to ||t|| * max ||x||.
         iterations: number of batched iterations run.
-        converged: (Q,) True where the KKT conditions were certified.
+        converged: (Q,) True where the iteration stopped on its own test and the independent KKT check
+            (``kkt_violation <= KKT_CERTIFIED``) passed.
     """
 
     lam: torch.Tensor
@@ -48,6 +49,10 @@ class NNLSSolution:
     converged: torch.Tensor
 
 
+#: Largest relative KKT violation (see ``NNLSSolution.kkt_violation``) that still counts as certified.
+#: Exact solutions reach ~1e-12; float32-rounded, numerically rank-deficient features ~1e-8.
+KKT_CERTIFIED = 1e-6
+
 #: A passive set counts as linearly dependent when a relative Cholesky pivot falls below this.
 _DEPENDENT_PIVOT = 1e-9
 
@@ -55,10 +60,11 @@ _DEPENDENT_PIVOT = 1e-9
 def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve batched SPD systems ``blocks`` u = rhs by one Cholesky, without a host sync.
 
-    The blocks already carry the absolute diagonal jitter (1e-12 of the squared point norm by default,
-    added once to the Gram by :func:`_extended_gram`): far below any eigenvalue a passive set of
-    Lawson-Hanson can have (a point enters only with a positive gradient, so it is not in the span of
-    the others), it only keeps round-off from making a block numerically indefinite. A block that still
+    The blocks already carry an absolute diagonal jitter (``1e-12 * max(point_scale, 1)**2``, added once
+    to every diagonal entry of the Gram by :func:`_extended_gram`). In exact arithmetic a point enters
+    only with a positive gradient, so it is not in the span of the others and the jitter is far below the
+    passive set's eigenvalues; in floating point (numerically rank-deficient features) it can be of their
+    order, and it only keeps round-off from making a block indefinite. A block that still
     fails to factor yields 0, whose multipliers are then infeasible and dropped by the caller. Also
     returns, per row, whether the block is numerically singular (a tiny relative pivot).
     """
@@ -402,7 +408,7 @@ def batched_nnls(
     unfinished = ~st.done
     if bool(unfinished.any()):  # iteration cap: keep the (feasible) iterate, uncertified
         st.write_back(unfinished, lam_out, done_out, n_points, certified=False)
-    lam, converged = lam_out, done_out
+    lam = lam_out
     passive = lam > 0
     eligible = sigma != 0
     scale = t_norm * point_scale
@@ -414,6 +420,10 @@ def batched_nnls(
     on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
     kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)
     proj_norm2 = (u * h).sum(1)
+    # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
+    # tests dual feasibility of the points it may still add; the check also covers stationarity on the
+    # support and points blocked against round-off.
+    converged = done_out & (kkt <= KKT_CERTIFIED)
     return NNLSSolution(
         lam=lam, proj_norm2=proj_norm2, kkt_violation=kkt, iterations=iterations, converged=converged
     )
@@ -438,4 +448,6 @@ def separable_dichotomies(
     ones = torch.ones(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
     point_scale = float(gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).max().sqrt()) + 1.0
     sol = batched_nnls(gram, group, sigma.clone(), sigma, ones, point_scale=point_scale, rank_one=sigma)
-    return (1.0 - sol.proj_norm2) > rtol
+    # An iterate stopped before certification has a projection below the optimum, which would look
+    # separable: only a certified solve can say "separable" (the others count as degenerate and warn).
+    return ((1.0 - sol.proj_norm2) > rtol) & sol.converged

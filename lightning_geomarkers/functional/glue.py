@@ -26,7 +26,8 @@ from typing import Any, Literal, overload
 import torch
 
 from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
-from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
+from lightning_geomarkers.functional._nnls import KKT_CERTIFIED, batched_nnls, separable_dichotomies
+from lightning_geomarkers.functional.preprocessing import _times_pow2
 from lightning_geomarkers.utilities.checks import (
     DICHOTOMY_KINDS,
     as_manifolds,
@@ -469,6 +470,11 @@ def _glue_markers(
 def _normalise(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each group so its mean squared point norm is 1 (every marker is scale invariant; this makes
     the solver's tolerances and the eigenvalue cut-off absolute in the data's own units)."""
+    # Square a copy rescaled by a power of two (exact), so features near 1e+-160 neither overflow nor
+    # underflow here; ``scale`` is returned in the input's units.
+    peak = float(points.abs().amax()) if points.numel() else 0.0
+    shift = 0 if peak == 0.0 else -math.frexp(peak)[1]
+    points = _times_pow2(points, shift)
     sq = (points.square().sum(-1) * mask).sum((-1, -2)) / mask.sum((-1, -2)).clamp_min(1)
     scale = sq.sqrt()
     if bool((scale == 0).any()):
@@ -477,7 +483,7 @@ def _normalise(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
             "constant (e.g. dead ReLUs) and do not center data with a single point per class."
         )
     shape = (-1,) + (1,) * (points.ndim - 1)
-    return points / scale.reshape(shape), scale
+    return points / scale.reshape(shape), _times_pow2(scale, -shift)
 
 
 def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: float, where: str = "") -> None:
@@ -493,8 +499,10 @@ def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: flo
         )
     if not converged:
         warnings.warn(
-            f"GLUE{where}: the NNLS solver hit its iteration cap before certifying every probe "
-            f"(largest relative KKT violation {kkt:.2e}). Raise `max_iter`.",
+            f"GLUE{where}: the NNLS solver did not certify every probe: it hit its iteration cap, or the "
+            f"final KKT check failed (largest relative KKT violation {kkt:.2e}, certified up to "
+            f"{KKT_CERTIFIED:g}). Raise `max_iter`; if the violation stays, the features are numerically "
+            "rank-deficient (e.g. duplicated or collinear points): use fewer points per class.",
             SolverWarning,
             stacklevel=3,
         )
