@@ -173,6 +173,36 @@ def test_a_layer_that_never_runs_warns_and_no_value_raises():
     assert any(issubclass(w.category, MonitorWarning) for w in caught)
 
 
+def test_transfer_hooks_get_the_monitored_dataloader_idx():
+    class RecordsTransfer(TinyMLP):
+        seen: list[int] = []
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            self.seen.append(dataloader_idx)
+            return batch
+
+    x, y = gaussian_classes(per_class=10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=25)
+    model = RecordsTransfer()
+    monitor = GeometryMonitor(markers=["participation_ratio"], dataloader_idx=1)
+    assert monitor.evaluate(model, [loader, loader])
+    assert model.seen == [1, 1]  # was 0: the hooks saw the batches as those of another loader
+
+
+def test_live_and_offline_share_the_empty_sample_checks():
+    from lightning_geomarkers.callbacks._layers import FeatureHook
+    from lightning_geomarkers.metrics.sample import PerClassSample
+
+    monitor = GeometryMonitor(markers=["participation_ratio"])
+    hook = FeatureHook(nn.Linear(2, 2), "output", "auto", name="fc")
+    empty = PerClassSample(5, None, seed=0)
+    with pytest.raises(RuntimeError, match=r"layer 'fc' was never called during validation.*layers="):
+        monitor._sample_for("fc", hook, empty)
+    hook.error = ValueError("boom")
+    with pytest.raises(RuntimeError, match=r"feature capture failed: boom"):
+        monitor._sample_for("fc", hook, empty)
+
+
 class EvaluateDuringFit(L.Callback):
     """Calls monitor.evaluate on another loader in the middle of the live capture."""
 

@@ -785,15 +785,7 @@ class GeometryMonitor(L.Callback):
         trainer: L.Trainer,
         fresh: set[str],
     ) -> tuple[dict[str, float], dict[str, float]]:
-        feats, labels, _ = sampler.state()
-        if sampler.num_stored == 0:
-            if hook.calls == 0 and hook.error is None:
-                raise RuntimeError(
-                    f"layer {name!r} was never called during validation (is it used in forward()?), so no "
-                    "features were captured. Pass `layers=` naming a module that runs in validation_step."
-                )
-            raise RuntimeError("no labelled features were captured this epoch (see the previous warnings).")
-        feats, labels = self._validate_sample(name, feats, labels)
+        feats, labels = self._sample_for(name, hook, sampler)
         report = self.compute_markers(
             feats,
             labels,
@@ -824,6 +816,30 @@ class GeometryMonitor(L.Callback):
             )
         self._log_tensorboard(trainer, name, report.spectrum, values, view)
         return values, ses
+
+    def _sample_for(
+        self,
+        name: str,
+        hook: FeatureHook,
+        sampler: PerClassSample,
+        *,
+        where: str = "during validation",
+        fix: str = "Pass `layers=` naming a module that runs in validation_step.",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's checked ``(features, labels)`` sample (live and offline): raises ``RuntimeError``
+        naming the problem when nothing was captured (the layer never ran ``where``, its capture failed,
+        or no batch had usable labels), else :meth:`_validate_sample`'s result."""
+        feats, labels, _ = sampler.state()
+        if sampler.num_stored == 0:
+            if hook.error is not None:
+                raise RuntimeError(f"feature capture failed: {hook.error}")
+            if hook.calls == 0:
+                raise RuntimeError(
+                    f"layer {name!r} was never called {where}: it never ran, so no features were captured "
+                    f"(is it used in forward()?). {fix}"
+                )
+            raise RuntimeError("no labelled features were captured (see the previous warnings).")
+        return self._validate_sample(name, feats, labels)
 
     def _validate_sample(
         self, name: str, feats: torch.Tensor, labels: torch.Tensor

@@ -115,12 +115,13 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(inputs)
 
 
-def _transfer(model: nn.Module, batch: Any, device: torch.device) -> Any:
-    """Move a batch to ``device`` as Lightning's loop would (a LightningModule's transfer hooks included)."""
+def _transfer(model: nn.Module, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
+    """Move a batch to ``device`` as Lightning's loop would (a LightningModule's transfer hooks included,
+    called with the monitored loader's ``dataloader_idx``)."""
     if isinstance(model, L.LightningModule):
-        batch = model.on_before_batch_transfer(batch, 0)
-        batch = model.transfer_batch_to_device(batch, device, 0)
-        return model.on_after_batch_transfer(batch, 0)
+        batch = model.on_before_batch_transfer(batch, dataloader_idx)
+        batch = model.transfer_batch_to_device(batch, device, dataloader_idx)
+        return model.on_after_batch_transfer(batch, dataloader_idx)
     return move_data_to_device(batch, device)
 
 
@@ -196,7 +197,7 @@ def evaluate_model(
             batches = tqdm(loader, desc="batches", leave=False, unit="batch")
         with torch.no_grad():
             for batch_idx, raw in enumerate(batches):
-                batch = _transfer(model, raw, run_device)
+                batch = _transfer(model, raw, run_device, monitor.dataloader_idx)
                 for hook in shadow._hooks.values():
                     hook.clear()
                     hook.enabled = True
@@ -247,16 +248,12 @@ def evaluate_model(
 
 def _compute(shadow: GeometryMonitor, name: str, device: torch.device) -> tuple[MarkerReport, int]:
     """One layer's report from the shadow's sample, through the monitor's own checks and compute path."""
-    sampler, hook = shadow._samplers[name], shadow._hooks[name]
-    feats, labels, _ = sampler.state()
-    if sampler.num_stored == 0:
-        if hook.error is not None:
-            raise RuntimeError(f"feature capture failed: {hook.error}")
-        raise RuntimeError(
-            "no labelled features were captured: the layer never ran on these batches (is it used in "
-            "forward()? pass forward_fn= if the batches need a custom call), or no batch had usable labels "
-            "(see the previous warnings)."
-        )
-    feats, labels = shadow._validate_sample(name, feats, labels)
+    feats, labels = shadow._sample_for(
+        name,
+        shadow._hooks[name],
+        shadow._samplers[name],
+        where="on these batches",
+        fix="Pass forward_fn= if the batches need a custom call, or `layers=` naming a module that runs.",
+    )
     report = shadow.compute_markers(feats, labels, device=device, layer=name)
     return report, int(labels.numel())
