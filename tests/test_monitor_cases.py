@@ -341,6 +341,20 @@ def test_sampling_keys_and_position_checks_are_computed_once_per_batch(tmp_path,
     assert len(monitor.history) == 2
 
 
+def test_a_failing_sample_gather_skips_the_layer_instead_of_crashing(tmp_path, monkeypatch):
+    from lightning_geomarkers.metrics.sample import PerClassSample
+
+    def mismatch(self, *args, **kwargs):  # what every rank raises after gathering different widths
+        raise RuntimeError("features have 32 columns on rank 0 but 16 on rank 1")
+
+    monkeypatch.setattr(PerClassSample, "sync", mismatch)
+    monitor = GeometryMonitor(**CHEAP)
+    monitor._distributed = lambda trainer: True  # as under DDP: the gather runs at the epoch's end
+    with pytest.warns(MonitorWarning, match=r"skipped layer 'fc' at epoch 0: features have 32 columns"):
+        tr, _ = fit(tmp_path, [monitor], max_epochs=2)
+    assert tr.current_epoch == 2 and monitor.history == []
+
+
 # ------------------------------------------------------------------ 5. a new fit starts afresh
 
 

@@ -677,9 +677,7 @@ class GeometryMonitor(L.Callback):
         self._capturing = False
         for hook in self._hooks.values():
             hook.enabled = False
-        distributed = (
-            trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        )
+        distributed = self._distributed(trainer)
         epoch, step = trainer.current_epoch, self._log_step(trainer)
         fired: list[AlertEvent] = []
         computed_any = False
@@ -687,9 +685,12 @@ class GeometryMonitor(L.Callback):
         alert_flags: dict[str, float] = {}
         for name, hook in self._hooks.items():
             sampler = self._samplers[name]
-            if distributed:  # collective: every rank takes part, whatever happened locally
-                sampler.to(pl_module.device).sync()  # torchmetrics gather, then bottom-k re-selection
             try:
+                # Collective: every rank takes part, whatever happened locally. Inside the try: what it
+                # raises (feature widths that differ across ranks) is raised on every rank after the
+                # gather, so every rank warns and skips this layer together.
+                if distributed:
+                    sampler.to(pl_module.device).sync()  # torchmetrics gather, then bottom-k re-selection
                 if self._loader_missing is not None:
                     raise RuntimeError(self._loader_missing)
                 values, ses = self._compute_layer(name, hook, sampler, pl_module, trainer, fresh)
@@ -717,6 +718,12 @@ class GeometryMonitor(L.Callback):
             if trainer.strategy.reduce_boolean_decision(stop, all=False):
                 trainer.should_stop = True
                 rank_zero_info(f"GeometryMonitor: stopping training at epoch {epoch} on a geometry alert.")
+
+    @staticmethod
+    def _distributed(trainer: L.Trainer) -> bool:
+        return bool(
+            trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
 
     def _key(self, layer: str, marker: str, *, single: bool | None = None) -> str:
         """``<prefix>/<marker>`` with one layer, else ``<prefix>/<layer>/<marker>`` with ``":"`` in the
