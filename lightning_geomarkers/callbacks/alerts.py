@@ -157,8 +157,6 @@ class MarkerAlert:
         self.first_se: float | None = None
         self.recent_se: deque[float | None] = deque(maxlen=self.window)
 
-    _reset_state = reset
-
     @property
     def action_name(self) -> str:
         return self.action if isinstance(self.action, str) else getattr(self.action, "__name__", "callable")

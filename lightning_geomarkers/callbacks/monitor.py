@@ -242,7 +242,6 @@ class GeometryMonitor(L.Callback):
             "alerts": [a.state_dict() for a in self.alerts],
             "seed": self.seed,
             "last_computed_step": self.last_computed_step,
-            "layers": sorted(self._layer_ids.values()),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -803,7 +802,7 @@ class GeometryMonitor(L.Callback):
         values = {m: float(v) for m, v in report.values.items()}
         ses = {
             m: float(se)
-            for m, se in (getattr(report, "standard_errors", None) or {}).items()
+            for m, se in report.standard_errors.items()
             if m in values and se is not None and math.isfinite(float(se))
         }
         for marker, value in values.items():
