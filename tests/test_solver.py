@@ -242,3 +242,43 @@ def test_extreme_scales_give_the_same_markers(scale):
         assert float(getattr(res, name)) == pytest.approx(float(getattr(ref, name)), rel=1e-9), name
     anchors = glue(x * scale, n_t=5, generator=0, return_anchors=True).anchors
     assert torch.isfinite(anchors).all()  # returned in the input's units
+
+
+def test_failed_factorization_inside_the_inner_loop_keeps_the_iterate(monkeypatch):
+    """A Cholesky failure while a row is inside the inner loop (no point added) must not step to the
+    zero solution of the failed factorization and drop the whole passive set: the row keeps its previous
+    feasible iterate and goes on. Forced here by reporting every factorization of three iterations as
+    failed; the passive sets survive them (dropping them shrinks the total from ~440 to ~20 points) and
+    the result is still scipy's NNLS optimum."""
+    nnls_module = importlib.import_module("lightning_geomarkers.functional._nnls")
+    rng = np.random.default_rng(7)
+    x, t, sigma, gram, h, group = _nnls_problem(rng, 6, 20, 128, 20, 2.0, 24)
+    kwargs = dict(point_scale=float(x.norm(dim=1).max()), block_size=20, add_per_iteration=16)
+    real_solve, real_solve_passive = nnls_module._solve_spd, nnls_module._WorkingSet.solve_passive
+    failing = (4, 5, 6)
+    calls, passive, inner_rows_hit = [0], {}, [0]
+
+    def failing_solve(blocks, rhs):
+        sol, singular, broken = real_solve(blocks, rhs)
+        calls[0] += 1
+        if calls[0] in failing:
+            broken = torch.ones_like(broken)
+            return torch.zeros_like(sol), broken, broken
+        return sol, singular, broken
+
+    def recording_solve_passive(self, gram_ext):
+        passive[calls[0] + 1] = int(self.valid.sum())  # passive points entering this solve
+        if calls[0] + 1 in failing:
+            inner_rows_hit[0] += int(self.pending.sum())
+        return real_solve_passive(self, gram_ext)
+
+    monkeypatch.setattr(nnls_module, "_solve_spd", failing_solve)
+    monkeypatch.setattr(nnls_module._WorkingSet, "solve_passive", recording_solve_passive)
+    sol = batched_nnls(gram, group, h, sigma, t.norm(dim=1), **kwargs)
+    assert inner_rows_hit[0] > 0  # the forced failures did reach rows inside the inner loop
+    assert min(passive[k] for k in (5, 6, 7)) >= passive[4] // 2
+    assert bool(sol.converged.all()) and float(sol.kkt_violation.max()) < 1e-9
+    for q in range(t.shape[0]):
+        g = (sigma[q, :, None] * x).numpy()
+        lam, _ = nnls(g.T, t[q].numpy(), maxiter=50 * g.shape[0])
+        np.testing.assert_allclose(sol.lam[q].numpy(), lam, atol=1e-7)

@@ -57,7 +57,7 @@ KKT_CERTIFIED = 1e-6
 _DEPENDENT_PIVOT = 1e-9
 
 
-def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve batched SPD systems ``blocks`` u = rhs by one Cholesky, without a host sync.
 
     The blocks already carry an absolute diagonal jitter (``1e-12 * max(point_scale, 1)**2``, added once
@@ -65,8 +65,9 @@ def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, t
     only with a positive gradient, so it is not in the span of the others and the jitter is far below the
     passive set's eigenvalues; in floating point (numerically rank-deficient features) it can be of their
     order, and it only keeps round-off from making a block indefinite. A block that still
-    fails to factor yields 0, whose multipliers are then infeasible and dropped by the caller. Also
-    returns, per row, whether the block is numerically singular (a tiny relative pivot).
+    fails to factor yields 0 (the caller never uses it: it keeps the previous iterate). Also returns,
+    per row, whether the block is numerically singular (a tiny relative pivot or a failed
+    factorization) and whether the factorization failed.
     """
     chol, info = torch.linalg.cholesky_ex(blocks)
     sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
@@ -75,8 +76,9 @@ def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, t
     pivots = chol.diagonal(dim1=-2, dim2=-1).square() / blocks.diagonal(dim1=-2, dim2=-1).clamp_min(
         torch.finfo(blocks.dtype).tiny
     )
-    failed = (info != 0) | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
-    return torch.where((info != 0)[:, None], torch.zeros_like(sol), sol), failed
+    broken = info != 0
+    singular = broken | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
+    return torch.where(broken[:, None], torch.zeros_like(sol), sol), singular, broken
 
 
 def _extended_gram(gram: torch.Tensor, jitter: float) -> torch.Tensor:
@@ -163,11 +165,11 @@ class _WorkingSet:
         self.slots.scatter_(1, free_pos, torch.where(take, cand, self.slots.gather(1, free_pos)))
         self.valid |= torch.zeros_like(self.valid).scatter_(1, free_pos, take)
 
-    def solve_passive(self, gram_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve_passive(self, gram_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
 
         ``gram_ext`` is :func:`_extended_gram`. Returns the candidate multipliers per slot (0 on free
-        slots) and whether K_FF is singular.
+        slots), whether K_FF is numerically singular and whether its factorization failed.
         """
         n_slots, n_ext = self.slots.shape[1], gram_ext.shape[-1]
         # K_FF gathered straight from the group's Gram by flat indices (Q S^2 elements, no row cache);
@@ -181,8 +183,8 @@ class _WorkingSet:
             r1_f = torch.gather(self.rank_one, 1, self.slots) * self.valid
             blocks = torch.baddbmm(blocks, r1_f[:, :, None], r1_f[:, None, :])
         sig_f = torch.gather(self.sigma, 1, self.slots) * self.valid
-        u, singular = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid)
-        return sig_f * u, singular
+        u, singular, broken = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid)
+        return sig_f * u, singular, broken
 
     def dual(self, gram: torch.Tensor, capacity: int) -> torch.Tensor:
         """w = sigma * (X t - K (sigma * lambda)) for every running row, by one dense batched product.
@@ -374,12 +376,17 @@ def batched_nnls(
         st.insert(take, cand)
         fresh = st.valid & (st.x == 0)  # points at zero: just added, not yet moved
         # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
-        z, singular = st.solve_passive(gram_ext)  # candidate multipliers on the passive set
+        z, singular, broken = st.solve_passive(gram_ext)  # candidate multipliers on the passive set
         # Points added together can be jointly dependent (each alone is independent of the passive set,
         # Lawson-Hanson's invariant): then reject them all, which sends the row to single mode and keeps
         # the passive sets independent (so the multipliers stay the unique, sparse ones).
         joint_dependent = singular & (n_add > 1)
+        # Inside the inner loop the passive set is a subset of one that factored, so its factorization
+        # only fails on round-off: keep the previous (feasible) iterate and leave the inner loop, rather
+        # than stepping to z = 0 and dropping the whole passive set.
+        stuck = broken & (n_add == 0)
         z = torch.where(joint_dependent[:, None], torch.where(fresh, 0.0, st.x), z)
+        z = torch.where(stuck[:, None], st.x, z)
         infeasible = st.valid & (z <= 0)
         all_pos = ~infeasible.any(1)
         # A single added point must get a positive multiplier (Lawson-Hanson); a non-positive one is
