@@ -203,35 +203,18 @@ def main() -> None:
     )
     if not args.quick:
         n_t = args.grid_probes
+
+        def joint_and_pairs(name: str, mans) -> None:
+            """The joint and the 45-pairs row of one data set, both held to the 10x target."""
+            for protocol, case in (("joint", joint_case), ("45 pairs", pairs_case)):
+                result = case(mans, rng, n_t, args.repeats, args.device, threads)
+                print_row(f"{name} {protocol} n_t={n_t}", result, 10, rows)
+
         for dim, radius in itertools.product((2, 5, 10, 20), (0.5, 1.0, 2.0)):
-            mans = geometry_clouds(rng, 10, 50, 512, dim, radius)
-            print_row(
-                f"grid D={dim} R={radius} joint n_t={n_t}",
-                joint_case(mans, rng, n_t, args.repeats, args.device, threads),
-                10,
-                rows,
-            )
-            print_row(
-                f"grid D={dim} R={radius} 45 pairs n_t={n_t}",
-                pairs_case(mans, rng, n_t, args.repeats, args.device, threads),
-                10,
-                rows,
-            )
+            joint_and_pairs(f"grid D={dim} R={radius}", geometry_clouds(rng, 10, 50, 512, dim, radius))
         for trained in (True, False):
-            mans = digits_features(trained)
             tag = "trained" if trained else "untrained"
-            print_row(
-                f"digits MLP {tag} joint n_t={n_t}",
-                joint_case(mans, rng, n_t, args.repeats, args.device, threads),
-                10,
-                rows,
-            )
-            print_row(
-                f"digits MLP {tag} 45 pairs n_t={n_t}",
-                pairs_case(mans, rng, n_t, args.repeats, args.device, threads),
-                10,
-                rows,
-            )
+            joint_and_pairs(f"digits MLP {tag}", digits_features(trained))
     missed = [r for r in rows if r[2] < r[3]]
     print(
         f"targets met: {len(rows) - len(missed)} of {len(rows)} rows; worst ratio/target: "
