@@ -352,25 +352,114 @@ def test_pairs_protocol_uses_all_pairs_and_is_deterministic():
     assert res.n_probes == 300 and res.converged
 
 
+def _replayed_span_probes(points: torch.Tensor, g_t: torch.Generator, n_t: int, n_feat: int):
+    """Explicit N-dimensional probes t with exactly the X t and ||t|| that ``_span_probes`` draws from
+    ``g_t`` for the (T, N) ``points`` (one group, no padding), built independently of it: t is the
+    least-squares preimage of h (numpy lstsq) plus an orthogonal part (numpy SVD) of the drawn norm."""
+    from lightning_geomarkers.functional.glue import _normalised_gram, _padded_cholesky, _span_probes
+
+    pts = points[None, :, None, :].transpose(1, 2)  # (1, 1, T, N): one manifold of all points
+    mask = torch.ones(pts.shape[:3], dtype=torch.bool)
+    gram, scale = _normalised_gram(pts, mask)
+    h, t_norm = _span_probes(gram, mask, _padded_cholesky(gram, mask), n_feat, n_t, [g_t])
+    x_n = (points / scale).numpy()
+    row_part = np.linalg.lstsq(x_n, h.numpy().T, rcond=None)[0].T  # (n_t, N), in the row space
+    _, _, vt = np.linalg.svd(x_n)
+    perp = vt[np.linalg.matrix_rank(x_n) :][0]  # a unit vector orthogonal to every point
+    extra = t_norm.numpy() ** 2 - (row_part**2).sum(1)
+    assert (extra >= 0).all()  # ||t||^2 = ||z||^2 + chi^2 >= ||t_row||^2 = ||z||^2
+    t = row_part + np.sqrt(extra)[:, None] * perp
+    np.testing.assert_allclose(x_n @ t.T, h.numpy().T, rtol=1e-9, atol=1e-9)
+    return t
+
+
 def test_pairs_protocol_matches_reference_when_every_point_is_used():
     """One pair with points_per_class >= class size uses every point: compare to the reference on the
-    same points (point order does not matter) with the same probes drawn from the same seed."""
+    same points (point order does not matter) with probes that give the same X t and ||t|| as the ones
+    glue_pairs drew (in the span of the points) from the same seed."""
     x, y = labelled_features(n_classes=2, per_class=15, N=40, seed=4)
     res = glue_pairs(x, y, points_per_class=50, n_t=25, generator=9)
     # glue_pairs draws the point subsample before the probes from the same generator; redo the draws.
     g = torch.Generator().manual_seed(9)
+    order = [torch.nonzero(y == c).squeeze(1)[torch.randperm(15, generator=g)] for c in (0, 1)]
+    from lightning_geomarkers.functional.glue import _prepare_probes
+
+    t0, d, g_t = _prepare_probes(None, "random", 25, 2, 40, g, draw=False)
+    assert t0 is None
+    t = _replayed_span_probes(x[torch.cat(order)], g_t, 25, 40)
+    ref = reference_glue([x[y == 0].numpy(), x[y == 1].numpy()], t, d.numpy())
+    assert_markers_close(res, ref)
+    # The replayed draws are the ones glue_pairs used: glue() given them explicitly agrees too, while
+    # glue() drawing its own probes from another seed does not (so the replay is what makes them agree).
+    replayed = glue([x[y == 0], x[y == 1]], probes=torch.from_numpy(t), dichotomies=d)
+    assert_markers_close(replayed, ref)
+    own_draws = glue([x[y == 0], x[y == 1]], n_t=25, generator=10)
+    assert not torch.equal(own_draws.a, replayed.a)
+
+
+def test_pairs_protocol_with_more_points_than_features_draws_full_probes():
+    """With 2 M > N the pairs protocol draws N-dimensional probes: replaying the draws and giving the
+    reference the same points and probes reproduces the markers."""
+    x, y = labelled_features(n_classes=2, per_class=15, N=24, seed=5)
+    res = glue_pairs(x, y, points_per_class=50, n_t=25, generator=3, warn=False)
+    g = torch.Generator().manual_seed(3)
     torch.randperm(15, generator=g), torch.randperm(15, generator=g)
     from lightning_geomarkers.functional.glue import _prepare_probes
 
-    t, d = _prepare_probes(None, "random", 25, 2, 40, g)
+    t, d, _ = _prepare_probes(None, "random", 25, 2, 24, g, draw=True)
+    assert t is not None
     ref = reference_glue([x[y == 0].numpy(), x[y == 1].numpy()], t.numpy(), d.numpy())
     assert_markers_close(res, ref)
-    # The replayed draws are the ones glue_pairs used: glue() given them explicitly agrees too, while
-    # glue() drawing its own probes from the same seed does not (so the replay is what makes them agree).
-    replayed = glue([x[y == 0], x[y == 1]], probes=t, dichotomies=d)
-    assert_markers_close(replayed, ref)
-    own_draws = glue([x[y == 0], x[y == 1]], n_t=25, generator=9)
-    assert not torch.equal(own_draws.a, replayed.a)
+
+
+def test_span_probes_have_the_law_of_gaussian_probes():
+    """h = X t and ||t||^2 for t ~ N(0, I_N), drawn in the span of the points: E[h h^T] = K (the
+    normalised Gram), E||t||^2 = N and Var ||t||^2 = 2 N, E[h_i ||t||^2] = 0, checked on 40,000 draws
+    against these closed forms; also for dependent points and padding on the eigendecomposition path."""
+    from lightning_geomarkers.functional.glue import _normalised_gram, _padded_cholesky, _span_probes
+
+    g = torch.Generator().manual_seed(0)
+    n_feat, n_t = 30, 40_000
+    base = torch.randn(2, 6, n_feat, generator=g, dtype=torch.float64)
+    dependent = base.clone()
+    dependent[1, 4] = dependent[0, 0] + dependent[1, 0]  # a point in the span of two others
+    dependent[1, 5] = 0.0  # and a padding row
+    for pts, pad in ((base, False), (dependent, True)):
+        mask = torch.ones(pts.shape[:2], dtype=torch.bool)
+        if pad:
+            mask[1, 5] = False
+        gram, _ = _normalised_gram(pts[None], mask[None])
+        factor = _padded_cholesky(gram, mask[None])
+        if pad:  # take the eigendecomposition path (the one for groups whose Cholesky factor fails)
+            factor = (factor[0], torch.ones_like(factor[1]))
+        h, t_norm = _span_probes(gram, mask[None], factor, n_feat, n_t, [torch.Generator().manual_seed(1)])
+        cov = h.T @ h / n_t
+        k = gram[0]
+        assert torch.allclose(cov, k, atol=0.05 * float(k.diagonal().max()))
+        sq = t_norm.square()
+        assert float(sq.mean()) == pytest.approx(n_feat, rel=0.02)
+        assert float(sq.var()) == pytest.approx(2 * n_feat, rel=0.05)
+        corr = (h * (sq - n_feat)[:, None]).mean(0) / (k.diagonal().sqrt() * math.sqrt(2 * n_feat)).clamp_min(
+            1e-12
+        )
+        assert float(corr.abs().max()) < 0.03
+        if pad:
+            assert bool((h[:, 11] == 0).all())  # padding rows get h = 0
+
+
+def test_span_probes_give_the_markers_of_full_probes():
+    """Drawn in the span or in N dimensions, the probes give the same markers in expectation: glue()
+    with drawn probes (span path) against glue() given N-dimensional Gaussian probes, 2,000 probes each,
+    within 4 standard errors of the difference of the per-probe means of a, b and c."""
+    mans = torch.randn(3, 12, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mans += 2 * torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    span = glue(mans, n_t=2000, generator=5)
+    probes = torch.randn(2000, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    full = glue(mans, probes=probes, dichotomies=make_dichotomies("random", 2000, 3, 7))
+    for q in ("a", "b", "c"):
+        u, v = getattr(span, q), getattr(full, q)
+        se = math.sqrt(float(u.var()) / u.numel() + float(v.var()) / v.numel())
+        assert abs(float(u.mean()) - float(v.mean())) < 4 * se, q
 
 
 def test_pairs_protocol_subsets_and_errors():

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+import numpy as np
 import torch
 
 from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
@@ -268,17 +269,21 @@ def _support_products(
     return s_s, s_c, s_t
 
 
-def _separable_probes(gram: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _separable_probes(
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(B * n_t,) bool: is each probe's dichotomy strictly separable? Solved once per distinct dichotomy
-    of a group, up to sign (y and -y are separable together): at most 2 per pair for P = 2."""
+    of a group, up to sign (y and -y are separable together): at most 2 per pair for P = 2. ``factor``:
+    :func:`_padded_cholesky` of ``gram`` if the caller has it."""
     n_groups, n_t, n_man = labels.shape
     separable = torch.ones((n_groups, n_t), dtype=torch.bool, device=labels.device)
     # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
     # points are (numerically) dependent need the exact test. Cholesky pivots L_ii^2 are each point's
     # squared distance from the span of the points before it.
-    padded = gram.clone()  # padding points get a unit diagonal (in place: no (T, T) temporaries)
-    padded.diagonal(dim1=-2, dim2=-1).add_(~mask.reshape(n_groups, -1))
-    chol, info = torch.linalg.cholesky_ex(padded)
+    chol, info = _padded_cholesky(gram, mask) if factor is None else factor
     pivots = chol.diagonal(dim1=-2, dim2=-1).square()
     dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL * pivots.amax(-1))
     if not bool(dependent.any()):
@@ -367,14 +372,128 @@ def _glue_markers(
         A dict of (B,)-shaped marker tensors, per-probe tensors (B, n_t) and diagnostics.
     """
     n_groups, n_man, m_max, n_feat = points.shape
-    n_t = probes.shape[1]
     flat = points.reshape(n_groups, n_man * m_max, n_feat)
-    gram = flat @ flat.transpose(1, 2)  # (B, T, T): one Gram serves every probe and dichotomy
-    h = torch.einsum("btn,bqn->bqt", flat, probes).reshape(n_groups * n_t, -1)
+    h = torch.einsum("btn,bqn->bqt", flat, probes).reshape(-1, n_man * m_max)
+    return _glue_from_gram(
+        _gram(points),  # (B, T, T): one Gram serves every probe and dichotomy
+        mask,
+        h,
+        probes.norm(dim=-1).reshape(-1),
+        labels,
+        eigen_cutoff=eigen_cutoff,
+        max_iter=max_iter,
+        anchor_points=points if return_anchors else None,
+    )
+
+
+def _gram(points: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) Gram matrices of (B, P, M, N) points, T = P M (manifold by manifold)."""
+    flat = points.flatten(1, 2)
+    return flat @ flat.transpose(1, 2)
+
+
+def _normalised_gram(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrices (B, T, T) of the groups' points scaled to mean squared point norm 1, and the (B,)
+    scales: what :func:`_normalise` then a Gram would give, without a pass over the (B, T, N) points
+    beyond the product itself. ``points``: (B, P, M, N) float64 whose squares cannot overflow (see
+    :func:`~lightning_geomarkers.functional.preprocessing._safe_shift`)."""
+    gram = _gram(points)
+    real = mask.reshape(gram.shape[0], -1)
+    sq = (gram.diagonal(dim1=-2, dim2=-1) * real).sum(-1) / real.sum(-1).clamp_min(1)
+    if bool((sq == 0).any()):
+        raise ValueError(
+            "All points of a manifold set are zero; GLUE is undefined. Check that the features are not "
+            "constant (e.g. dead ReLUs) and do not center data with a single point per class."
+        )
+    return gram / sq[:, None, None], sq.sqrt()
+
+
+def _padded_cholesky(gram: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cholesky_ex`` of each Gram with a unit diagonal on the padding points: (B, T, T) factors and (B,)
+    LAPACK infos. Padding rows and columns of the Gram are exactly zero, so the padding stays decoupled
+    in the factor (its rows and columns are exactly those of the identity)."""
+    padded = gram.clone()  # in place on a copy: no further (T, T) temporaries
+    padded.diagonal(dim1=-2, dim2=-1).add_(~mask.reshape(gram.shape[0], -1))
+    return torch.linalg.cholesky_ex(padded)
+
+
+def _span_probes(
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    factor: tuple[torch.Tensor, torch.Tensor],
+    n_feat: int,
+    n_t: int,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Draw the products ``h = X t`` and norms ``||t||`` of ``n_t`` Gaussian probes per group in the span
+    of the group's points, with exactly the law they have for ``t ~ N(0, I_N)``.
+
+    With ``X`` the group's (T, N) points (T <= N) and ``K = X X^T = L L^T``, ``h = X t`` is Gaussian with
+    covariance ``K``, so ``h = L z`` with ``z ~ N(0, I_T)`` has its law; writing ``t`` as its part in the
+    row space of ``X`` plus an orthogonal part, ``||t||^2 = ||z||^2 + \chi^2_{N - T}``, the chi-square
+    independent of ``z``. Cost O(n_t T^2) per group instead of the O(n_t N T) of drawing ``t`` in N
+    dimensions (N = 2048, T = 100: 20x fewer normals). Where the Cholesky factor does not exist
+    (dependent points), ``L = U diag(sqrt(max(mu, 0)))`` from ``eigh``. Padding points get ``h = 0`` and
+    do not count in ``T``.
+
+    Args:
+        gram: (B, T, T) normalised Grams; mask: (B, P, M) real points; factor: :func:`_padded_cholesky`
+            of ``gram``; n_feat: N; n_t: probes per group; generators: one CPU generator per group.
+    Returns:
+        ``h`` (B * n_t, T) and ``||t||`` (B * n_t,), float64 on the Gram's device.
+    """
+    n_groups, n_pts, _ = gram.shape
+    chol, info = factor
+    real = mask.reshape(n_groups, n_pts)
+    n_real = real.sum(-1).tolist()
+    lower, counted = chol, real
+    failed = torch.nonzero(info != 0).squeeze(1)
+    if failed.numel():  # one host read per call; only groups with dependent points take this path
+        evals, evecs = torch.linalg.eigh(gram[failed])  # ascending: padding's zeros come first
+        lower, counted = chol.clone(), real.clone()
+        lower[failed] = evecs * evals.clamp_min(0).sqrt()[:, None, :]
+        # z's components are per eigenpair there: count the n_real largest (all the non-zero ones).
+        ranks = torch.arange(n_pts, device=gram.device)
+        counted[failed] = ranks >= n_pts - real[failed].sum(-1, keepdim=True)
+    z = torch.stack([torch.randn((n_t, n_pts), generator=g, dtype=torch.float64) for g in generators])
+    rest = torch.stack([_chi_square(g, n_feat - m, n_t) for g, m in zip(generators, n_real, strict=True)])
+    z = z.to(gram.device)
+    h = (z @ lower.transpose(1, 2)) * real[:, None, :]
+    t_norm = ((z.square() * counted[:, None, :]).sum(-1) + rest.to(gram.device)).sqrt()
+    return h.reshape(n_groups * n_t, n_pts), t_norm.reshape(-1)
+
+
+def _chi_square(generator: torch.Generator, dof: int, size: int) -> torch.Tensor:
+    """``size`` chi-square draws with ``dof >= 0`` degrees of freedom (float64, CPU), seeded from
+    ``generator`` (torch has no seeded chi-square sampler; numpy's ``Generator`` is used)."""
+    if dof <= 0:
+        return torch.zeros(size, dtype=torch.float64)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.from_numpy(np.random.default_rng(seed).chisquare(dof, size))
+
+
+def _glue_from_gram(
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    h: torch.Tensor,
+    t_norm: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eigen_cutoff: float,
+    max_iter: int | None,
+    anchor_points: torch.Tensor | None = None,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """:func:`_glue_markers` from the groups' normalised Grams (B, T, T), the probes' products
+    ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. With
+    ``anchor_points`` (the normalised (B, P, M, N) points) the anchors are returned; ``factor`` is
+    :func:`_padded_cholesky` of ``gram`` when the caller already has it."""
+    n_groups, n_t, n_man = labels.shape
+    m_max = mask.shape[-1]
     sigma = (labels[..., None] * mask[:, None].to(labels.dtype)).reshape(n_groups * n_t, -1)
-    group = torch.arange(n_groups, device=points.device).repeat_interleave(n_t)
-    t_norm = probes.norm(dim=-1).reshape(-1)
-    point_scale = float(flat.norm(dim=-1).max())
+    group = torch.arange(n_groups, device=gram.device).repeat_interleave(n_t)
+    # The largest point norm (tolerances only): the square root of the largest Gram diagonal entry.
+    point_scale = float(gram.diagonal(dim1=-2, dim2=-1).amax().sqrt())
     sol = batched_nnls(
         gram, group, h, sigma, t_norm, point_scale=point_scale, max_iter=max_iter, block_size=m_max
     )
@@ -442,11 +561,11 @@ def _glue_markers(
     c_s1 = (s_c.transpose(-1, -2) - c_c_k).reshape(n_groups, n_t, n_man, n_man)
     center_axis_al = _mean_abs_cos(c_s1, c_diag.expand(-1, n_t, -1), s1_sq, both, eigen_cutoff)
     anchors = None
-    if return_anchors:
+    if anchor_points is not None:
         coef = w.reshape(n_groups, n_t, n_man, m_max)
-        anchors = torch.einsum("bkpm,bpmn->bkpn", coef, points)
+        anchors = torch.einsum("bkpm,bpmn->bkpn", coef, anchor_points)
 
-    degenerate = ~_separable_probes(gram, mask, labels).reshape(n_groups, n_t)
+    degenerate = ~_separable_probes(gram, mask, labels, factor).reshape(n_groups, n_t)
     return {
         "capacity": capacity,
         "dimension": dimension,
@@ -509,15 +628,27 @@ def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: flo
 
 
 def _prepare_probes(
-    probes: Any, dichotomies: Any, n_t: int, n_man: int, n_feat: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit or drawn probes (n_t, N) and dichotomies (n_t, P), float64 on the CPU.
+    probes: Any,
+    dichotomies: Any,
+    n_t: int,
+    n_man: int,
+    n_feat: int,
+    generator: torch.Generator,
+    *,
+    draw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Generator]:
+    """Explicit or drawn probes (n_t, N) and dichotomies (n_t, P), float64 on the CPU, and the probes'
+    generator.
 
-    Probes and dichotomies come from two independent streams seeded from ``generator``.
+    Probes and dichotomies come from two independent streams seeded from ``generator``. With
+    ``draw=False`` and no explicit probes, no probe is drawn (``None``): the caller draws them in the span
+    of the points from the returned generator (:func:`_span_probes`).
     """
     g_t, g_y = child_generators(generator, 2)
+    t: torch.Tensor | None = None
     if probes is None:
-        t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64)
+        if draw:
+            t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64)
     else:
         t = as_tensor(probes, "probes").double().cpu()
         if t.ndim != 2 or t.shape[1] != n_feat:
@@ -525,9 +656,9 @@ def _prepare_probes(
         check_finite(t, "probes")
         n_t = t.shape[0]
     y = make_dichotomies(dichotomies, n_t, n_man, g_y)
-    if y.shape[0] != t.shape[0]:
-        raise ValueError(f"`dichotomies` has {y.shape[0]} rows but there are {t.shape[0]} probes.")
-    return t, y
+    if y.shape[0] != n_t:
+        raise ValueError(f"`dichotomies` has {y.shape[0]} rows but there are {n_t} probes.")
+    return t, y, g_t
 
 
 def glue(
@@ -551,7 +682,10 @@ def glue(
         n_t: number of probes (ignored when ``probes`` is given).
         dichotomies: "random", "balanced", "one_vs_rest", or an explicit (n_t, P) tensor of +-1.
         probes: optional explicit (n_t, N) probe vectors t_k; with explicit dichotomies the result is
-            deterministic.
+            deterministic. Drawn probes (the default) enter the solver only through ``X t`` and
+            ``||t||``; when the P M points number at most N these are drawn in the span of the points with
+            exactly their law for ``t ~ N(0, I_N)`` (``X t = L z``, ``K = L L^T``), at O(n_t (P M)^2)
+            instead of O(n_t N P M) cost.
         generator: CPU ``torch.Generator`` or int seed for the probes and dichotomies.
         eigen_cutoff: absolute eigenvalue cut-off of the pseudo-inverses, in units of the mean squared
             point norm.
@@ -586,9 +720,11 @@ def glue(
     points, mask = as_manifolds(manifolds)
     n_man, _, n_feat = points.shape
     gen = as_generator(generator)
-    t, y = _prepare_probes(probes, dichotomies, n_t, n_man, n_feat, gen)
-    device = points.device
     n_points = int(mask.sum())
+    # Drawn probes enter only through X t and ||t||: drawn in the span of the points when it is smaller.
+    in_span = probes is None and n_points <= n_feat
+    t, y, g_t = _prepare_probes(probes, dichotomies, n_t, n_man, n_feat, gen, draw=not in_span)
+    device = points.device
     if warn and n_points > JOINT_POINTS_PER_FEATURE * n_feat and n_points >= JOINT_WARN_MIN_POINTS:
         warnings.warn(
             f"GLUE: {n_man} manifolds with {n_points} points in total far exceed "
@@ -601,18 +737,33 @@ def glue(
         )
     with limit_threads(num_threads if device.type == "cpu" else None):
         pts, scale = _normalise(points.double()[None], mask[None])
-        out = _glue_markers(
-            pts,
-            mask[None],
-            t.to(device)[None],
-            y.to(device)[None],
-            eigen_cutoff=float(eigen_cutoff),
-            max_iter=max_iter,
-            return_anchors=return_anchors,
-        )
+        options: dict[str, Any] = dict(eigen_cutoff=float(eigen_cutoff), max_iter=max_iter)
+        if t is None:
+            gram = _gram(pts)
+            factor = _padded_cholesky(gram, mask[None])
+            h, t_norm = _span_probes(gram, mask[None], factor, n_feat, y.shape[0], [g_t])
+            out = _glue_from_gram(
+                gram,
+                mask[None],
+                h,
+                t_norm,
+                y.to(device)[None],
+                anchor_points=pts if return_anchors else None,
+                factor=factor,
+                **options,
+            )
+        else:
+            out = _glue_markers(
+                pts,
+                mask[None],
+                t.to(device)[None],
+                y.to(device)[None],
+                return_anchors=return_anchors,
+                **options,
+            )
     res = GlueResult(
         **{name: out[name][0] for name in GLUE_MARKERS},
-        n_probes=t.shape[0],
+        n_probes=y.shape[0],
         n_degenerate=int(out["n_degenerate"][0]),
         iterations=out["iterations"],
         kkt_violation=float(out["kkt_violation"][0]),

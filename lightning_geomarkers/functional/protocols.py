@@ -20,12 +20,15 @@ import torch
 from lightning_geomarkers.functional.glue import (
     GLUE_MARKERS,
     GlueResult,
-    _glue_markers,
-    _normalise,
+    _glue_from_gram,
+    _normalised_gram,
+    _padded_cholesky,
     _prepare_probes,
+    _span_probes,
     glue,
     warn_diagnostics,
 )
+from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2_
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
 from lightning_geomarkers.utilities.seeds import as_generator
 from lightning_geomarkers.utilities.threads import limit_threads
@@ -115,7 +118,8 @@ def glue_pairs(
         points_per_class: points drawn per class for each pair (fewer if a class has fewer).
         n_pairs: number of distinct unordered class pairs drawn without replacement; ``None`` or a
             number >= C(C, 2) uses every pair.
-        n_t: probes per pair.
+        n_t: probes per pair (drawn in the span of the pair's points when ``2 M <= N``, with the law of
+            ``X t`` and ``||t||`` for ``t ~ N(0, I_N)``: see :func:`glue`).
         dichotomies: dichotomy ensemble (with P = 2 they all coincide up to sign).
         max_classes: draw pairs only among a seeded subset of this many classes.
         generator: CPU generator or int seed (pairs, subsamples, probes and dichotomies).
@@ -161,6 +165,11 @@ def glue_pairs(
     # results) do not depend on the chunk size and nothing of size n_pairs x n_t x N ever exists.
     per_pair_elements = n_t * (n_feat + 16 * 2 * m_max) + 2 * m_max * (n_feat + 2 * m_max)
     chunk = max(1, _CHUNK_ELEMENTS // per_pair_elements)
+    # Probes enter only through X t and ||t||: with 2 M <= N they are drawn in the span of the pair's
+    # points (``_span_probes``, the same law), which avoids n_t x N normals and the X t product per pair.
+    in_span = 2 * m_max <= n_feat
+    shift = _safe_shift(_abs_peak(x))  # a power of two only where squares could overflow or underflow
+    options: dict[str, Any] = dict(eigen_cutoff=float(eigen_cutoff), max_iter=None)
     outs = []
     with limit_threads(num_threads if x.device.type == "cpu" else None):
         for start in range(0, n_groups, chunk):
@@ -168,25 +177,34 @@ def glue_pairs(
             n_chunk = len(chunk_pairs)
             points = x.new_zeros((n_chunk, 2, m_max, n_feat), dtype=torch.float64)
             mask = torch.zeros((n_chunk, 2, m_max), dtype=torch.bool, device=x.device)
-            probes = torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64)
+            probes = None if in_span else torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64)
             labels_y = torch.empty((n_chunk, n_t, 2), dtype=torch.float64)
+            probe_gens = []
             for g_i, pair in enumerate(chunk_pairs):
                 for side, cls in enumerate(pair):
                     idx = _subsample_indices(members[cls], points_per_class, gen)
-                    points[g_i, side, : idx.numel()] = x[idx].double()
+                    points[g_i, side, : idx.numel()] = x[idx]
                     mask[g_i, side, : idx.numel()] = True
-                probes[g_i], labels_y[g_i] = _prepare_probes(None, dichotomies, n_t, 2, n_feat, gen)
-            points, _ = _normalise(points, mask)
-            outs.append(
-                _glue_markers(
-                    points,
-                    mask,
-                    probes.to(x.device),
-                    labels_y.to(x.device),
-                    eigen_cutoff=float(eigen_cutoff),
-                    max_iter=None,
+                t, labels_y[g_i], g_t = _prepare_probes(
+                    None, dichotomies, n_t, 2, n_feat, gen, draw=not in_span
                 )
-            )
+                probe_gens.append(g_t)
+                if probes is not None and t is not None:
+                    probes[g_i] = t
+            _times_pow2_(points, shift)
+            gram, scale = _normalised_gram(points, mask)
+            labels_dev = labels_y.to(x.device)
+            if probes is None:
+                factor = _padded_cholesky(gram, mask)
+                h, t_norm = _span_probes(gram, mask, factor, n_feat, n_t, probe_gens)
+                outs.append(_glue_from_gram(gram, mask, h, t_norm, labels_dev, factor=factor, **options))
+            else:
+                probes = probes.to(x.device)
+                h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
+                t_norm = probes.norm(dim=-1).reshape(-1)
+                outs.append(
+                    _glue_from_gram(gram, mask, h.reshape(n_chunk * n_t, -1), t_norm, labels_dev, **options)
+                )
     per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
     means = {name: torch.nanmean(v) for name, v in per_pair.items()}
     stds = {
