@@ -357,3 +357,16 @@ def test_set_dtype_converts_only_the_features_and_to_moves_everything() -> None:
     s.to("cpu")
     s.update(x[:3] * 10, y[:3])  # still accepts updates after the moves
     assert s.num_stored == 12
+
+
+def test_gather_rows_equals_concatenate_then_index():
+    """The compaction's row gather from the chunks equals indexing their concatenation (empty chunks,
+    repeated and unordered rows included)."""
+    from lightning_geomarkers.metrics.sample import _gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 7, generator=g) for n in (5, 0, 1, 12, 3)]
+    whole = torch.cat(chunks)
+    for rows in (torch.randperm(21, generator=g)[:9], torch.tensor([20, 0, 5, 5, 17]), torch.arange(21)):
+        assert torch.equal(_gather_rows(chunks, rows), whole[rows])
+    assert torch.equal(_gather_rows(chunks[3:4], torch.tensor([2, 0])), chunks[3][[2, 0]])

@@ -585,7 +585,8 @@ class GeometryMonitor(L.Callback):
         keep = labels >= 0
         if self._num_classes is not None:
             keep &= labels < self._num_classes
-        if not bool(keep.all()):
+        every = bool(keep.all())  # the common case: no row to drop, no copy of the features
+        if not every:
             bad = labels[~keep].unique().tolist()[:10]
             share = float((~keep).float().mean())
             self._problem(
@@ -612,8 +613,9 @@ class GeometryMonitor(L.Callback):
                 )
                 continue
             if keys is None:
-                keys = sample_keys(inputs[keep.to(inputs.device)], labels[keep], self.seed)
-            self._samplers[name].update(feats[keep.to(feats.device)], labels[keep], keys)
+                kept_inputs = inputs if every else inputs[keep.to(inputs.device)]
+                keys = sample_keys(kept_inputs, labels if every else labels[keep], self.seed)
+            self._samplers[name].update(feats if every else feats[keep.to(feats.device)], labels[keep], keys)
 
     def _inputs(self, batch: Any, n: int, trainer: L.Trainer | None) -> torch.Tensor:
         """What identifies each sample for the sampling keys: the raw inputs (``input_fn`` or found in the

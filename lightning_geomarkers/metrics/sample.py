@@ -77,6 +77,22 @@ def _cat(chunks: Any) -> torch.Tensor:
     return chunks if isinstance(chunks, torch.Tensor) else torch.cat(list(chunks))
 
 
+def _gather_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(chunks)[rows]`` without the concatenation: only the selected rows are copied (the
+    chunks are many batches' worth of feature rows, most of them dropped by a compaction)."""
+    if len(chunks) == 1:
+        return chunks[0].index_select(0, rows)
+    sizes = torch.tensor([c.shape[0] for c in chunks], device=rows.device)
+    ends = torch.cumsum(sizes, 0)
+    which = torch.bucketize(rows, ends, right=True)  # the chunk of each selected row
+    out = chunks[0].new_empty((rows.numel(), chunks[0].shape[1]))
+    for i, chunk in enumerate(chunks):
+        pos = torch.nonzero(which == i).squeeze(1)
+        if pos.numel():
+            out.index_copy_(0, pos, chunk.index_select(0, rows[pos] - (ends[i] - sizes[i])))
+    return out
+
+
 def _sum_by_class(classes: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unique classes (ascending) and their summed counts."""
     uniq, inverse = torch.unique(classes, return_inverse=True)
@@ -268,7 +284,7 @@ class PerClassSample(Metric):
         order = order[_first_of_duplicates(yi[order], ki[order])]
         rows = idx[order[_rank_in_run(yi[order]) < self.samples_per_class]]
         if rows.numel() or not self.features:
-            self._append(f[rows], y[rows], k[rows])
+            self._append(f.index_select(0, rows), y[rows], k[rows])
         store = int(self.labels[0].shape[0]) if cache is not None else 0
         pending = sum(int(t.shape[0]) for t in self.labels) - store
         if pending >= max(store, self.compact_min_rows) or len(self.labels) > self.compact_max_chunks:
@@ -367,14 +383,14 @@ class PerClassSample(Metric):
             cache = self._valid_cache()
             if cache is not None and (admitted is None or bool(torch.isin(cache[1], admitted).all())):
                 return
-        feats, labels, keys = torch.cat(self.features), torch.cat(self.labels), torch.cat(self.keys)
+        labels, keys = torch.cat(self.labels), torch.cat(self.keys)
         order = _lexsort(labels, keys)
         order = order[_first_of_duplicates(labels[order], keys[order])]
         keep = _rank_in_run(labels[order]) < self.samples_per_class
         if admitted is not None:
             keep &= torch.isin(labels[order], admitted.to(labels.device))
         sel = order[keep]
-        self.features, self.labels, self.keys = [feats[sel]], [labels[sel]], [keys[sel]]
+        self.features, self.labels, self.keys = [_gather_rows(self.features, sel)], [labels[sel]], [keys[sel]]
         store_y, store_k = self.labels[0], self.keys[0]
         cls, counts = torch.unique_consecutive(store_y, return_counts=True)
         last = torch.cumsum(counts, 0) - 1
