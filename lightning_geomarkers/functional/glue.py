@@ -28,7 +28,7 @@ import torch
 
 from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
 from lightning_geomarkers.functional._nnls import KKT_CERTIFIED, batched_nnls, separable_dichotomies
-from lightning_geomarkers.functional.preprocessing import _times_pow2
+from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2
 from lightning_geomarkers.utilities.checks import (
     DICHOTOMY_KINDS,
     as_manifolds,
@@ -385,6 +385,52 @@ def _glue_markers(
     )
 
 
+def _glue_groups(
+    points: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    probes: torch.Tensor | None,
+    generators: Sequence[torch.Generator],
+    eigen_cutoff: float,
+    max_iter: int | None,
+    return_anchors: bool = False,
+) -> dict[str, Any]:
+    """:func:`_glue_markers` on raw (not normalised) points, with explicit or drawn probes.
+
+    Args:
+        points: (B, P, M, N) float64 whose squares cannot overflow or underflow; zero rows as padding.
+        mask: (B, P, M) real points; labels: (B, n_t, P) dichotomies.
+        probes: (B, n_t, N) explicit probes, or None to draw them from ``generators`` (one per group) in
+            the span of the points (:func:`_span_probes`; needs at most N real points per group).
+    Returns:
+        :func:`_glue_markers`' dict; anchors (if asked for) in the units of ``points``. The points are
+        normalised through their Gram only (:func:`_normalised_gram`): no pass over the (B, T, N) points
+        beyond the two products with them.
+    """
+    n_groups, n_man, m_max, n_feat = points.shape
+    gram, scale = _normalised_gram(points, mask)
+    factor = None
+    if probes is None:
+        factor = _padded_cholesky(gram, mask)
+        h, t_norm = _span_probes(gram, mask, factor, n_feat, labels.shape[1], generators)
+    else:
+        h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
+        h, t_norm = h.reshape(-1, n_man * m_max), probes.norm(dim=-1).reshape(-1)
+    out = _glue_from_gram(
+        gram,
+        mask,
+        h,
+        t_norm,
+        labels,
+        eigen_cutoff=eigen_cutoff,
+        max_iter=max_iter,
+        anchor_points=points if return_anchors else None,
+        factor=factor,
+    )
+    return out
+
+
 def _gram(points: torch.Tensor) -> torch.Tensor:
     """(B, T, T) Gram matrices of (B, P, M, N) points, T = P M (manifold by manifold)."""
     flat = points.flatten(1, 2)
@@ -735,31 +781,18 @@ def glue(
             stacklevel=2,
         )
     with limit_threads(num_threads if device.type == "cpu" else None):
-        pts, scale = _normalise(points.double()[None], mask[None])
-        options: dict[str, Any] = dict(eigen_cutoff=float(eigen_cutoff), max_iter=max_iter)
-        if t is None:
-            gram = _gram(pts)
-            factor = _padded_cholesky(gram, mask[None])
-            h, t_norm = _span_probes(gram, mask[None], factor, n_feat, y.shape[0], [g_t])
-            out = _glue_from_gram(
-                gram,
-                mask[None],
-                h,
-                t_norm,
-                y.to(device)[None],
-                anchor_points=pts if return_anchors else None,
-                factor=factor,
-                **options,
-            )
-        else:
-            out = _glue_markers(
-                pts,
-                mask[None],
-                t.to(device)[None],
-                y.to(device)[None],
-                return_anchors=return_anchors,
-                **options,
-            )
+        pts = points.double()[None]
+        shift = _safe_shift(_abs_peak(pts))  # only where squares could overflow or underflow
+        out = _glue_groups(
+            _times_pow2(pts, shift),
+            mask[None],
+            y.to(device)[None],
+            probes=None if t is None else t.to(device)[None],
+            generators=[g_t],
+            eigen_cutoff=float(eigen_cutoff),
+            max_iter=max_iter,
+            return_anchors=return_anchors,
+        )
     res = GlueResult(
         **{name: out[name][0] for name in GLUE_MARKERS},
         n_probes=y.shape[0],
@@ -771,7 +804,7 @@ def glue(
         b=out["b"][0],
         c=out["c"][0],
         active=out["active"][0],
-        anchors=out["anchors"][0] * scale[0] if return_anchors else None,
+        anchors=_times_pow2(out["anchors"][0], -shift) if return_anchors else None,
     )
     if warn:
         warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation)

@@ -20,11 +20,8 @@ import torch
 from lightning_geomarkers.functional.glue import (
     GLUE_MARKERS,
     GlueResult,
-    _glue_from_gram,
-    _normalised_gram,
-    _padded_cholesky,
+    _glue_groups,
     _prepare_probes,
-    _span_probes,
     glue,
     warn_diagnostics,
 )
@@ -169,7 +166,6 @@ def glue_pairs(
     # points (``_span_probes``, the same law), which avoids n_t x N normals and the X t product per pair.
     in_span = 2 * m_max <= n_feat
     shift = _safe_shift(_abs_peak(x))  # a power of two only where squares could overflow or underflow
-    options: dict[str, Any] = dict(eigen_cutoff=float(eigen_cutoff), max_iter=None)
     outs = []
     with limit_threads(num_threads if x.device.type == "cpu" else None):
         for start in range(0, n_groups, chunk):
@@ -192,19 +188,17 @@ def glue_pairs(
                 if probes is not None and t is not None:
                     probes[g_i] = t
             _times_pow2_(points, shift)
-            gram, scale = _normalised_gram(points, mask)
-            labels_dev = labels_y.to(x.device)
-            if probes is None:
-                factor = _padded_cholesky(gram, mask)
-                h, t_norm = _span_probes(gram, mask, factor, n_feat, n_t, probe_gens)
-                outs.append(_glue_from_gram(gram, mask, h, t_norm, labels_dev, factor=factor, **options))
-            else:
-                probes = probes.to(x.device)
-                h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
-                t_norm = probes.norm(dim=-1).reshape(-1)
-                outs.append(
-                    _glue_from_gram(gram, mask, h.reshape(n_chunk * n_t, -1), t_norm, labels_dev, **options)
+            outs.append(
+                _glue_groups(
+                    points,
+                    mask,
+                    labels_y.to(x.device),
+                    probes=None if probes is None else probes.to(x.device),
+                    generators=probe_gens,
+                    eigen_cutoff=float(eigen_cutoff),
+                    max_iter=None,
                 )
+            )
     per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
     means = {name: torch.nanmean(v) for name, v in per_pair.items()}
     stds = {
