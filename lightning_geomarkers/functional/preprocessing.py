@@ -356,6 +356,22 @@ class _Blocks:
             part = self.x[rows, cols].to(torch.float64, copy=True)
         return _times_pow2_(part, self.shift1)
 
+    def raw_difference(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``(x[first] - x[second]) * 2**shift1`` in float64 (a fresh ``(len(first), N)`` tensor).
+
+        The same numbers as ``_raw(first) - _raw(second)``: the rows are converted to float64 exactly and
+        subtracted in float64, with one temporary fewer (the second gather is converted inside the
+        subtraction). ``first`` and ``second`` index the rows in use (``rows``), like :meth:`block`.
+        """
+        if self.rows is not None:
+            first, second = self.rows[first], self.rows[second]
+        part = self.x.index_select(0, first).to(torch.float64)
+        other = self.x.index_select(0, second)
+        if self.shift1:  # scale before subtracting, as _raw does (float64 inputs near the overflow limit)
+            _times_pow2_(part, self.shift1)
+            other = _times_pow2_(other.to(torch.float64), self.shift1)
+        return part.sub_(other)
+
     def block(self, rows: slice | torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
         """Working block ``(x[rows, cols] - mean) * 2**shift`` in float64 (a fresh tensor)."""
         part = self._raw(rows, cols)
