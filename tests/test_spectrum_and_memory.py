@@ -130,6 +130,22 @@ def test_shared_spectrum_equals_direct_marker_formulas(n_rows, n_cols):
     np.testing.assert_allclose(float(effective_rank(x, centered=False, spectrum=raw)), rankme, rtol=1e-9)
 
 
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(90, 37), (37, 90)])
+def test_gram_strips_equal_the_direct_gram(monkeypatch, n_rows, n_cols):
+    # Strips of 5 rows (the n > 3 * tile path, taken at n > 768 by default) and blocks of a few rows.
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(n_rows, n_cols)) @ np.diag(np.linspace(0.1, 3, n_cols)) + 7.0
+    monkeypatch.setattr(prep, "_GRAM_TILE", 5)
+    monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 4 * max(n_rows, n_cols))
+    gram = prep._gram64(prep._Blocks(torch.from_numpy(x), centered=True)).numpy()
+    w = x - x.mean(axis=0)
+    ref = w.T @ w if n_rows > n_cols else w @ w.T
+    np.testing.assert_allclose(gram, ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+    assert np.array_equal(gram, gram.T)
+    sv = ref_singular_values(x)  # the last is round-off when S < N (centring removes a dimension)
+    np.testing.assert_allclose(feature_spectrum(x).numpy(), sv, rtol=1e-9, atol=1e-9 * sv[0])
+
+
 def test_numerical_rank_tiny_rtol_falls_back_to_exact_svd():
     rng = np.random.default_rng(3)
     x = with_spectrum(rng, 300, 50, np.array([1.0, 1e-5, 1e-7, 1e-9]))
