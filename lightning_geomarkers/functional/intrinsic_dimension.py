@@ -99,7 +99,8 @@ def _local_intrinsic_dimension(x: torch.Tensor, k: int, method: str) -> torch.Te
             f"`features` has only {n_distinct} distinct point(s) ({n_dup} duplicate row(s) removed); "
             f"{what} needs at least {n_neighbours + 1}. {hint}"
         )
-    dist = _neighbour_distances(_Blocks(x, centered=True, rows=distinct), n_neighbours)
+    rows = distinct if n_distinct < x.shape[0] else None  # no gathers when every row is distinct
+    dist = _neighbour_distances(_Blocks(x, centered=True, rows=rows), n_neighbours)
     if bool((dist[:, 0] == 0).any()):
         raise ValueError(
             "Some distinct points are closer than float64 can resolve relative to the data's scale, so "

@@ -336,14 +336,22 @@ class _Blocks:
             step = _rows_per_block(self.n_cols)
             self._first = self._raw(slice(0, 1), slice(None))[0]
             total = torch.zeros(self.n_cols, dtype=torch.float64, device=x.device)
+            spread = 0.0  # max |x - first|
             for start in range(0, self.n_rows, step):
-                total += self._raw(slice(start, start + step), slice(None)).sub_(self._first).sum(dim=0)
+                part = self._raw(slice(start, start + step), slice(None)).sub_(self._first)
+                spread = max(spread, _abs_peak(part))
+                total += part.sum(dim=0)
             self._mean = total / self.n_rows
-            peak = 0.0
-            for start in range(0, self.n_rows, step):
-                part = self._raw(slice(start, start + step), slice(None))
-                peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
-            self.shift2 = _safe_shift(peak)
+            # The centred peak lies in [spread / 2, 2 spread] (row 0 centres to -mean, and |mean| <= spread):
+            # when that whole range needs no rescaling, the second pass that measures it is skipped.
+            if spread != 0.0 and _safe_shift(spread / 4) == _safe_shift(spread * 4) == 0:
+                self.shift2 = 0
+            elif spread != 0.0:
+                peak = 0.0
+                for start in range(0, self.n_rows, step):
+                    part = self._raw(slice(start, start + step), slice(None))
+                    peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
+                self.shift2 = _safe_shift(peak)
         self.shift = self.shift1 + self.shift2
 
     def _raw(self, rows: slice | torch.Tensor, cols: slice) -> torch.Tensor:
