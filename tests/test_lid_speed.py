@@ -125,3 +125,23 @@ def test_overflowing_distance_ratio_stays_finite():
     x = np.array([[1.0], [5e-324], [0.0]])
     expected = 3.0 / (2.0 * -math.log(5e-324))
     np.testing.assert_allclose(float(local_intrinsic_dimension(x, k=2, method="twonn")), expected, rtol=1e-12)
+
+
+def test_tight_cluster_at_the_centre_is_redone_in_float64(monkeypatch):
+    # A tight cluster at the centre (|w_i| tiny) among far points (sq_max large): float32 proxies cannot
+    # rank the tight points' neighbours against the far points' scale, so the certificate (Gram term and
+    # proxy rounding) must send those rows to the float64 redo; every distance matches the reference.
+    rng = np.random.default_rng(14)
+    far = rng.normal(size=(150, 8)) * 100.0
+    far -= far.mean(axis=0)
+    tight = rng.normal(size=(60, 8)) * 1e-4
+    x = np.concatenate([far, tight - tight.mean(axis=0)])
+    monkeypatch.setattr(lid_module, "_FLOAT32_MIN_WORK", 0)
+    redone = []
+    original = lid_module._candidates_of
+    monkeypatch.setattr(
+        lid_module, "_candidates_of", lambda b, rows, *a: redone.append(rows.numel()) or original(b, rows, *a)
+    )
+    got = lid_module._neighbour_distances(_Blocks(torch.from_numpy(x), centered=True), 6).numpy()
+    np.testing.assert_allclose(got, brute_force_knn(x, 6), rtol=1e-12, atol=0)
+    assert redone and redone[0] >= 60  # at least the tight cluster

@@ -216,14 +216,16 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     can only affect which of nearly tied neighbours are chosen, never the distances.
 
     Large problems (``S^2 N >= 2**30``, float32 matmuls in IEEE precision) choose candidates with a
-    float32 Gram (twice the matmul rate),
-    then *certify* every row: with ``c = 1.01 (N + 2) u`` (``u = 2**-24``) the float32 Gram entry is within
-    ``c |w_i| |w_j|`` of the exact one, so no non-candidate can be nearer than the k-th exact distance when
-    the largest candidate value minus ``2 c |w_i| max_j |w_j|`` still exceeds it. Rows that fail (near
-    ties far from the centre) are redone with a float64 Gram, so the result is the float64 path's.
-    The same bound, per candidate (``2 c |w_i| |w_j|``), limits the exact recomputation to candidates
-    whose lower bound does not exceed the k-th smallest upper bound: the others cannot be among the k
-    nearest (typically 20 of 28 candidates remain at ``k = 20``).
+    float32 Gram (twice the matmul rate) and float32 proxies ``sq_j - 2 g_ij``, then *certify* every row:
+    the float32 Gram entry is within ``1.01 (N + 2) u |w_i| |w_j|`` of the exact one (``u = 2**-24``) and
+    the float32 proxy adds at most ``2.01 u (sq_j + |w_i| |w_j|)``, so with ``c = 1.01 (N + 3) u`` the
+    proxy is within ``e_ij = 2 c |w_i| |w_j| + 2.01 u sq_j`` (plus float64 slack) of the exact one, and no
+    non-candidate can be nearer than the k-th exact distance when the largest candidate value minus
+    ``2 c |w_i| max_j |w_j| + 2.01 u max_j sq_j`` still exceeds it. Rows that fail (near ties far from
+    the centre) are redone with a float64 Gram, so the result is the float64 path's. The per-candidate
+    bound ``e_ij`` also limits the exact recomputation to candidates whose lower bound does not exceed
+    the k-th smallest upper bound: the others cannot be among the k nearest (typically 20 of 28
+    candidates remain at ``k = 20``).
     """
     n_points = blocks.n_rows
     n_candidates = min(n_points - 1, k + _EXTRA_CANDIDATES)
@@ -237,17 +239,19 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     rows = torch.arange(n_points, device=sq_norms.device)
     if not low:
         return _exact_distances(blocks, rows, best_idx).sort(dim=1).values[:, :k]
-    unit = 1.01 * (blocks.n_cols + 2) * 2.0**-24
+    # Gram entries within 1.01 (N + 2) u |w_i| |w_j|; the float32 proxy sq_j - 2 g adds the rounding of
+    # sq_j and of the difference: 2.01 u sq_j + 2.01 u |w_i| |w_j| more (u = 2**-24).
+    unit = 1.01 * (blocks.n_cols + 3) * 2.0**-24
     norms = sq_norms.sqrt()
     # Float64 round-off of the squared norms and of the proxies (far below the float32 term).
     slack = (blocks.n_cols + 8) * torch.finfo(torch.float64).eps * (sq_norms + sq_norms.max())
     # Only candidates that can still be among the k nearest are recomputed exactly: candidate j of row i
     # has a true proxy within err_ij of best_val; the k-th smallest upper bound is an upper bound of the
     # true k-th smallest proxy, so a candidate whose lower bound lies above it cannot be among the k.
-    err = 2 * unit * norms[:, None] * norms[best_idx] + slack[:, None]
+    err = 2 * unit * norms[:, None] * norms[best_idx] + 2.01 * 2.0**-24 * sq_norms[best_idx] + slack[:, None]
     bound = (best_val + err).kthvalue(k, dim=1, keepdim=True).values
     dists = _exact_distances(blocks, rows, best_idx, keep=best_val - err <= bound)
-    margin = 2 * unit * norms * norms.max() + slack
+    margin = 2 * unit * norms * norms.max() + 2.01 * 2.0**-24 * sq_norms.max() + slack
     # The k-th exact squared distance, in the centred blocks' units (they carry 2**shift2 more).
     kth = dists.sort(dim=1).values[:, k - 1].square() * 4.0**blocks.shift2
     doubtful = torch.nonzero(best_val[:, -1] + sq_norms - margin <= kth * (1 + 1e-9)).squeeze(1)
@@ -300,8 +304,9 @@ def _candidates(
     starts = list(range(0, n_points, step))
     block_bytes = step * n_feat * torch.empty((), dtype=dtype).element_size()
     per_panel = max(1, _cache_bytes() // block_bytes)
-    best_val = torch.full((n_points, n_candidates), math.inf, dtype=torch.float64, device=device)
+    best_val = torch.full((n_points, n_candidates), math.inf, dtype=dtype, device=device)
     best_idx = torch.zeros((n_points, n_candidates), dtype=torch.int64, device=device)
+    sq_work = sq_norms.to(dtype)  # proxies in the Gram's dtype: half the traffic in float32
 
     def working(start: int) -> tuple[slice, torch.Tensor]:
         rows = slice(start, min(start + step, n_points))
@@ -311,13 +316,13 @@ def _candidates(
         (rows_i, block_i), (rows_j, block_j) = left, right
         gram = block_i @ block_j.T
         # ||w_j||^2 - 2 <w_i, w_j>: the squared distance up to the row constant ||w_i||^2 (same order).
-        proxy = torch.add(sq_norms[None, rows_j], gram, alpha=-2.0)
+        proxy = torch.add(sq_work[None, rows_j], gram, alpha=-2.0)
         if rows_i == rows_j:
             proxy.fill_diagonal_(math.inf)  # exclude the point itself
             _merge_topk(best_val, best_idx, rows_i, proxy, rows_j.start)
             return
         _merge_topk(best_val, best_idx, rows_i, proxy, rows_j.start)
-        proxy = torch.add(sq_norms[None, rows_i], gram.T, alpha=-2.0)
+        proxy = torch.add(sq_work[None, rows_i], gram.T, alpha=-2.0)
         _merge_topk(best_val, best_idx, rows_j, proxy, rows_i.start)
 
     for first in range(0, len(starts), per_panel):
