@@ -145,3 +145,27 @@ def test_tight_cluster_at_the_centre_is_redone_in_float64(monkeypatch):
     got = lid_module._neighbour_distances(_Blocks(torch.from_numpy(x), centered=True), 6).numpy()
     np.testing.assert_allclose(got, brute_force_knn(x, 6), rtol=1e-12, atol=0)
     assert redone and redone[0] >= 60  # at least the tight cluster
+
+
+@pytest.mark.parametrize(
+    ("scale", "dtype"),
+    [
+        (1e50, np.float64),
+        (1e30, np.float64),
+        (1e-30, np.float64),
+        (1e-50, np.float64),
+        (1e36, np.float32),
+        (1e-30, np.float32),
+    ],
+)
+def test_float32_candidates_at_extreme_scales(monkeypatch, scale, dtype):
+    # Working values far outside float32's comfortable range (squares overflow or underflow it) are
+    # rescaled by a power of two before the float32 Gram: the estimate equals the reference at any scale.
+    base = np.random.default_rng(15).normal(size=(200, 10)) @ np.diag(np.linspace(0.2, 2, 10))
+    x = (base * scale).astype(dtype)
+    monkeypatch.setattr(lid_module, "_FLOAT32_MIN_WORK", 0)
+    x64 = x.astype(np.float64)
+    dist, _ = cKDTree(x64).query(x64, k=11)
+    t = dist[:, 1:]
+    ref = np.mean(1.0 / (np.log(t[:, -1:] / t[:, :-1]).sum(axis=1) / 9))
+    np.testing.assert_allclose(float(local_intrinsic_dimension(x, k=10)), ref, rtol=1e-12)

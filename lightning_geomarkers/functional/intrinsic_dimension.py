@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.functional.preprocessing import _block_elements, _Blocks, _rows_per_block
+from lightning_geomarkers.functional.preprocessing import (
+    _block_elements,
+    _Blocks,
+    _pow2_shift,
+    _rows_per_block,
+    _times_pow2,
+    _times_pow2_,
+)
 from lightning_geomarkers.utilities.checks import check_features, check_positive_int
 
 __all__ = ["local_intrinsic_dimension"]
@@ -297,6 +304,11 @@ def _candidates(
     blocks fit (e.g. ``S = 5000`` points of ``N = 2048`` in float32: 41 MB) each block is made exactly
     once; otherwise blocks after the panel are remade once per panel. Memory: the cache plus a few
     blocks, whatever ``S``.
+
+    Below float64, the blocks are first rescaled by a power of two that brings the largest row norm into
+    ``[0.5, 1)``, so float32 neither overflows nor (beyond subnormal round-off, far below the float64
+    slack of the certificate) underflows whatever the data's scale; the returned values are float64 in
+    the units of ``sq_norms``.
     """
     n_points, n_feat = blocks.n_rows, blocks.n_cols
     device = sq_norms.device
@@ -306,11 +318,12 @@ def _candidates(
     per_panel = max(1, _cache_bytes() // block_bytes)
     best_val = torch.full((n_points, n_candidates), math.inf, dtype=dtype, device=device)
     best_idx = torch.zeros((n_points, n_candidates), dtype=torch.int64, device=device)
-    sq_work = sq_norms.to(dtype)  # proxies in the Gram's dtype: half the traffic in float32
+    shift = 0 if dtype == torch.float64 else _pow2_shift(math.sqrt(float(sq_norms.max())))
+    sq_work = _times_pow2(sq_norms, 2 * shift).to(dtype)  # proxies in the Gram's dtype: less traffic
 
     def working(start: int) -> tuple[slice, torch.Tensor]:
         rows = slice(start, min(start + step, n_points))
-        return rows, blocks.block(rows).to(dtype)
+        return rows, _times_pow2_(blocks.block(rows), shift).to(dtype)
 
     def multiply(left: tuple[slice, torch.Tensor], right: tuple[slice, torch.Tensor]) -> None:
         (rows_i, block_i), (rows_j, block_j) = left, right
@@ -335,7 +348,7 @@ def _candidates(
             for left in panel:
                 multiply(left, right)
         del panel
-    return best_val, best_idx
+    return _times_pow2(best_val.to(torch.float64), -2 * shift), best_idx
 
 
 # Bytes of working blocks :func:`_candidates` keeps for reuse (64 MiB; the rest is recomputed).
