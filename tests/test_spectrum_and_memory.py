@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,22 @@ def test_shared_spectrum_equals_direct_marker_formulas(n_rows, n_cols):
     np.testing.assert_allclose(float(effective_rank(x, centered=False, spectrum=raw)), rankme, rtol=1e-9)
 
 
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(90, 37), (37, 90)])
+def test_gram_strips_equal_the_direct_gram(monkeypatch, n_rows, n_cols):
+    # Strips of 5 rows (the n > 3 * tile path, taken at n > 768 by default) and blocks of a few rows.
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(n_rows, n_cols)) @ np.diag(np.linspace(0.1, 3, n_cols)) + 7.0
+    monkeypatch.setattr(prep, "_GRAM_TILE", 5)
+    monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 4 * max(n_rows, n_cols))
+    gram = prep._gram64(prep._Blocks(torch.from_numpy(x), centered=True)).numpy()
+    w = x - x.mean(axis=0)
+    ref = w.T @ w if n_rows > n_cols else w @ w.T
+    np.testing.assert_allclose(gram, ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+    assert np.array_equal(gram, gram.T)
+    sv = ref_singular_values(x)  # the last is round-off when S < N (centring removes a dimension)
+    np.testing.assert_allclose(feature_spectrum(x).numpy(), sv, rtol=1e-9, atol=1e-9 * sv[0])
+
+
 def test_numerical_rank_tiny_rtol_falls_back_to_exact_svd():
     rng = np.random.default_rng(3)
     x = with_spectrum(rng, 300, 50, np.array([1.0, 1e-5, 1e-7, 1e-9]))
@@ -204,6 +221,35 @@ def _all_non_glue(x, y):
         "center": center(x),
         "project": _center_project(x, 7, centered=True, generator=3),
     }
+
+
+@pytest.mark.parametrize(
+    ("offset", "spread", "second_pass"),
+    [(3.0, 1.0, False), (1e-80, 1e-92, True), (1e-80, 1e-89, False), (0.0, 0.0, False)],
+)
+def test_blocks_measure_the_centred_peak_only_when_it_may_need_rescaling(
+    monkeypatch, offset, spread, second_pass
+):
+    # The centred peak lies in [spread / 2, 2 spread] (spread = max |x - x[0]|): the pass that measures
+    # it runs only where that range crosses the rescaling limits (2**-300 ~ 4.9e-91 here).
+    x = offset + spread * np.random.default_rng(13).normal(size=(50, 4))
+    monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 40)  # blocks of 10 rows: 5 per pass
+    calls = []
+    original = prep._Blocks._raw
+    monkeypatch.setattr(prep._Blocks, "_raw", lambda self, *a: calls.append(1) or original(self, *a))
+    blocks = prep._Blocks(torch.from_numpy(x), centered=True)
+    assert len(calls) == 1 + 5 + (5 if second_pass else 0)
+    shifted = x - x[:1]
+    centred = shifted - shifted.mean(axis=0)
+    peak = np.abs(centred).max()
+    expected = 0 if peak == 0 or 2.0**-300 <= peak <= 2.0**300 else -math.frexp(peak)[1]
+    assert blocks.shift2 == expected and (expected != 0) == second_pass
+    np.testing.assert_allclose(
+        blocks.block(slice(None)).numpy(),
+        centred * 2.0**expected,
+        rtol=0,
+        atol=1e-14 * max(1.0, 2.0**expected * peak),
+    )
 
 
 def test_tiny_blocks_give_the_same_results(monkeypatch):

@@ -336,14 +336,22 @@ class _Blocks:
             step = _rows_per_block(self.n_cols)
             self._first = self._raw(slice(0, 1), slice(None))[0]
             total = torch.zeros(self.n_cols, dtype=torch.float64, device=x.device)
+            spread = 0.0  # max |x - first|
             for start in range(0, self.n_rows, step):
-                total += self._raw(slice(start, start + step), slice(None)).sub_(self._first).sum(dim=0)
+                part = self._raw(slice(start, start + step), slice(None)).sub_(self._first)
+                spread = max(spread, _abs_peak(part))
+                total += part.sum(dim=0)
             self._mean = total / self.n_rows
-            peak = 0.0
-            for start in range(0, self.n_rows, step):
-                part = self._raw(slice(start, start + step), slice(None))
-                peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
-            self.shift2 = _safe_shift(peak)
+            # The centred peak lies in [spread / 2, 2 spread] (row 0 centres to -mean, and |mean| <= spread):
+            # when that whole range needs no rescaling, the second pass that measures it is skipped.
+            if spread != 0.0 and _safe_shift(spread / 4) == _safe_shift(spread * 4) == 0:
+                self.shift2 = 0
+            elif spread != 0.0:
+                peak = 0.0
+                for start in range(0, self.n_rows, step):
+                    part = self._raw(slice(start, start + step), slice(None))
+                    peak = max(peak, _abs_peak(part.sub_(self._first).sub_(self._mean)))
+                self.shift2 = _safe_shift(peak)
         self.shift = self.shift1 + self.shift2
 
     def _raw(self, rows: slice | torch.Tensor, cols: slice) -> torch.Tensor:
@@ -355,6 +363,22 @@ class _Blocks:
         else:
             part = self.x[rows, cols].to(torch.float64, copy=True)
         return _times_pow2_(part, self.shift1)
+
+    def raw_difference(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``(x[first] - x[second]) * 2**shift1`` in float64 (a fresh ``(len(first), N)`` tensor).
+
+        The same numbers as ``_raw(first) - _raw(second)``: the rows are converted to float64 exactly and
+        subtracted in float64, with one temporary fewer (the second gather is converted inside the
+        subtraction). ``first`` and ``second`` index the rows in use (``rows``), like :meth:`block`.
+        """
+        if self.rows is not None:
+            first, second = self.rows[first], self.rows[second]
+        part = self.x.index_select(0, first).to(torch.float64)
+        other = self.x.index_select(0, second)
+        if self.shift1:  # scale before subtracting, as _raw does (float64 inputs near the overflow limit)
+            _times_pow2_(part, self.shift1)
+            other = _times_pow2_(other.to(torch.float64), self.shift1)
+        return part.sub_(other)
 
     def block(self, rows: slice | torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
         """Working block ``(x[rows, cols] - mean) * 2**shift`` in float64 (a fresh tensor)."""
@@ -376,15 +400,15 @@ def _gram64(blocks: _Blocks) -> torch.Tensor:
     """Gram matrix of the working matrix ``W`` of ``blocks`` on its smaller side, accumulated in blocks.
 
     ``W^T W`` (``N x N``) when ``S > N``, else ``W W^T`` (``S x S``): the same non-zero eigenvalues, at
-    ``min(S, N)^2`` memory plus one block, never a full float64 copy of the features. Only the tiles on
-    and below the diagonal are multiplied (the matrix is symmetric: about 60% of the work at n = 2048),
-    and the upper triangle is mirrored at the end.
+    ``min(S, N)^2`` memory plus one block, never a full float64 copy of the features. Only the upper
+    triangle is multiplied, as one product per strip of :data:`_GRAM_TILE` rows (the strip times every
+    column from its diagonal on: few, large products), and mirrored at the end.
     """
     n_rows, n_cols = blocks.n_rows, blocks.n_cols
     device = blocks.x.device
     n = min(n_rows, n_cols)
     gram = torch.zeros((n, n), dtype=torch.float64, device=device)
-    tile = n if n <= 768 else 512
+    tile = n if n <= 3 * _GRAM_TILE else _GRAM_TILE
     edges = list(range(0, n, tile))
     long_side, step = (
         (n_rows, _rows_per_block(n_cols)) if n_rows > n_cols else (n_cols, _rows_per_block(n_rows))
@@ -395,9 +419,9 @@ def _gram64(blocks: _Blocks) -> torch.Tensor:
         else:
             part = blocks.block(slice(None), slice(start, start + step)).T  # (cols, n): the same
         for i in edges:
-            rows_i = slice(i, i + tile)
-            for j in edges:
-                if j > i:
-                    break
-                gram[rows_i, j : j + tile].addmm_(part[:, rows_i].T, part[:, j : j + tile])
-    return gram.tril() + gram.tril(-1).T
+            gram[i : i + tile, i:].addmm_(part[:, i : i + tile].T, part[:, i:])
+    return gram.triu_().add_(gram.triu(1).T)
+
+
+# Rows per strip of the Gram's upper triangle in :func:`_gram64` (fastest measured at n = 2048).
+_GRAM_TILE = 256

@@ -156,8 +156,9 @@ def geometry_markers(
             (see ``docs/performance.md``).
 
     Memory is bounded: every non-GLUE marker works on 16 MiB float64 blocks (plus a ``min(S, N)^2``
-    Gram for the spectrum and ``O(S k)`` neighbour lists for LID); no float64 copy of the features is
-    made, and the GLUE input is centred and projected block by block.
+    Gram for the spectrum, and ``O(S k)`` neighbour lists and at most 64 MiB of cached float32 blocks
+    for LID); no full float64 copy of the features is made, and the GLUE input is centred and projected
+    block by block.
 
     Returns:
         :class:`MarkerReport`.
