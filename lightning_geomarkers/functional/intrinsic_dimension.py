@@ -340,8 +340,10 @@ def _candidates(
 
     for first in range(0, len(starts), per_panel):
         panel = [working(start) for start in starts[first : first + per_panel]]
+        for block in panel:  # each block with itself first: near neighbours early make later merges cheap
+            multiply(block, block)
         for a, left in enumerate(panel):
-            for right in panel[a:]:
+            for right in panel[a + 1 :]:
                 multiply(left, right)
         for start in starts[first + per_panel :]:
             right = working(start)
