@@ -203,9 +203,12 @@ def _merge_topk(
     """
     k = best_val.shape[1]
     current = best_val[rows]
-    entering = int((block < current[:, -1:]).sum(dim=1).max())
-    if entering == 0:
-        return
+    if bool(torch.isinf(current[:, -1]).any()):  # a list not full yet (its first block): no cut
+        entering = k
+    else:
+        entering = int((block < current[:, -1:]).sum(dim=1).max())
+        if entering == 0:
+            return
     vals, idx = torch.topk(block, min(k, entering), dim=1, largest=False, sorted=False)
     vals = torch.cat([current, vals], dim=1)
     idx = torch.cat([best_idx[rows], idx + col_offset], dim=1)
