@@ -204,7 +204,7 @@ def _merge_topk(
     k = best_val.shape[1]
     current = best_val[rows]
     if bool(torch.isinf(current[:, -1]).any()):  # a list not full yet (its first block): no cut
-        entering = k
+        entering = min(k, block.shape[1])
     else:
         entering = int((block < current[:, -1:]).sum(dim=1).max())
         if entering == 0:
