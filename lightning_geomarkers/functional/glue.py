@@ -531,8 +531,8 @@ def _glue_from_gram(
 ) -> dict[str, Any]:
     """:func:`_glue_markers` from the groups' normalised Grams (B, T, T), the probes' products
     ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. With
-    ``anchor_points`` (the normalised (B, P, M, N) points) the anchors are returned; ``factor`` is
-    :func:`_padded_cholesky` of ``gram`` when the caller already has it."""
+    ``anchor_points`` (the groups' (B, P, M, N) points, in any units) the anchors are returned in those
+    units; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it."""
     n_groups, n_t, n_man = labels.shape
     m_max = mask.shape[-1]
     sigma = (labels[..., None] * mask[:, None].to(labels.dtype)).reshape(n_groups * n_t, -1)
