@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import platform
 import time
@@ -28,7 +27,7 @@ import torch
 
 from lightning_geomarkers.functional import GLUE_MARKERS, glue
 from lightning_geomarkers.functional.glue import _glue_markers, _normalise
-from lightning_geomarkers.testing import reference_glue
+from lightning_geomarkers.testing import geometry_clouds, reference_glue
 from lightning_geomarkers.utilities.threads import limit_threads
 
 MAIN = ("capacity", "dimension", "radius", "utility")
@@ -43,19 +42,6 @@ def class_features(rng: np.random.Generator, n_classes: int, per_class: int, n_f
     for c in range(n_classes):
         basis = np.linalg.qr(rng.standard_normal((n_feat, n_feat)))[0]
         out[c] = centers[c] + 0.6 * (rng.standard_normal((per_class, n_feat)) * scales) @ basis.T
-    return out
-
-
-def geometry_clouds(
-    rng: np.random.Generator, n_classes: int, per_class: int, n_feat: int, dim: int, radius: float
-):
-    """Clouds of intrinsic dimension ``dim`` and radius ``radius`` around unit-norm centers."""
-    out = np.empty((n_classes, per_class, n_feat))
-    for c in range(n_classes):
-        center = rng.standard_normal(n_feat)
-        center /= np.linalg.norm(center)
-        basis = np.linalg.qr(rng.standard_normal((n_feat, dim)))[0].T
-        out[c] = center + radius * rng.standard_normal((per_class, dim)) @ basis / math.sqrt(dim)
     return out
 
 

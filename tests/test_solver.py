@@ -6,7 +6,6 @@ memory, thread scoping, the joint-size warning, and a device-agnostic code path.
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 
 import numpy as np
@@ -18,23 +17,11 @@ from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, 
 from lightning_geomarkers.functional import glue, glue_pairs
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
 from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_markers, _normalise, _separable_probes
-from lightning_geomarkers.testing import reference_glue
+from lightning_geomarkers.testing import geometry_clouds, reference_glue
 
 # The package re-exports the functions under the module names, so fetch the modules themselves.
 glue_module = importlib.import_module("lightning_geomarkers.functional.glue")
 protocols_module = importlib.import_module("lightning_geomarkers.functional.protocols")
-
-
-def clouds(rng: np.random.Generator, P: int, M: int, N: int, dim: int, radius: float) -> np.ndarray:
-    """(P, M, N) clouds of intrinsic dimension ``dim`` and radius ``radius`` around unit-norm centers
-    (the geometry grid of the benchmark)."""
-    out = np.empty((P, M, N))
-    for p in range(P):
-        center = rng.standard_normal(N)
-        center /= np.linalg.norm(center)
-        basis = np.linalg.qr(rng.standard_normal((N, dim)))[0].T
-        out[p] = center + radius * rng.standard_normal((M, dim)) @ basis / math.sqrt(dim)
-    return out
 
 
 @pytest.mark.parametrize(
@@ -43,7 +30,7 @@ def clouds(rng: np.random.Generator, P: int, M: int, N: int, dim: int, radius: f
 def test_grid_regime_matches_scipy_reference(P, M, N, dim, radius):
     """Large supports (high D, R) and low-dimensional, dependent clouds (D=2): same markers as scipy."""
     rng = np.random.default_rng(dim * 100 + P)
-    mans = clouds(rng, P, M, N, dim, radius)
+    mans = geometry_clouds(rng, P, M, N, dim, radius)
     t = rng.standard_normal((30, N))
     y = rng.choice([-1.0, 1.0], size=(30, P))
     ref = reference_glue(list(mans), t, y)
@@ -57,7 +44,7 @@ def test_grid_regime_matches_scipy_reference(P, M, N, dim, radius):
 
 def test_grid_regime_pairs_batch_matches_reference():
     rng = np.random.default_rng(7)
-    mans = clouds(rng, 4, 25, 128, 20, 2.0)
+    mans = geometry_clouds(rng, 4, 25, 128, 20, 2.0)
     pairs = [(0, 1), (1, 2), (2, 3)]
     probes = rng.standard_normal((3, 25, 128))
     labels = rng.choice([-1.0, 1.0], size=(3, 25, 2))
@@ -74,7 +61,7 @@ def test_grid_regime_pairs_batch_matches_reference():
 
 
 def _nnls_problem(rng, P, M, N, dim, radius, n_t):
-    mans = clouds(rng, P, M, N, dim, radius)
+    mans = geometry_clouds(rng, P, M, N, dim, radius)
     x = torch.from_numpy(mans.reshape(P * M, N))
     x = x / x.square().sum(1).mean().sqrt()
     t = torch.from_numpy(rng.standard_normal((n_t, N)))
@@ -115,7 +102,7 @@ def test_certificates_agree_with_exact_separability_test():
     combined answer equals the exact one on separable and on non-separable dichotomies."""
     rng = np.random.default_rng(3)
     for dim, radius, n_feat in [(2, 0.5, 64), (10, 2.0, 64), (8, 3.0, 8)]:
-        mans = clouds(rng, 4, 15, n_feat, dim, radius)
+        mans = geometry_clouds(rng, 4, 15, n_feat, dim, radius)
         points = torch.from_numpy(mans)[None]
         mask = torch.ones(points.shape[:3], dtype=torch.bool)
         pts, _ = _normalise(points, mask)
@@ -143,7 +130,7 @@ def test_chunked_pairs_equal_unchunked(monkeypatch):
 
 def test_results_do_not_depend_on_thread_setting_and_setting_is_restored():
     rng = np.random.default_rng(1)
-    mans = torch.from_numpy(clouds(rng, 4, 10, 64, 5, 1.0))
+    mans = torch.from_numpy(geometry_clouds(rng, 4, 10, 64, 5, 1.0))
     before = torch.get_num_threads()
     one = glue(mans, n_t=20, generator=0, num_threads=1)
     assert torch.get_num_threads() == before
@@ -156,7 +143,7 @@ def test_results_do_not_depend_on_thread_setting_and_setting_is_restored():
 
 def test_joint_far_above_cover_bound_warns_with_a_fix():
     rng = np.random.default_rng(2)
-    mans = torch.from_numpy(clouds(rng, 6, 200, 64, 2, 0.3))  # 1200 points > 4 x 64
+    mans = torch.from_numpy(geometry_clouds(rng, 6, 200, 64, 2, 0.3))  # 1200 points > 4 x 64
     with pytest.warns(GeomarkersWarning, match="max_classes"):
         glue(mans, n_t=5, generator=0)
     with warnings.catch_warnings():
@@ -185,7 +172,7 @@ def test_device_agnostic_path_keeps_inputs_device_and_dtype():
     """Everything is allocated on the features' device (checked on CPU here; the GPU check script
     compares CUDA with CPU) and float32 input is solved in float64."""
     rng = np.random.default_rng(4)
-    mans = torch.from_numpy(clouds(rng, 3, 10, 32, 4, 1.0)).float()
+    mans = torch.from_numpy(geometry_clouds(rng, 3, 10, 32, 4, 1.0)).float()
     res = glue(mans, n_t=10, generator=0, num_threads=None)
     for name in GLUE_MARKERS:
         value = getattr(res, name)
