@@ -135,11 +135,12 @@ class _WorkingSet:
     pos: torch.Tensor  # row's place in the (groups, per-group capacity) layout of the dense products
 
     def compress(self, keep: torch.Tensor) -> None:
-        """Keep only the selected rows of every per-row field."""
+        """Keep only the rows ``keep`` (int64 indices) of every per-row field (gathers by index: no
+        host synchronisation, unlike boolean indexing)."""
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None:
-                setattr(self, f.name, value[keep])
+                setattr(self, f.name, value.index_select(0, keep))
 
     def grow(self, n_slots: int) -> None:
         """Widen the slot arrays to ``n_slots`` (geometric growth: each copies the cached rows)."""
@@ -206,24 +207,34 @@ class _WorkingSet:
         n_points: int,
         certified: bool = True,
     ) -> None:
-        """Scatter the multipliers of the selected rows into the dense (Q, T) output."""
-        if not bool(sel.any()):
-            return
-        slots = torch.where(self.valid[sel], self.slots[sel], n_points)  # padding -> a spare column
+        """Scatter the multipliers of the rows ``sel`` (int64 indices into the running rows) into the
+        dense (Q, T) output, by index only (no host synchronisation)."""
+        valid = self.valid.index_select(0, sel)
+        slots = torch.where(valid, self.slots.index_select(0, sel), n_points)  # padding -> a spare column
         dense = lam_out.new_zeros((slots.shape[0], n_points + 1))
-        dense.scatter_(1, slots, self.x[sel] * self.valid[sel])
-        lam_out[self.rows[sel]] = dense[:, :n_points]
-        done_out[self.rows[sel]] = certified
+        dense.scatter_(1, slots, self.x.index_select(0, sel) * valid)
+        rows = self.rows.index_select(0, sel)
+        lam_out.index_copy_(0, rows, dense[:, :n_points])
+        done_out.index_fill_(0, rows, certified)
 
 
-def _layout(group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, int]:
+def _group_counts(group: torch.Tensor, n_groups: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(n_groups,) number of rows of each group (only the rows where ``weight`` is True, if given), by a
+    scatter-add: unlike ``torch.bincount`` on CUDA it does not read the input's maximum on the host."""
+    ones = torch.ones_like(group) if weight is None else weight.to(group.dtype)
+    return group.new_zeros(n_groups).index_add_(0, group, ones)
+
+
+def _layout(group: torch.Tensor, n_groups: int, capacity: int | None = None) -> tuple[torch.Tensor, int]:
     """Each row's place in a (groups, capacity) layout, so K (sigma lambda) is one batched GEMM over
-    the groups; capacity is the largest number of rows of one group (one host read, outside the
-    iteration's convergence check: only at start and when finished rows are compacted away)."""
+    the groups; capacity is the largest number of rows of one group. Pass it when known (the iteration
+    reads it with its one convergence check); otherwise it costs one host read (at start and finish)."""
     n_rows = group.numel()
     order = torch.sort(group, stable=True).indices
-    counts = torch.bincount(group, minlength=n_groups)
-    capacity = max(int(counts.max()), 1) if n_rows else 1
+    counts = _group_counts(group, n_groups)
+    if capacity is None:
+        capacity = int(counts.max()) if n_rows else 1
+    capacity = max(capacity, 1)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(group)
     rank[order] = torch.arange(n_rows, device=group.device) - starts[group[order]]
@@ -309,7 +320,8 @@ def batched_nnls(
     done_out = torch.zeros(n_probs, dtype=torch.bool, device=device)
     jitter_scale = cutoff * max(point_scale, 1.0) ** 2
 
-    pos, capacity = _layout(group, gram.shape[0])
+    n_groups = gram.shape[0]
+    pos, capacity = _layout(group, n_groups)
     gram_ext = _extended_gram(gram, jitter_scale)
 
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
@@ -353,16 +365,27 @@ def batched_nnls(
         outer = ~st.pending & ~st.done
         n_add = torch.where(st.single, violating[:, 0].long(), violating.sum(1)) * outer
         st.done |= outer & (n_add == 0)
-        # The one host synchronisation of the iteration: finished rows and the slots needed.
-        n_done, need = torch.stack([st.done.sum(), (st.valid.sum(1) + n_add).max()]).tolist()
+        # The one host synchronisation of the iteration: finished rows, the slots needed and the largest
+        # number of running rows in one group (the GEMM layout after a compaction).
+        n_done, need, left_capacity = torch.stack(
+            [
+                st.done.sum(),
+                (st.valid.sum(1) + n_add).max(),
+                _group_counts(st.group, n_groups, ~st.done).max(),
+            ]
+        ).tolist()
         if n_done == st.rows.numel():
             break
         if 4 * n_done >= st.rows.numel():
-            st.write_back(st.done, lam_out, done_out, n_points)
-            keep = ~st.done
-            n_add, cand = n_add[keep], cand[keep]
+            # Running rows first, in order (a stable sort of the done flags), then the finished ones:
+            # compaction by index, with the sizes read above (no further host synchronisation).
+            order = torch.sort(st.done.to(torch.int8), stable=True).indices
+            n_keep = st.rows.numel() - n_done
+            st.write_back(order[n_keep:], lam_out, done_out, n_points)
+            keep = order[:n_keep]
+            n_add, cand = n_add.index_select(0, keep), cand.index_select(0, keep)
             st.compress(keep)
-            st.pos, capacity = _layout(st.group, gram.shape[0])
+            st.pos, capacity = _layout(st.group, n_groups, left_capacity)
         # Exactly the slots this step needs (the largest passive set after adding): padded slots cost
         # O(S^3) in every factorization, while compacting the (rows, S) slot arrays is cheap.
         need = max(need, 1)
@@ -411,10 +434,10 @@ def batched_nnls(
         st.excluded = torch.where(moved[:, None], st.ineligible, st.excluded)  # unblock after a move
         # Fresh dual (negative gradient) for the next outer step.
         st.w = st.dual(gram, capacity)
-    st.write_back(st.done, lam_out, done_out, n_points)
-    unfinished = ~st.done
-    if bool(unfinished.any()):  # iteration cap: keep the (feasible) iterate, uncertified
-        st.write_back(unfinished, lam_out, done_out, n_points, certified=False)
+    # After the loop: the finished rows certified, any others (iteration cap) with their feasible
+    # iterate, uncertified.
+    st.write_back(st.done.nonzero().squeeze(1), lam_out, done_out, n_points)
+    st.write_back((~st.done).nonzero().squeeze(1), lam_out, done_out, n_points, certified=False)
     lam = lam_out
     passive = lam > 0
     eligible = sigma != 0
