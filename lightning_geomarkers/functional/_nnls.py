@@ -131,7 +131,9 @@ class _WorkingSet:
     w: torch.Tensor
     pending: torch.Tensor
     done: torch.Tensor
-    single: torch.Tensor  # next outer step adds one point only (after a multi-point step overshot)
+    budget: (
+        torch.Tensor
+    )  # points the next outer step may add: halved after an overshoot, doubled after a clean step
     pos: torch.Tensor  # row's place in the (groups, per-group capacity) layout of the dense products
 
     def compress(self, keep: torch.Tensor) -> None:
@@ -284,9 +286,11 @@ def batched_nnls(
     gradient) to the passive set at once; the inner loop of Lawson-Hanson then steps from the current
     feasible point towards the least-squares solution on the enlarged set and drops every multiplier
     that hits zero. Added points whose least-squares multiplier is not positive are dropped at once
-    (the step length is 0 for them), and the row's next outer step adds the single most violating point
-    only: that classic step strictly decreases the objective, the multi-point steps never increase it,
-    so no passive set repeats and the method terminates, at a point certified by the KKT conditions.
+    (the step length is 0 for them). Each row keeps a budget of points per outer step: halved after a
+    step that overshot (an added point dropped), doubled (up to ``add_per_iteration``) after one that
+    did not. A budget of one is the classic step, which strictly decreases the objective; larger steps
+    never increase it, and a row whose steps make no progress halves its budget down to one, so no
+    passive set repeats and the method terminates, at a point certified by the KKT conditions.
 
     Args:
         gram: (B, T, T) Gram matrices X_b X_b^T (float64; padding rows/cols are zero).
@@ -342,7 +346,7 @@ def batched_nnls(
         w=sigma * h,  # negative gradient at lambda = 0
         pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
         done=torch.zeros(n_probs, dtype=torch.bool, device=device),
-        single=torch.zeros(n_probs, dtype=torch.bool, device=device),
+        budget=torch.full((n_probs,), k_add, dtype=torch.long, device=device),
         pos=pos,
     )
     steps = torch.arange(k_add, device=device)
@@ -363,7 +367,7 @@ def batched_nnls(
             best, cand = score.topk(k_add, dim=1)
         violating = best > st.w_tol[:, None]
         outer = ~st.pending & ~st.done
-        n_add = torch.where(st.single, violating[:, 0].long(), violating.sum(1)) * outer
+        n_add = torch.minimum(violating.sum(1), st.budget) * outer
         st.done |= outer & (n_add == 0)
         # The one host synchronisation of the iteration: finished rows, the slots needed and the largest
         # number of running rows in one group (the GEMM layout after a compaction).
@@ -395,13 +399,12 @@ def batched_nnls(
             st.shrink(need)
         take = steps[None, :] < n_add[:, None]
         added_one = n_add == 1
-        st.single &= n_add == 0  # a row that adds now leaves single mode
         st.insert(take, cand)
         fresh = st.valid & (st.x == 0)  # points at zero: just added, not yet moved
         # Unconstrained least squares on the passive slots: K_FF u = h_F, lambda_F = sigma_F u.
         z, singular, broken = st.solve_passive(gram_ext)  # candidate multipliers on the passive set
         # Points added together can be jointly dependent (each alone is independent of the passive set,
-        # Lawson-Hanson's invariant): then reject them all, which sends the row to single mode and keeps
+        # Lawson-Hanson's invariant): then reject them all, which halves the row's budget and keeps
         # the passive sets independent (so the multipliers stay the unique, sparse ones).
         joint_dependent = singular & (n_add > 1)
         # Inside the inner loop the passive set is a subset of one that factored, so its factorization
@@ -427,7 +430,9 @@ def batched_nnls(
         x_tol = 1e-14 * new_x.abs().amax(1, keepdim=True).clamp_min(1.0)
         keep_fresh = fresh & (z > 0)  # a fresh point still at 0 after a zero step stays in
         drop = st.valid & (hit | ((new_x <= x_tol) & ~keep_fresh)) & moved[:, None]
-        st.single |= (drop & fresh).any(1) & moved  # overshoot: next outer step adds one point
+        overshoot = (drop & fresh).any(1) & moved
+        grown = torch.where(n_add > 0, (2 * st.budget).clamp_max(k_add), st.budget)
+        st.budget = torch.where(overshoot, (st.budget // 2).clamp_min(1), grown)
         st.x = torch.where(moved[:, None], torch.where(drop | ~st.valid, 0.0, new_x), st.x)
         st.valid &= ~drop
         st.pending = moved & ~all_pos
