@@ -36,7 +36,9 @@ class NNLSSolution:
     Attributes:
         lam: (Q, T) non-negative multipliers, exactly zero off the passive set.
         proj_norm2: (Q,) squared norm of the cone projection ||G^T lambda||^2.
-        kkt_violation: (Q,) largest violation of the KKT conditions, relative to ||t|| * max ||x||.
+        kkt_violation: (Q,) largest violation of the KKT conditions, each point's relative to ||t|| times
+            that point's own norm (its column of the NNLS), so one large point (an outlier) does not hide
+            the violations of the others.
         iterations: number of batched iterations run.
         converged: (Q,) True where the iteration stopped on its own test and the independent KKT check
             (``kkt_violation <= KKT_CERTIFIED``) passed.
@@ -60,8 +62,8 @@ _DEPENDENT_PIVOT = 1e-9
 def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve batched SPD systems ``blocks`` u = rhs by one Cholesky, without a host sync.
 
-    The blocks already carry an absolute diagonal jitter (``1e-12 * max(point_scale, 1)**2``, added once
-    to every diagonal entry of the Gram by :func:`_extended_gram`). In exact arithmetic a point enters
+    The blocks already carry a relative diagonal jitter (``1e-12 ||x_i||^2``, added once to every
+    diagonal entry of the Gram by :func:`_extended_gram`). In exact arithmetic a point enters
     only with a positive gradient, so it is not in the span of the others and the jitter is far below the
     passive set's eigenvalues; in floating point (numerically rank-deficient features) it can be of their
     order, and it only keeps round-off from making a block indefinite. A block that still
@@ -82,7 +84,8 @@ def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _extended_gram(gram: torch.Tensor, jitter: float) -> torch.Tensor:
-    """(B, T + 1, T + 1): K + jitter I bordered by a zero sentinel point T.
+    """(B, T + 1, T + 1): K + jitter diag(K) bordered by a zero sentinel point T (the jitter relative to
+    each point's own squared norm, as the other tolerances).
 
     Free slots point at the sentinel, so a passive block gathered by slot indices is already jittered
     and zero off the passive slots: one gather and a diagonal update per iteration, no full-block masks
@@ -91,7 +94,7 @@ def _extended_gram(gram: torch.Tensor, jitter: float) -> torch.Tensor:
     n_groups, n_points = gram.shape[0], gram.shape[-1]
     ext = gram.new_zeros((n_groups, n_points + 1, n_points + 1))
     ext[:, :n_points, :n_points] = gram
-    ext.diagonal(dim1=-2, dim2=-1)[:, :n_points] += jitter
+    ext.diagonal(dim1=-2, dim2=-1)[:, :n_points] *= 1.0 + jitter
     return ext
 
 
@@ -122,7 +125,8 @@ class _WorkingSet:
     h: torch.Tensor
     sigma: torch.Tensor
     rank_one: torch.Tensor | None
-    w_tol: torch.Tensor
+    t_norm: torch.Tensor
+    inv_norm: torch.Tensor  # (rows, T) 1 / the norm of each point's column (0 for a zero column)
     ineligible: torch.Tensor  # (rows, T) padding points (sigma = 0), never added
     excluded: torch.Tensor  # ineligible or blocked (a single added point that got no positive multiplier)
     slots: torch.Tensor
@@ -199,7 +203,8 @@ class _WorkingSet:
         u = torch.zeros((self.rows.numel(), n_points + 1), dtype=self.x.dtype, device=self.x.device)
         spots = torch.where(self.valid, self.slots, n_points)
         u.scatter_(1, spots, self.x * torch.gather(self.sigma, 1, self.slots) * self.valid)
-        return self.sigma * (self.h - _gram_times(gram, u[:, :n_points], self.pos, capacity, self.rank_one))
+        ku = _gram_times(gram, u[:, :n_points], self.pos, capacity, self.rank_one)
+        return self.inv_norm * self.sigma * (self.h - ku)
 
     def write_back(
         self,
@@ -271,7 +276,6 @@ def batched_nnls(
     sigma: torch.Tensor,
     t_norm: torch.Tensor,
     *,
-    point_scale: float = 1.0,
     max_iter: int | None = None,
     tol: float = 1e-10,
     cutoff: float = 1e-12,
@@ -297,11 +301,11 @@ def batched_nnls(
         group: (Q,) int64 index of each problem's Gram matrix.
         h: (Q, T) the products X_b t_q.
         sigma: (Q, T) point signs in {+1, -1}, 0 on padding (padding never enters the passive set).
-        t_norm: (Q,) ||t_q||, used to make the tolerances scale free.
-        point_scale: largest point norm, for the same reason.
+        t_norm: (Q,) ||t_q||, used to make the tolerances scale free (with each point's own norm).
         max_iter: cap on batched iterations (default 3 T + 30, far above what the method needs).
-        tol: relative dual-feasibility tolerance: a point enters while its w_i > tol ||t|| max||x||.
-        cutoff: absolute diagonal jitter (in units of point_scale^2) for numerically singular passive
+        tol: relative dual-feasibility tolerance: a point enters while its w_i > tol ||t|| ||e_i||, with
+            ||e_i|| the norm of its column (||x_i||, or sqrt(||x_i||^2 + v_i^2) with ``rank_one``).
+        cutoff: relative diagonal jitter (K_ii -> (1 + cutoff) K_ii) for numerically singular passive
             blocks.
         rank_one: optional (Q, T) v_q making problem q's (unsigned) Gram K_b + v_q v_q^T (used by the
             separability test, whose constraint rows carry an extra constant coordinate).
@@ -322,11 +326,17 @@ def batched_nnls(
     k_add = max(1, min(int(add_per_iteration), n_blocks))
     lam_out = torch.zeros((n_probs, n_points), dtype=dtype, device=device)
     done_out = torch.zeros(n_probs, dtype=torch.bool, device=device)
-    jitter_scale = cutoff * max(point_scale, 1.0) ** 2
+    # Every tolerance is relative to ||t|| and to each point's own norm (the norm of its NNLS column,
+    # with the rank-one coordinate): the method runs as on unit-norm columns, so one large point (an
+    # outlier) does not loosen the tests, the jitter or the certificate for the others.
+    col2 = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).index_select(0, group)
+    if rank_one is not None:
+        col2 = col2 + rank_one.square()
+    inv_norm = torch.where(col2 > 0, col2.rsqrt(), torch.zeros_like(col2))  # a zero column never enters
 
     n_groups = gram.shape[0]
     pos, capacity = _layout(group, n_groups)
-    gram_ext = _extended_gram(gram, jitter_scale)
+    gram_ext = _extended_gram(gram, cutoff)
 
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
     # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
@@ -337,13 +347,14 @@ def batched_nnls(
         h=h,
         sigma=sigma,
         rank_one=rank_one,
-        w_tol=tol * t_norm * point_scale,
+        t_norm=t_norm,
+        inv_norm=inv_norm,
         ineligible=sigma == 0,
         excluded=sigma == 0,
         slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
         valid=torch.zeros((n_probs, n_slots0), dtype=torch.bool, device=device),
         x=torch.zeros((n_probs, n_slots0), dtype=dtype, device=device),
-        w=sigma * h,  # negative gradient at lambda = 0
+        w=inv_norm * sigma * h,  # negative gradient at lambda = 0, per unit column norm
         pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
         done=torch.zeros(n_probs, dtype=torch.bool, device=device),
         budget=torch.full((n_probs,), k_add, dtype=torch.long, device=device),
@@ -365,7 +376,7 @@ def batched_nnls(
             cand = b_pick * block_size + torch.gather(b_arg, 1, b_pick)
         else:
             best, cand = score.topk(k_add, dim=1)
-        violating = best > st.w_tol[:, None]
+        violating = best > (tol * st.t_norm)[:, None]
         outer = ~st.pending & ~st.done
         n_add = torch.minimum(violating.sum(1), st.budget) * outer
         st.done |= outer & (n_add == 0)
@@ -427,9 +438,11 @@ def batched_nnls(
         alpha = torch.where(all_pos, torch.ones_like(ratio[:, 0]), ratio.min(1).values.clamp(0, 1))
         new_x = torch.where(all_pos[:, None], z, st.x + alpha[:, None] * (z - st.x))
         hit = (~all_pos)[:, None] & infeasible & (ratio <= alpha[:, None])
-        x_tol = 1e-14 * new_x.abs().amax(1, keepdim=True).clamp_min(1.0)
+        # Multipliers per unit column norm (mu = lambda ||x||, in the units of ||t||): round-off zeros.
+        mu = new_x / torch.gather(st.inv_norm, 1, st.slots).clamp_min(torch.finfo(dtype).tiny)
+        x_tol = 1e-14 * torch.maximum(mu.abs().amax(1), st.t_norm)[:, None]
         keep_fresh = fresh & (z > 0)  # a fresh point still at 0 after a zero step stays in
-        drop = st.valid & (hit | ((new_x <= x_tol) & ~keep_fresh)) & moved[:, None]
+        drop = st.valid & (hit | ((mu <= x_tol) & ~keep_fresh)) & moved[:, None]
         overshoot = (drop & fresh).any(1) & moved
         grown = torch.where(n_add > 0, (2 * st.budget).clamp_max(k_add), st.budget)
         st.budget = torch.where(overshoot, (st.budget // 2).clamp_min(1), grown)
@@ -446,14 +459,13 @@ def batched_nnls(
     lam = lam_out
     passive = lam > 0
     eligible = sigma != 0
-    scale = t_norm * point_scale
     # Certificate: dual feasibility off the support, stationarity on it, primal feasibility; the
     # gradient is recomputed from scratch for every problem by one batched product with the Grams.
     u = lam * sigma
-    w = sigma * (h - _gram_times(gram, u, *_layout(group, gram.shape[0]), rank_one))
+    w = inv_norm * sigma * (h - _gram_times(gram, u, *_layout(group, gram.shape[0]), rank_one))
     off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
     on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
-    kkt = torch.maximum(off, on) / scale.clamp_min(torch.finfo(dtype).tiny)
+    kkt = torch.maximum(off, on) / t_norm.clamp_min(torch.finfo(dtype).tiny)
     proj_norm2 = (u * h).sum(1)
     # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
     # tests dual feasibility of the points it may still add; the check also covers stationarity on the
@@ -481,8 +493,7 @@ def separable_dichotomies(
         (U,) bool, True where the dichotomy is separable.
     """
     ones = torch.ones(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
-    point_scale = float(gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).max().sqrt()) + 1.0
-    sol = batched_nnls(gram, group, sigma.clone(), sigma, ones, point_scale=point_scale, rank_one=sigma)
+    sol = batched_nnls(gram, group, sigma.clone(), sigma, ones, rank_one=sigma)
     # An iterate stopped before certification has a projection below the optimum, which would look
     # separable: only a certified solve can say "separable" (the others count as degenerate and warn).
     return ((1.0 - sol.proj_norm2) > rtol) & sol.converged

@@ -52,8 +52,8 @@ GLUE_MARKERS = (
     "center_axis_alignment",
 )
 
-#: Points count as linearly independent when every Cholesky pivot of their Gram exceeds this fraction
-#: of the largest (each point keeps a component of relative size >= 1e-5 outside the others' span).
+#: Points count as linearly independent when every relative Cholesky pivot of their Gram (L_ii^2 / K_ii)
+#: exceeds this (each point keeps a component of relative size >= 1e-5 outside the others' span).
 _INDEPENDENCE_RTOL = 1e-10
 #: The Cholesky path of the pseudo-inverse quadratic forms is taken where a lower bound on the
 #: smallest eigenvalue exceeds this multiple of the cut-off (the rest go through ``eigh``).
@@ -280,12 +280,27 @@ def _separable_probes(
     :func:`_padded_cholesky` of ``gram`` if the caller has it."""
     n_groups, n_t, n_man = labels.shape
     separable = torch.ones((n_groups, n_t), dtype=torch.bool, device=labels.device)
+    # Strict separability does not change when a point is rescaled (sigma_i <v, x_i> > 0 for any
+    # positive multiple of x_i), so everything below runs on unit-norm points: no tolerance can then
+    # depend on how large the largest point is (one outlier 1e5 x the typical norm made separable
+    # dichotomies look degenerate). Zero points stay zero (never strictly separated).
+    norms2 = gram.diagonal(dim1=-2, dim2=-1)
+    inv = torch.where(norms2 > 0, norms2.rsqrt(), torch.zeros_like(norms2))
+    gram = gram * inv[:, :, None] * inv[:, None, :]
     # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
-    # points are (numerically) dependent need the exact test. Cholesky pivots L_ii^2 are each point's
-    # squared distance from the span of the points before it.
-    chol, info = _padded_cholesky(gram, mask) if factor is None else factor
-    pivots = chol.diagonal(dim1=-2, dim2=-1).square()
-    dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL * pivots.amax(-1))
+    # points are (numerically) dependent need the exact test. Relative Cholesky pivots L_ii^2 / K_ii are
+    # each point's squared distance from the span of the points before it over its squared norm (the
+    # same for the caller's factor of the unscaled Gram: D^-1 L is the factor of D^-1 K D^-1).
+    if factor is None:
+        chol, info = _padded_cholesky(gram, mask)
+        pivots = chol.diagonal(dim1=-2, dim2=-1).square()
+    else:
+        chol, info = factor
+        padded_diag = norms2 + (~mask.reshape(n_groups, -1)).to(norms2.dtype)
+        pivots = chol.diagonal(dim1=-2, dim2=-1).square() / padded_diag.clamp_min(
+            torch.finfo(gram.dtype).tiny
+        )
+    dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL)
     if not bool(dependent.any()):
         return separable.reshape(-1)
     dep = dependent.nonzero().squeeze(1)
@@ -537,11 +552,7 @@ def _glue_from_gram(
     m_max = mask.shape[-1]
     sigma = (labels[..., None] * mask[:, None].to(labels.dtype)).reshape(n_groups * n_t, -1)
     group = torch.arange(n_groups, device=gram.device).repeat_interleave(n_t)
-    # The largest point norm (tolerances only): the square root of the largest Gram diagonal entry.
-    point_scale = float(gram.diagonal(dim1=-2, dim2=-1).amax().sqrt())
-    sol = batched_nnls(
-        gram, group, h, sigma, t_norm, point_scale=point_scale, max_iter=max_iter, block_size=m_max
-    )
+    sol = batched_nnls(gram, group, h, sigma, t_norm, max_iter=max_iter, block_size=m_max)
 
     # Everything below lives in coefficient space: an anchor is s = w X with w the (normalised) NNLS
     # multipliers of its manifold, so every inner product of anchors, centers and probes is a small
