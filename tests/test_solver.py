@@ -6,6 +6,7 @@ memory, thread scoping, the joint-size warning, and a device-agnostic code path.
 from __future__ import annotations
 
 import importlib
+import itertools
 import warnings
 
 import numpy as np
@@ -268,6 +269,32 @@ def test_one_large_point_does_not_loosen_the_solution_for_the_others(outlier, cu
     ref = reference_glue(list(mans), t, y, eigen_cutoff=cutoff)
     for name in ("capacity", "dimension", "radius", "utility"):
         assert float(getattr(res, name)) == pytest.approx(ref[name], rel=1e-7), name
+
+
+@pytest.mark.parametrize("outlier", [1.0, 1e5])
+@pytest.mark.parametrize("n_feat,dim,radius", [(10, 4, 1.0), (8, 3, 0.7)])
+def test_separability_with_an_outlier_matches_linprog(n_feat, dim, radius, outlier):
+    """All 16 dichotomies of 4 classes of 20 points in 8-10 dimensions (some separable, some not),
+    with and without one point 1e5 x larger: the answer equals scipy's linprog feasibility of
+    sigma_i <x_i, v> >= 1, whatever the outlier does to the scale."""
+    rng = np.random.default_rng(5)
+    mans = geometry_clouds(rng, 4, 20, n_feat, dim, radius).copy()
+    mans[0, 0] *= outlier
+    labels = np.array(list(itertools.product([-1.0, 1.0], repeat=4)))
+    pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(4), 20)
+    expected = [
+        linprog(
+            np.zeros(n_feat), A_ub=-(y[owner][:, None] * pts), b_ub=-np.ones(80), bounds=(None, None)
+        ).status
+        == 0
+        for y in labels
+    ]
+    assert 0 < sum(expected) < len(expected)  # both kinds occur
+    points = torch.from_numpy(mans)[None]
+    gram = points.flatten(1, 2) @ points.flatten(1, 2).transpose(1, 2)
+    gram = gram / gram.diagonal(dim1=-2, dim2=-1).mean()  # what the engine passes: mean squared norm 1
+    got = _separable_probes(gram, torch.ones((1, 4, 20), dtype=torch.bool), torch.from_numpy(labels)[None])
+    assert got.tolist() == expected
 
 
 def test_device_agnostic_path_keeps_inputs_device_and_dtype():

@@ -281,25 +281,16 @@ def _separable_probes(
     n_groups, n_t, n_man = labels.shape
     separable = torch.ones((n_groups, n_t), dtype=torch.bool, device=labels.device)
     # Strict separability does not change when a point is rescaled (sigma_i <v, x_i> > 0 for any
-    # positive multiple of x_i), so everything below runs on unit-norm points: no tolerance can then
-    # depend on how large the largest point is (one outlier 1e5 x the typical norm made separable
-    # dichotomies look degenerate). Zero points stay zero (never strictly separated).
-    norms2 = gram.diagonal(dim1=-2, dim2=-1)
-    inv = torch.where(norms2 > 0, norms2.rsqrt(), torch.zeros_like(norms2))
-    gram = gram * inv[:, :, None] * inv[:, None, :]
+    # positive multiple of x_i), so no test below may depend on how large the largest point is (one
+    # outlier 1e5 x the typical norm made separable dichotomies look degenerate): the independence test
+    # uses relative pivots, the certificates a per-point round-off bound, the exact test unit-norm points.
+    norms2 = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0)  # (B, T)
     # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
     # points are (numerically) dependent need the exact test. Relative Cholesky pivots L_ii^2 / K_ii are
-    # each point's squared distance from the span of the points before it over its squared norm (the
-    # same for the caller's factor of the unscaled Gram: D^-1 L is the factor of D^-1 K D^-1).
-    if factor is None:
-        chol, info = _padded_cholesky(gram, mask)
-        pivots = chol.diagonal(dim1=-2, dim2=-1).square()
-    else:
-        chol, info = factor
-        padded_diag = norms2 + (~mask.reshape(n_groups, -1)).to(norms2.dtype)
-        pivots = chol.diagonal(dim1=-2, dim2=-1).square() / padded_diag.clamp_min(
-            torch.finfo(gram.dtype).tiny
-        )
+    # each point's squared distance from the span of the points before it over its squared norm.
+    chol, info = _padded_cholesky(gram, mask) if factor is None else factor
+    padded_diag = norms2 + (~mask.reshape(n_groups, -1)).to(norms2.dtype)
+    pivots = chol.diagonal(dim1=-2, dim2=-1).square() / padded_diag.clamp_min(torch.finfo(gram.dtype).tiny)
     dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL)
     if not bool(dependent.any()):
         return separable.reshape(-1)
@@ -317,16 +308,17 @@ def _separable_probes(
     n_dep, n_pts = dep.numel(), gram_d.shape[-1]
     sig = (labels[dep][..., None] * fmask[:, None]).reshape(n_dep, n_t, n_pts)
     real = fmask.reshape(n_dep, 1, n_pts) > 0
-    # max |K_ij| of a Gram matrix is its largest diagonal entry (Cauchy-Schwarz), up to round-off.
+    # |K_ij| <= ||x_i|| ||x_j|| (Cauchy-Schwarz); the largest diagonal entry sets the ridge.
+    norm_d = norms2[dep].sqrt()[:, None, :]  # (D, 1, T)
     k_max = gram_d.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
     mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)
     mean_dir = (labels[dep][..., None] * mean_coef[:, None]).reshape(n_dep, n_t, n_pts)
 
     def check(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         margins = sig * (coef @ gram_d)
-        # Round-off of K c (and of K itself) is at most ~(T + N) u max|K| |c|_1 (u = 1.1e-16):
-        # 1e-12 T covers it for N up to ~10^4 T.
-        slack = 1e-12 * n_pts * k_max * coef.abs().sum(-1, keepdim=True)
+        # Round-off of (K c)_i (and of K itself) is at most ~(T + N) u ||x_i|| sum_j ||x_j|| |c_j|
+        # (u = 1.1e-16): 1e-12 T covers it for N up to ~10^4 T.
+        slack = 1e-12 * n_pts * norm_d * (coef.abs() * norm_d).sum(-1, keepdim=True)
         return margins, (torch.where(real, margins > slack, True).all(-1)) & (coef.abs().sum(-1) > 0)
 
     certified = check(mean_dir)[1]
@@ -361,7 +353,11 @@ def _separable_probes(
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     u_group = uniq[:, 0].long()
     sigma = (uniq[:, 1:, None] * mask[u_group].to(labels.dtype)).reshape(uniq.shape[0], -1)
-    separable[group, open_rows[:, 1]] = separable_dichotomies(gram, u_group, sigma)[inverse]
+    # The exact test on unit-norm points (its residual threshold is absolute); zero points stay zero
+    # (never strictly separated).
+    inv = torch.where(norms2 > 0, norms2.rsqrt(), torch.zeros_like(norms2))
+    unit = gram * inv[:, :, None] * inv[:, None, :]
+    separable[group, open_rows[:, 1]] = separable_dichotomies(unit, u_group, sigma)[inverse]
     return separable.reshape(-1)
 
 
