@@ -311,17 +311,26 @@ def _separable_probes(
     # |K_ij| <= ||x_i|| ||x_j|| (Cauchy-Schwarz); the largest diagonal entry sets the ridge.
     norm_d = norms2[dep].sqrt()[:, None, :]  # (D, 1, T)
     k_max = gram_d.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
-    mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)
-    mean_dir = (labels[dep][..., None] * mean_coef[:, None]).reshape(n_dep, n_t, n_pts)
+    mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)  # (D, P, M)
 
-    def check(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        margins = sig * (coef @ gram_d)
+    def check(kc: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Margins sigma_i (K c)_i from ``kc`` = K c and whether all clear the round-off bound;
+        ``weight`` = sum_j ||x_j|| |c_j| (D, n_t, 1)."""
+        margins = sig * kc
         # Round-off of (K c)_i (and of K itself) is at most ~(T + N) u ||x_i|| sum_j ||x_j|| |c_j|
         # (u = 1.1e-16): 1e-12 T covers it for N up to ~10^4 T.
-        slack = 1e-12 * n_pts * norm_d * (coef.abs() * norm_d).sum(-1, keepdim=True)
-        return margins, (torch.where(real, margins > slack, True).all(-1)) & (coef.abs().sum(-1) > 0)
+        slack = 1e-12 * n_pts * norm_d * weight
+        return margins, (torch.where(real, margins > slack, True).all(-1)) & (weight[..., 0] > 0)
 
-    certified = check(mean_dir)[1]
+    def check_coef(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return check(coef @ gram_d, (coef.abs() * norm_d).sum(-1, keepdim=True))
+
+    # The class-mean direction c = sum_mu y_mu 1_mu / M_mu: K c = sum_mu y_mu (K 1_mu / M_mu), from the P
+    # class-mean columns of K, so no (n_t, T) x (T, T) product; sum_j ||x_j|| |c_j| is the same for every
+    # dichotomy.
+    mean_k = torch.einsum("dpm,dpmt->dpt", mean_coef, gram_d.reshape(n_dep, n_man, -1, n_pts))  # (D, P, T)
+    mean_weight = (mean_coef * norm_d.view(n_dep, n_man, -1)).sum((-1, -2))[:, None, None]
+    certified = check(labels[dep] @ mean_k, mean_weight.expand(-1, n_t, -1))[1]
     # The ridge fit and Ho-Kashyap only for what the class means leave open (often nothing: then the
     # (T, T) ridge factorization is skipped). One host read.
     if not bool(certified.all()):
@@ -330,7 +339,7 @@ def _separable_probes(
         ridge.diagonal(dim1=-2, dim2=-1).add_(eps[:, :, 0])
         ridge_chol, ridge_info = torch.linalg.cholesky_ex(ridge)
         coef = torch.cholesky_solve(sig.transpose(1, 2), ridge_chol).transpose(1, 2)
-        certified |= check(coef * (ridge_info == 0)[:, None, None])[1]
+        certified |= check_coef(coef * (ridge_info == 0)[:, None, None])[1]
     # Then Ho-Kashyap on what is left (a fixed number of steps, no data-dependent stopping): least
     # squares towards positive targets b, raising b where the margins already exceed it, so the fit
     # moves towards a separating direction when one exists; every step is checked like the above.
@@ -339,7 +348,7 @@ def _separable_probes(
         for _ in range(_HO_KASHYAP_STEPS):
             coef = torch.cholesky_solve((sig * targets).transpose(1, 2), ridge_chol).transpose(1, 2)
             coef = coef * (ridge_info == 0)[:, None, None]
-            margins, ok = check(coef)
+            margins, ok = check_coef(coef)
             certified |= ok
             excess = margins - targets
             targets = targets + (excess + excess.abs()) * real
