@@ -483,15 +483,12 @@ def batched_nnls(
     st.write_back(st.done.nonzero().squeeze(1), lam_out, done_out, n_points)
     st.write_back((~st.done).nonzero().squeeze(1), lam_out, done_out, n_points, certified=False)
     lam = lam_out
-    passive = lam > 0
-    eligible = sigma != 0
     # Certificate: dual feasibility off the support, stationarity on it, primal feasibility; the
-    # gradient is recomputed from scratch for every problem by one batched product with the Grams.
+    # gradient is recomputed from scratch for every problem by one batched product with the Grams (not
+    # the loop's dual code). Padding and zero columns have w = 0 exactly (sigma or 1/||x|| is 0 there).
     u = lam * sigma
     w = inv_norm * sigma * (h - _gram_times(gram, u, *_layout(group, gram.shape[0]), rank_one))
-    off = torch.where(eligible & ~passive, w.clamp_min(0), torch.zeros_like(w)).amax(1)
-    on = torch.where(passive, w.abs(), torch.zeros_like(w)).amax(1)
-    kkt = torch.maximum(off, on) / t_norm.clamp_min(torch.finfo(dtype).tiny)
+    kkt = torch.where(lam > 0, w.abs(), w.clamp_min(0)).amax(1) / t_norm.clamp_min(torch.finfo(dtype).tiny)
     proj_norm2 = (u * h).sum(1)
     # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
     # tests dual feasibility of the points it may still add; the check also covers stationarity on the
