@@ -340,9 +340,11 @@ def _separable_probes(
         ridge_chol, ridge_info = torch.linalg.cholesky_ex(ridge)
         coef = torch.cholesky_solve(sig.transpose(1, 2), ridge_chol).transpose(1, 2)
         certified |= check_coef(coef * (ridge_info == 0)[:, None, None])[1]
-    # Then Ho-Kashyap on what is left (a fixed number of steps, no data-dependent stopping): least
-    # squares towards positive targets b, raising b where the margins already exceed it, so the fit
-    # moves towards a separating direction when one exists; every step is checked like the above.
+    # Then Ho-Kashyap on what is left (at most _HO_KASHYAP_STEPS steps, stopping as soon as everything is
+    # certified: one host read per step, outside the NNLS loop): least squares towards positive targets
+    # b, raising b where the margins already exceed it, so the fit moves towards a separating direction
+    # when one exists; every step is checked like the above. On the digits-MLP features every dichotomy
+    # is certified within 2-3 steps; the other 17 steps were a third of the separability test's time.
     if not bool(certified.all()):
         targets = real.to(gram.dtype).expand(-1, n_t, -1)
         for _ in range(_HO_KASHYAP_STEPS):
@@ -350,6 +352,8 @@ def _separable_probes(
             coef = coef * (ridge_info == 0)[:, None, None]
             margins, ok = check_coef(coef)
             certified |= ok
+            if bool(certified.all()):
+                break
             excess = margins - targets
             targets = targets + (excess + excess.abs()) * real
     open_rows = (~certified).nonzero()
