@@ -135,9 +135,7 @@ class _WorkingSet:
     w: torch.Tensor
     pending: torch.Tensor
     done: torch.Tensor
-    budget: (
-        torch.Tensor
-    )  # points the next outer step may add: halved after an overshoot, doubled after a clean step
+    budget: torch.Tensor  # points the next outer step may add (halved after an overshoot, else doubled)
     pos: torch.Tensor  # row's place in the (groups, per-group capacity) layout of the dense products
 
     def compress(self, keep: torch.Tensor) -> None:
@@ -289,7 +287,8 @@ def _h_block(h: torch.Tensor, pos: torch.Tensor, n_groups: int, capacity: int) -
     )
 
 
-#: Points added per outer iteration (the most violating ones); one after a step that overshot.
+#: Most points added per outer iteration (the most violating ones); each row's budget starts here, is
+#: halved after a step that overshot and doubled again (up to this) after one that did not.
 ADD_PER_ITERATION = 16
 
 
@@ -510,7 +509,8 @@ def separable_dichotomies(
     A zero residual means the origin is in the convex hull of the signed points: not separable.
 
     Args:
-        gram: (B, T, T) point Grams (points scaled to mean squared norm 1).
+        gram: (B, T, T) point Grams. Pass unit-norm points (``glue`` does): the residual threshold
+            ``rtol`` is absolute, and next to a large point the others' residuals shrink with them.
         group: (U,) group of each dichotomy; sigma: (U, T) point signs (0 on padding).
     Returns:
         (U,) bool, True where the dichotomy is separable.
