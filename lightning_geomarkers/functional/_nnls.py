@@ -246,7 +246,7 @@ def _group_counts(group: torch.Tensor, n_groups: int, weight: torch.Tensor | Non
 def _layout(group: torch.Tensor, n_groups: int, capacity: int | None = None) -> tuple[torch.Tensor, int]:
     """Each row's place in a (groups, capacity) layout, so K (sigma lambda) is one batched GEMM over
     the groups; capacity is the largest number of rows of one group. Pass it when known (the iteration
-    reads it with its one convergence check); otherwise it costs one host read (at start and finish)."""
+    reads it with its one convergence check); otherwise it costs one host read (once, at the start)."""
     n_rows = group.numel()
     order = torch.sort(group, stable=True).indices
     counts = _group_counts(group, n_groups)
@@ -356,6 +356,7 @@ def batched_nnls(
     if rank_one is not None:
         col2 = col2 + rank_one.square()
     inv_norm = torch.where(col2 > 0, col2.rsqrt(), torch.zeros_like(col2))  # a zero column never enters
+    sig_inv = sigma * inv_norm
 
     n_groups = gram.shape[0]
     pos, capacity = _layout(group, n_groups)
@@ -371,19 +372,20 @@ def batched_nnls(
         sigma=sigma,
         rank_one=rank_one,
         t_norm=t_norm,
-        sig_inv=sigma * inv_norm,
+        sig_inv=sig_inv,
         ineligible=sigma == 0,
         excluded=sigma == 0,
         slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
         valid=torch.zeros((n_probs, n_slots0), dtype=torch.bool, device=device),
         x=torch.zeros((n_probs, n_slots0), dtype=dtype, device=device),
-        w=sigma * inv_norm * h,  # negative gradient at lambda = 0, per unit column norm
+        w=sig_inv * h,  # negative gradient at lambda = 0, per unit column norm
         pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
         done=torch.zeros(n_probs, dtype=torch.bool, device=device),
         budget=torch.full((n_probs,), k_add, dtype=torch.long, device=device),
         pos=pos,
     )
     h_block = _h_block(h, pos, n_groups, capacity)  # X t in the GEMM layout (None for one group)
+    layout_all = (pos, capacity)  # every row's layout, reused by the final certificate
     steps = torch.arange(k_add, device=device)
     iterations = 0
     while st.rows.numel() and iterations < max_iter:
@@ -486,7 +488,7 @@ def batched_nnls(
     # gradient is recomputed from scratch for every problem by one batched product with the Grams (not
     # the loop's dual code). Padding and zero columns have w = 0 exactly (sigma or 1/||x|| is 0 there).
     u = lam * sigma
-    w = inv_norm * sigma * (h - _gram_times(gram, u, *_layout(group, gram.shape[0]), rank_one))
+    w = sig_inv * (h - _gram_times(gram, u, *layout_all, rank_one))
     kkt = torch.where(lam > 0, w.abs(), w.clamp_min(0)).amax(1) / t_norm.clamp_min(torch.finfo(dtype).tiny)
     proj_norm2 = (u * h).sum(1)
     # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
