@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lightning_geomarkers.functional import GLUE_MARKERS, glue
-from lightning_geomarkers.functional.glue import _glue_markers, _normalise
+from lightning_geomarkers.functional.glue import _glue_groups
 from lightning_geomarkers.testing import geometry_clouds, reference_glue
 from lightning_geomarkers.utilities.threads import limit_threads
 
@@ -114,22 +114,41 @@ def joint_case(mans: np.ndarray, rng, n_t: int, repeats: int, device: str, threa
     return {"ours_s": ours_s, "scipy_s": ref_s, "diff": rel_diff(ours, ref), "kkt": res.kkt_violation}
 
 
-def pairs_case(mans: np.ndarray, rng, n_t: int, repeats: int, device: str, threads: list[int]) -> dict:
-    """All class pairs of ``mans`` batched through the engine behind ``glue_pairs``."""
+def pairs_inputs(mans: np.ndarray, rng, n_t: int, device: str):
+    """Case (b)'s inputs: every class pair of ``mans`` stacked as (pairs, 2, M, N) with its mask, and
+    per pair ``n_t`` probes and dichotomies drawn from ``rng`` (returned as numpy for the reference and
+    on ``device`` for the engine)."""
     n_classes, _, n_feat = mans.shape
     pairs = list(itertools.combinations(range(n_classes), 2))
     probes = rng.standard_normal((len(pairs), n_t, n_feat))
     dich = rng.choice([-1.0, 1.0], size=(len(pairs), n_t, 2))
     points = torch.from_numpy(np.stack([mans[list(p)] for p in pairs])).to(device)
     mask = torch.ones(points.shape[:3], dtype=torch.bool, device=device)
-    p_dev, d_dev = torch.from_numpy(probes).to(device), torch.from_numpy(dich).to(device)
+    return (
+        pairs,
+        probes,
+        dich,
+        points,
+        mask,
+        torch.from_numpy(probes).to(device),
+        torch.from_numpy(dich).to(device),
+    )
+
+
+def pairs_engine(points: torch.Tensor, mask: torch.Tensor, probes: torch.Tensor, dich: torch.Tensor) -> dict:
+    """The engine behind ``glue_pairs`` on all the pairs at once, with the given probes."""
+    return _glue_groups(points, mask, dich, probes=probes, generators=(), eigen_cutoff=1e-9, max_iter=None)
+
+
+def pairs_case(mans: np.ndarray, rng, n_t: int, repeats: int, device: str, threads: list[int]) -> dict:
+    """All class pairs of ``mans`` batched through the engine behind ``glue_pairs``."""
+    pairs, probes, dich, points, mask, p_dev, d_dev = pairs_inputs(mans, rng, n_t, device)
     ours_s, out = {}, None
     for n_thr in threads:
 
         def run(n_thr=n_thr):
             with limit_threads(n_thr):
-                pts, _ = _normalise(points, mask)
-                return _glue_markers(pts, mask, p_dev, d_dev, eigen_cutoff=1e-9, max_iter=None)
+                return pairs_engine(points, mask, p_dev, d_dev)
 
         run()
         ours_s[n_thr], out = best_time(run, repeats)

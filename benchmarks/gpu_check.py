@@ -18,17 +18,15 @@ Usage: python benchmarks/gpu_check.py [--markers all|glue] [--skip-monitor]
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 import time
 
 import numpy as np
 import torch
-from bench_glue import class_features  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_glue import class_features, pairs_engine, pairs_inputs  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from lightning_geomarkers.functional import GLUE_MARKERS, geometry_markers, glue
-from lightning_geomarkers.functional.glue import _glue_markers, _normalise
 
 RTOL = 1e-6
 
@@ -71,14 +69,8 @@ def case_joint(device: str) -> dict[str, float]:
 
 def case_pairs(device: str) -> dict[str, float]:
     rng = np.random.default_rng(1)
-    mans = class_features(rng, 10, 50, 512)
-    pairs = list(itertools.combinations(range(10), 2))
-    points = torch.from_numpy(np.stack([mans[list(p)] for p in pairs])).to(device)
-    mask = torch.ones(points.shape[:3], dtype=torch.bool, device=device)
-    probes = torch.from_numpy(rng.standard_normal((len(pairs), 200, 512))).to(device)
-    dich = torch.from_numpy(rng.choice([-1.0, 1.0], size=(len(pairs), 200, 2))).to(device)
-    pts, _ = _normalise(points, mask)
-    out = _glue_markers(pts, mask, probes, dich, eigen_cutoff=1e-9, max_iter=None)
+    pairs, _, _, points, mask, probes, dich = pairs_inputs(class_features(rng, 10, 50, 512), rng, 200, device)
+    out = pairs_engine(points, mask, probes, dich)
     return {f"{k}[{i}]": float(out[k][i]) for k in GLUE_MARKERS for i in range(len(pairs))}
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lightning_geomarkers.errors import NonSeparableWarning
 from lightning_geomarkers.functional import glue, glue_joint, glue_pairs, make_dichotomies, simulated_capacity
-from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_markers, _normalise
+from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_groups, _normalised_gram
 from lightning_geomarkers.testing import reference_glue
 
 MAIN = ("capacity", "dimension", "radius", "utility")
@@ -113,8 +113,15 @@ def test_batched_engine_with_padding_matches_reference_per_group():
         groups.append(mans)
         probes.append(torch.from_numpy(t))
         labels.append(torch.from_numpy(y))
-    pts, _ = _normalise(points, mask)
-    out = _glue_markers(pts, mask, torch.stack(probes), torch.stack(labels), eigen_cutoff=1e-9, max_iter=None)
+    out = _glue_groups(
+        points,
+        mask,
+        torch.stack(labels),
+        probes=torch.stack(probes),
+        generators=(),
+        eigen_cutoff=1e-9,
+        max_iter=None,
+    )
     for g, mans in enumerate(groups):
         ref = reference_glue(mans, probes[g].numpy(), labels[g].numpy())
         for name in GLUE_MARKERS:
@@ -496,8 +503,7 @@ def test_separability_test_agrees_with_linear_programming():
         P, M, N = 2 + trial % 3, 4 + trial % 5, 2 + trial % 4
         x = torch.from_numpy(rng.standard_normal((P, M, N)) + rng.standard_normal((P, 1, N)))
         mask = torch.ones(P, M, dtype=torch.bool)
-        pts, _ = _normalise(x[None], mask[None])
-        flat = pts.reshape(1, P * M, N)
+        flat = x.reshape(1, P * M, N) / _normalised_gram(x[None], mask[None])[1]
         y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(6, P)))
         sigma = y.repeat_interleave(M, dim=1)
         got = separable_dichotomies(flat @ flat.transpose(1, 2), torch.zeros(6, dtype=torch.long), sigma)
@@ -518,8 +524,7 @@ def test_probe_separability_with_independence_shortcut_agrees_with_lp(n_points, 
     P, M = 3, n_points // 3
     x = torch.from_numpy(rng.standard_normal((1, P, M, N)) + rng.standard_normal((1, P, 1, N)))
     mask = torch.ones(1, P, M, dtype=torch.bool)
-    pts, _ = _normalise(x, mask)
-    flat = pts.reshape(1, P * M, N)
+    flat = x.reshape(1, P * M, N) / _normalised_gram(x, mask)[1]
     y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, 16, P)))
     got = _separable_probes(flat @ flat.transpose(1, 2), mask, y)
     want = [_separable((y[0, k].repeat_interleave(M)[:, None] * flat[0]).numpy()) for k in range(16)]

@@ -18,7 +18,12 @@ from torch.overrides import TorchFunctionMode
 from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
 from lightning_geomarkers.functional import glue, glue_pairs
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
-from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_markers, _normalise, _separable_probes
+from lightning_geomarkers.functional.glue import (
+    GLUE_MARKERS,
+    _glue_groups,
+    _normalised_gram,
+    _separable_probes,
+)
 from lightning_geomarkers.testing import geometry_clouds, reference_glue
 
 # The package re-exports the functions under the module names, so fetch the modules themselves.
@@ -52,9 +57,14 @@ def test_grid_regime_pairs_batch_matches_reference():
     labels = rng.choice([-1.0, 1.0], size=(3, 25, 2))
     points = torch.from_numpy(np.stack([mans[list(p)] for p in pairs]))
     mask = torch.ones(points.shape[:3], dtype=torch.bool)
-    pts, _ = _normalise(points, mask)
-    out = _glue_markers(
-        pts, mask, torch.from_numpy(probes), torch.from_numpy(labels), eigen_cutoff=1e-9, max_iter=None
+    out = _glue_groups(
+        points,
+        mask,
+        torch.from_numpy(labels),
+        probes=torch.from_numpy(probes),
+        generators=(),
+        eigen_cutoff=1e-9,
+        max_iter=None,
     )
     for g, pair in enumerate(pairs):
         ref = reference_glue(list(mans[list(pair)]), probes[g], labels[g])
@@ -107,9 +117,7 @@ def test_certificates_agree_with_exact_separability_test():
         mans = geometry_clouds(rng, 4, 15, n_feat, dim, radius)
         points = torch.from_numpy(mans)[None]
         mask = torch.ones(points.shape[:3], dtype=torch.bool)
-        pts, _ = _normalise(points, mask)
-        flat = pts.reshape(1, -1, n_feat)
-        gram = flat @ flat.transpose(1, 2)
+        gram, _ = _normalised_gram(points, mask)
         labels = torch.from_numpy(rng.choice([-1.0, 1.0], size=(1, 20, 4)))
         fast = _separable_probes(gram, mask, labels)
         sigma = labels[0].repeat_interleave(15, dim=1)

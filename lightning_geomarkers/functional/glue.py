@@ -374,41 +374,6 @@ def _separable_probes(
     return separable.reshape(-1)
 
 
-def _glue_markers(
-    points: torch.Tensor,
-    mask: torch.Tensor,
-    probes: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    eigen_cutoff: float,
-    max_iter: int | None,
-    return_anchors: bool = False,
-) -> dict[str, Any]:
-    """GLUE on B independent problem groups at once (the engine behind :func:`glue` and the protocols).
-
-    Args:
-        points: (B, P, M, N) float64, scaled so the mean squared point norm is 1; zero rows as padding.
-        mask: (B, P, M) bool, True on real points.
-        probes: (B, n_t, N) float64 Gaussian probes.
-        labels: (B, n_t, P) float64 +-1 dichotomies.
-    Returns:
-        A dict of (B,)-shaped marker tensors, per-probe tensors (B, n_t) and diagnostics.
-    """
-    n_groups, n_man, m_max, n_feat = points.shape
-    flat = points.reshape(n_groups, n_man * m_max, n_feat)
-    h = torch.einsum("btn,bqn->bqt", flat, probes).reshape(-1, n_man * m_max)
-    return _glue_from_gram(
-        _gram(points),  # (B, T, T): one Gram serves every probe and dichotomy
-        mask,
-        h,
-        probes.norm(dim=-1).reshape(-1),
-        labels,
-        eigen_cutoff=eigen_cutoff,
-        max_iter=max_iter,
-        anchor_points=points if return_anchors else None,
-    )
-
-
 def _glue_groups(
     points: torch.Tensor,
     mask: torch.Tensor,
@@ -420,7 +385,8 @@ def _glue_groups(
     max_iter: int | None,
     return_anchors: bool = False,
 ) -> dict[str, Any]:
-    """:func:`_glue_markers` on raw (not normalised) points, with explicit or drawn probes.
+    """GLUE on B independent problem groups at once (the engine behind :func:`glue` and the protocols),
+    on raw (not normalised) points, with explicit or drawn probes.
 
     Args:
         points: (B, P, M, N) float64 whose squares cannot overflow or underflow; zero rows as padding.
@@ -428,7 +394,7 @@ def _glue_groups(
         probes: (B, n_t, N) explicit probes, or None to draw them from ``generators`` (one per group) in
             the span of the points (:func:`_span_probes`; needs at most N real points per group).
     Returns:
-        :func:`_glue_markers`' dict; anchors (if asked for) in the units of ``points``. The points are
+        :func:`_glue_from_gram`'s dict; anchors (if asked for) in the units of ``points``. The points are
         normalised through their Gram only (:func:`_normalised_gram`): no pass over the (B, T, N) points
         beyond the two products with them.
     """
@@ -463,7 +429,7 @@ def _gram(points: torch.Tensor) -> torch.Tensor:
 
 def _normalised_gram(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrices (B, T, T) of the groups' points scaled to mean squared point norm 1, and the (B,)
-    scales: what :func:`_normalise` then a Gram would give, without a pass over the (B, T, N) points
+    scales: what rescaling the points then forming their Gram would give, without a pass over the (B, T, N) points
     beyond the product itself. ``points``: (B, P, M, N) float64 whose squares cannot overflow (see
     :func:`~lightning_geomarkers.functional.preprocessing._safe_shift`)."""
     gram = _gram(points)
@@ -553,7 +519,7 @@ def _glue_from_gram(
     anchor_points: torch.Tensor | None = None,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """:func:`_glue_markers` from the groups' normalised Grams (B, T, T), the probes' products
+    """GLUE from the groups' normalised Grams (B, T, T), the probes' products
     ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. With
     ``anchor_points`` (the groups' (B, P, M, N) points, in any units) the anchors are returned in those
     units; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it."""
@@ -649,25 +615,6 @@ def _glue_from_gram(
         "kkt_violation": sol.kkt_violation.reshape(n_groups, n_t).amax(1),
         "converged": sol.converged.reshape(n_groups, n_t).all(1),
     }
-
-
-def _normalise(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale each group so its mean squared point norm is 1 (every marker is scale invariant; this makes
-    the solver's tolerances and the eigenvalue cut-off absolute in the data's own units)."""
-    # Square a copy rescaled by a power of two (exact), so features near 1e+-160 neither overflow nor
-    # underflow here; ``scale`` is returned in the input's units.
-    peak = float(points.abs().amax()) if points.numel() else 0.0
-    shift = 0 if peak == 0.0 else -math.frexp(peak)[1]
-    points = _times_pow2(points, shift)
-    sq = (points.square().sum(-1) * mask).sum((-1, -2)) / mask.sum((-1, -2)).clamp_min(1)
-    scale = sq.sqrt()
-    if bool((scale == 0).any()):
-        raise ValueError(
-            "All points of a manifold set are zero; GLUE is undefined. Check that the features are not "
-            "constant (e.g. dead ReLUs) and do not center data with a single point per class."
-        )
-    shape = (-1,) + (1,) * (points.ndim - 1)
-    return points / scale.reshape(shape), _times_pow2(scale, -shift)
 
 
 def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: float, where: str = "") -> None:

@@ -72,7 +72,7 @@ def pairs_standard_errors(per_pair: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _ratio_markers(ea: torch.Tensor, eb: torch.Tensor, ec: torch.Tensor, n_manifolds: int) -> dict[str, Any]:
-    """The four ratio markers from probe means, with the solver's conventions (``glue._glue_markers``):
+    """The four ratio markers from probe means, with the solver's conventions (``glue._glue_from_gram``):
     radius 0 where ``E[c] = 0`` (no axis part), utility 0 where ``E[a] = 0``."""
     spread = (eb - ec).clamp_min(0)
     return {
