@@ -220,12 +220,9 @@ def _uncompiled(model: nn.Module, name: str, module: nn.Module) -> tuple[str, nn
     the compiled call and see the same input and output.
     """
     parts = name.split(".")
-    if "_orig_mod" not in parts:
-        return name, module
-    cut = len(parts) - 1 - parts[::-1].index("_orig_mod")
-    outer = ".".join(parts[:cut])
-    if cut != len(parts) - 1:
-        return name, module  # a submodule inside a compiled block: no eager place to hook
+    if parts[-1] != "_orig_mod":
+        return name, module  # not a compiled module, or a submodule inside one: no eager place to hook
+    outer = ".".join(parts[:-1])
     return outer, model.get_submodule(outer) if outer else model
 
 

@@ -276,6 +276,10 @@ class GeometryMonitor(L.Callback):
                 category=MonitorWarning,
             )
 
+    def _alert_key(self, marker: str) -> str:
+        """The key an alert on ``marker`` logs its state under: ``"<prefix>/alert/<normalised name>"``."""
+        return f"{self.prefix}/alert/{self._normalise_alert_name(marker)}"
+
     def _normalise_alert_name(self, marker: str) -> str:
         """``"<prefix>/<layer>/<marker>"``, ``"<layer>/<marker>"`` or ``"<marker>"`` without the prefix
         and with the layer as in logged keys (``"fc:input"`` -> ``"fc_input"``)."""
@@ -314,7 +318,7 @@ class GeometryMonitor(L.Callback):
                 keys.append(self._key(layer, marker, single=single))
                 if self.log_standard_errors and marker in GLUE_MARKER_NAMES:
                     keys.append(self._key(layer, marker + "_se", single=single))
-        keys += sorted({f"{self.prefix}/alert/{self._normalise_alert_name(a.marker)}" for a in self.alerts})
+        keys += sorted({self._alert_key(a.marker) for a in self.alerts})
         return keys
 
     # ------------------------------------------------------------------ set-up and tear-down
@@ -600,6 +604,7 @@ class GeometryMonitor(L.Callback):
                 else f"GeometryMonitor ignored samples with negative labels {bad} (e.g. an ignore index).",
             )
         keys: torch.Tensor | None = None  # one set of sampling keys per batch, shared by the layers
+        kept_labels = labels if every else labels[keep]
         for name, hook in self._hooks.items():
             feats = hook.pop()
             if feats is None:
@@ -614,8 +619,8 @@ class GeometryMonitor(L.Callback):
                 continue
             if keys is None:
                 kept_inputs = inputs if every else inputs[keep.to(inputs.device)]
-                keys = sample_keys(kept_inputs, labels if every else labels[keep], self.seed)
-            self._samplers[name].update(feats if every else feats[keep.to(feats.device)], labels[keep], keys)
+                keys = sample_keys(kept_inputs, kept_labels, self.seed)
+            self._samplers[name].update(feats if every else feats[keep.to(feats.device)], kept_labels, keys)
 
     def _inputs(self, batch: Any, n: int, trainer: L.Trainer | None) -> torch.Tensor:
         """What identifies each sample for the sampling keys: the raw inputs (``input_fn`` or found in the
@@ -822,7 +827,7 @@ class GeometryMonitor(L.Callback):
                     "per_class": view.to_dict(),
                 }
             )
-        self._log_tensorboard(trainer, name, report.spectrum, values, view)
+        self._log_tensorboard(trainer, name, report.spectrum, view)
         return values, ses
 
     def _sample_for(
@@ -961,7 +966,7 @@ class GeometryMonitor(L.Callback):
                     "error here; the alert fires on the drop alone.",
                 )
             event = alert.update(values[marker], epoch=epoch, step=step, se=se)
-            key = f"{self.prefix}/alert/{self._normalise_alert_name(alert.marker)}"
+            key = self._alert_key(alert.marker)
             flags[key] = max(flags.get(key, 0.0), float(event is not None))
             if event is None:
                 continue
@@ -992,7 +997,6 @@ class GeometryMonitor(L.Callback):
         trainer: L.Trainer,
         layer: str,
         spectrum: torch.Tensor | None,
-        values: dict[str, float],
         view: Any = None,
     ) -> None:
         """Write the TensorBoard extras (spectrum histogram, heat map, layout and text table). Each extra
@@ -1076,9 +1080,7 @@ class GeometryMonitor(L.Callback):
             layout[f"{self.prefix} alerts"] = {
                 "alerts": [
                     "Multiline",
-                    sorted(
-                        {f"{self.prefix}/alert/{self._normalise_alert_name(a.marker)}" for a in self.alerts}
-                    ),
+                    sorted({self._alert_key(a.marker) for a in self.alerts}),
                 ]
             }
         return layout
