@@ -573,15 +573,17 @@ class GeometryMonitor(L.Callback):
             return
         for hook in self._hooks.values():
             hook.enabled = False
+        self._capture_or_skip(batch, trainer, f"GeometryMonitor could not use validation batch {batch_idx}")
+
+    def _capture_or_skip(self, batch: Any, trainer: L.Trainer | None, what: str) -> None:
+        """:meth:`_capture_batch`; with ``strict=False`` a batch that fails is skipped with one warning per
+        kind of error and epoch (``what`` says which batch), and the epoch goes on."""
         try:
             self._capture_batch(batch, trainer)
         except Exception as err:
             if self.strict:
                 raise
-            self._problem(
-                f"capture:{type(err).__name__}",
-                f"GeometryMonitor could not use validation batch {batch_idx} and skipped it: {err}",
-            )
+            self._problem(f"capture:{type(err).__name__}", f"{what} and skipped it: {err}")
 
     def _capture_batch(self, batch: Any, trainer: L.Trainer | None = None) -> None:
         labels = extract_labels(batch, self.label_fn)

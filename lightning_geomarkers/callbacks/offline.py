@@ -134,11 +134,8 @@ def _shadow(monitor: GeometryMonitor) -> GeometryMonitor:
         if name.startswith("_") and isinstance(value, (dict, list, set)):
             setattr(shadow, name, type(value)())
     shadow.history, shadow.alert_history, shadow.per_class_history = [], [], []
-    shadow._capturing = False
-    shadow._num_classes = None
-    for name, value in (("_position", 0), ("_loader_missing", None), ("_head_name", None)):
-        if hasattr(monitor, name):
-            setattr(shadow, name, value)
+    shadow._capturing, shadow._position, shadow._loader_missing = False, 0, None
+    shadow._num_classes, shadow._head_name = None, None
     return shadow
 
 
@@ -206,15 +203,9 @@ def evaluate_model(
                 finally:
                     for hook in shadow._hooks.values():
                         hook.enabled = False
-                try:
-                    shadow._capture_batch(batch)
-                except Exception as err:
-                    if shadow.strict:
-                        raise
-                    shadow._problem(
-                        f"capture:{type(err).__name__}",
-                        f"GeometryMonitor.evaluate could not use batch {batch_idx} and skipped it: {err}",
-                    )
+                shadow._capture_or_skip(
+                    batch, None, f"GeometryMonitor.evaluate could not use batch {batch_idx}"
+                )
                 result.n_batches += 1
         if result.n_batches == 0:
             raise ValueError("The dataloader yielded no batch; pass a non-empty validation loader.")
