@@ -64,10 +64,6 @@ def _seed_word(seed: int, stream: int) -> int:
     return _i64(_py_splitmix64((seed ^ stream) & _MASK64))
 
 
-def _as_int64_labels(labels: Any, n: int, device: torch.device) -> torch.Tensor:
-    return check_labels(labels, n, device=device)
-
-
 def _row_words(content: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Each row's bytes as int64 words (zero-padded), plus the number of bytes per row."""
     b = content.shape[0]
@@ -107,7 +103,7 @@ def sample_keys(
         raise ValueError("`content` must have a batch dimension (B, ...), got a 0-d tensor.")
     seed = check_seed(seed)
     b = content.shape[0]
-    y = _as_int64_labels(labels, b, content.device)
+    y = check_labels(labels, b, device=content.device)
     if b == 0:
         return torch.zeros(0, dtype=torch.int64, device=content.device)
     words, nbytes = _row_words(content)

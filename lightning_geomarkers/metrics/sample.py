@@ -29,11 +29,10 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_geomarkers.functional._hashing import (
     _MASK63,
-    _as_int64_labels,
     class_priority,
     sample_keys,
 )
-from lightning_geomarkers.utilities.checks import check_positive_int, check_seed
+from lightning_geomarkers.utilities.checks import check_labels, check_positive_int, check_seed
 
 __all__ = ["PerClassSample", "sample_keys", "class_priority"]
 
@@ -70,6 +69,14 @@ def _rank_in_run(sorted_labels: torch.Tensor) -> torch.Tensor:
     return torch.arange(sorted_labels.numel(), device=sorted_labels.device) - torch.repeat_interleave(
         starts, counts
     )
+
+
+def _bottom_k(labels: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` smallest distinct keys of every label, sorted by (label, key): the selection
+    rule of :class:`PerClassSample` (duplicated (label, key) pairs count once)."""
+    order = _lexsort(labels, keys)
+    order = order[_first_of_duplicates(labels[order], keys[order])]
+    return order[_rank_in_run(labels[order]) < k]
 
 
 def _cat(chunks: Any) -> torch.Tensor:
@@ -267,9 +274,9 @@ class PerClassSample(Metric):
                 self._append(f, y, k)  # records N, dtype and device for a later sync
             return
         classes, counts = torch.unique(y, return_counts=True)
-        self._add_seen(classes, counts)
+        seen = self._add_seen(classes, counts)
         mask = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-        admitted = self._admitted()
+        admitted = self._admitted(seen)
         if admitted is not None:
             mask &= torch.isin(y, admitted)
         cache = self._valid_cache()
@@ -280,9 +287,7 @@ class PerClassSample(Metric):
             mask &= (k < t) | (t == _NO_THRESHOLD)  # a class not (yet) full takes any key
         idx = mask.nonzero().flatten()
         yi, ki = y[idx], k[idx]
-        order = _lexsort(yi, ki)
-        order = order[_first_of_duplicates(yi[order], ki[order])]
-        rows = idx[order[_rank_in_run(yi[order]) < self.samples_per_class]]
+        rows = idx[_bottom_k(yi, ki, self.samples_per_class)]
         if rows.numel() or not self.features:
             self._append(f.index_select(0, rows), y[rows], k[rows])
         store = int(self.labels[0].shape[0]) if cache is not None else 0
@@ -316,7 +321,7 @@ class PerClassSample(Metric):
                     "dimension must stay fixed between reset() calls (one sample per layer)."
                 )
             f = f.to(device=store.device, dtype=store.dtype)
-        y = _as_int64_labels(labels, b, f.device)
+        y = check_labels(labels, b, device=f.device)
         if keys is None:
             k = sample_keys(f, y, self.seed)
         else:
@@ -341,19 +346,23 @@ class PerClassSample(Metric):
             return empty, empty.clone()
         return _sum_by_class(_cat(self.seen_classes).reshape(-1), _cat(self.seen_counts).reshape(-1))
 
-    def _add_seen(self, classes: torch.Tensor, counts: torch.Tensor) -> None:
+    def _add_seen(self, classes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Add a batch's (classes, counts) to the seen counts; returns every seen class (ascending)."""
         if len(self.seen_classes):
             old_c, old_n = self._seen()
             classes, counts = _sum_by_class(
                 torch.cat([old_c.to(classes.device), classes]), torch.cat([old_n.to(classes.device), counts])
             )
         self.seen_classes, self.seen_counts = [classes], [counts]
+        return classes
 
-    def _admitted(self) -> torch.Tensor | None:
-        """The kept classes (ascending): the ``max_classes`` seen classes of smallest (priority, id)."""
+    def _admitted(self, seen: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The kept classes (ascending): the ``max_classes`` seen classes of smallest (priority, id).
+        ``seen``: every seen class, ascending, when the caller has it (else summed from the chunks)."""
         if self.max_classes is None:
             return None
-        seen = self._seen()[0]
+        if seen is None:
+            seen = self._seen()[0]
         if seen.numel() <= self.max_classes:
             return seen
         order = _lexsort(class_priority(seen, self.seed), seen)
@@ -384,12 +393,9 @@ class PerClassSample(Metric):
             if cache is not None and (admitted is None or bool(torch.isin(cache[1], admitted).all())):
                 return
         labels, keys = torch.cat(self.labels), torch.cat(self.keys)
-        order = _lexsort(labels, keys)
-        order = order[_first_of_duplicates(labels[order], keys[order])]
-        keep = _rank_in_run(labels[order]) < self.samples_per_class
-        if admitted is not None:
-            keep &= torch.isin(labels[order], admitted.to(labels.device))
-        sel = order[keep]
+        sel = _bottom_k(labels, keys, self.samples_per_class)
+        if admitted is not None:  # admission depends on the class only: filtering after the ranks is the same
+            sel = sel[torch.isin(labels[sel], admitted.to(labels.device))]
         self.features, self.labels, self.keys = [_gather_rows(self.features, sel)], [labels[sel]], [keys[sel]]
         store_y, store_k = self.labels[0], self.keys[0]
         cls, counts = torch.unique_consecutive(store_y, return_counts=True)
