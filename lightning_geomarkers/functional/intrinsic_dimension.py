@@ -302,7 +302,7 @@ def _candidates(
     both blocks).
 
     The working blocks (centred in float64, then cast to ``dtype``) are made once per *panel*: as many
-    consecutive blocks as fit in :func:`_cache_bytes` are kept, every pair inside the panel is
+    consecutive blocks as fit in ``_CACHE_BYTES`` are kept, every pair inside the panel is
     multiplied, then each later block is made once and multiplied with every block of the panel. When all
     blocks fit (e.g. ``S = 5000`` points of ``N = 2048`` in float32: 41 MB) each block is made exactly
     once; otherwise blocks after the panel are remade once per panel. Memory: the cache plus a few
@@ -318,7 +318,7 @@ def _candidates(
     step = max(1, min(_rows_per_block(n_feat), math.isqrt(_block_elements())))
     starts = list(range(0, n_points, step))
     block_bytes = step * n_feat * torch.empty((), dtype=dtype).element_size()
-    per_panel = max(1, _cache_bytes() // block_bytes)
+    per_panel = max(1, _CACHE_BYTES // block_bytes)
     best_val = torch.full((n_points, n_candidates), math.inf, dtype=dtype, device=device)
     best_idx = torch.zeros((n_points, n_candidates), dtype=torch.int64, device=device)
     shift = 0 if dtype == torch.float64 else _pow2_shift(math.sqrt(float(sq_norms.max())))
@@ -358,11 +358,6 @@ def _candidates(
 
 # Bytes of working blocks :func:`_candidates` keeps for reuse (64 MiB; the rest is recomputed).
 _CACHE_BYTES = 2**26
-
-
-def _cache_bytes() -> int:
-    """The cache budget, read at call time (tests shrink it to check that caching changes nothing)."""
-    return _CACHE_BYTES
 
 
 def _candidates_of(

@@ -344,9 +344,7 @@ class _Blocks:
             self._mean = total / self.n_rows
             # The centred peak lies in [spread / 2, 2 spread] (row 0 centres to -mean, and |mean| <= spread):
             # when that whole range needs no rescaling, the second pass that measures it is skipped.
-            if spread != 0.0 and _safe_shift(spread / 4) == _safe_shift(spread * 4) == 0:
-                self.shift2 = 0
-            elif spread != 0.0:
+            if spread != 0.0 and not _safe_shift(spread / 4) == _safe_shift(spread * 4) == 0:
                 peak = 0.0
                 for start in range(0, self.n_rows, step):
                     part = self._raw(slice(start, start + step), slice(None))

@@ -179,12 +179,15 @@ def _participation_ratio(x: torch.Tensor, spectrum: torch.Tensor | None) -> torc
         if float(peak) == 0.0:
             return peak.new_zeros(())
         lam = (sv / peak) ** 2
+        total = lam.sum()
     else:
         lam = _gram64(_Blocks(x, centered=True))  # the Gram's trace and Frobenius norm are the spectrum's
-    total = torch.trace(lam) if lam.ndim == 2 else lam.sum()
+        total = torch.trace(lam)
     if float(total) == 0.0:
         return total.new_zeros(())
-    return 1.0 / ((lam / total) ** 2).sum()
+    return (
+        1.0 / lam.div_(total).square_().sum()
+    )  # in place: lam is this function's own (min(S, N)^2 on the Gram side)
 
 
 def numerical_rank(
