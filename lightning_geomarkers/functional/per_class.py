@@ -111,13 +111,16 @@ def pairwise_matrix(result: Any, marker: str = "capacity") -> tuple[torch.Tensor
     """
     pairs, values = _pairs_and_values(result, [marker])
     classes = torch.unique(pairs)
-    n = classes.numel()
-    idx = torch.searchsorted(classes, pairs)
-    v = values[marker]
+    return classes, _pair_matrix(torch.searchsorted(classes, pairs), values[marker], classes.numel())
+
+
+def _pair_matrix(idx: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) symmetric matrix of the values ``v`` of the pairs ``idx`` (positions in the classes, (pairs,
+    2)), NaN-averaged over repeated pairs, NaN where no pair was measured and on the diagonal."""
     flat = torch.cat([idx[:, 0] * n + idx[:, 1], idx[:, 1] * n + idx[:, 0]])
     matrix = _nan_mean_by_index(torch.cat([v, v]), flat, n * n).reshape(n, n)
     matrix.fill_diagonal_(math.nan)
-    return classes, matrix
+    return matrix
 
 
 @dataclass
@@ -195,10 +198,11 @@ def per_class_glue(result: Any, markers: Sequence[str] = PER_CLASS_MARKERS) -> P
     pairs, values = _pairs_and_values(result, list(markers) + ["capacity"])
     classes = torch.unique(pairs)
     n = classes.numel()
-    idx = torch.searchsorted(classes, pairs).reshape(-1)  # both members of every pair
+    pair_idx = torch.searchsorted(classes, pairs)
+    idx = pair_idx.reshape(-1)  # both members of every pair
     n_pairs = torch.bincount(idx, minlength=n)
     per_class = {
         name: _nan_mean_by_index(values[name].repeat_interleave(2), idx, n) for name in dict.fromkeys(markers)
     }
-    _, matrix = pairwise_matrix(result, "capacity")
+    matrix = _pair_matrix(pair_idx, values["capacity"], n)
     return PerClassGlue(classes=classes, n_pairs=n_pairs, values=per_class, capacity_matrix=matrix)
