@@ -123,8 +123,6 @@ def load_object(spec: str, what: str = "object") -> Any:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))  # `python -m` puts the cwd first; the script does not
             module = importlib.import_module(module_part)
-    except CLIError:
-        raise
     except ImportError as err:
         raise CLIError(
             f"{what} {spec!r}: could not import module {module_part!r} ({type(err).__name__}: {err}). Install it, "

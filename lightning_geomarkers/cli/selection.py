@@ -331,7 +331,7 @@ def to_markdown(result: RankingResult) -> str:
     lines.append("")
     c = result.choice
     if c is not None:
-        where = ", ".join(x for x in (_epoch_step(c),) if x)
+        where = _epoch_step(c)
         lines.append(
             f"**Choice: `{_md_escape(c.path)}`**{f' ({where})' if where else ''}: rank {c.rank}, beats "
             f"{c.wins} of the other {n - 1} on both D_eff and Psi_eff, beaten on both by {c.losses}"
