@@ -84,6 +84,11 @@ class MarkerCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self._check_keys(trainer, pl_module)
 
+    def _watched_keys(self) -> list[str]:
+        """Every key this callback reads: the floors, ceilings and ``prefer_higher`` keys, and ``monitor``."""
+        keys = [*self.floors, *self.ceilings, *self.prefer_higher]
+        return keys if self.monitor is None else [*keys, self.monitor]
+
     def _check_keys(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse marker keys no monitor logs (a floor on a key that never appears saves nothing)."""
         from lightning_geomarkers.callbacks.monitor import GeometryMonitor
@@ -92,10 +97,7 @@ class MarkerCheckpoint(ModelCheckpoint):
         monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GeometryMonitor)]
         valid = [k for m in monitors for k in m.logged_keys(pl_module)]
         prefixes = {m.prefix + "/" for m in monitors}
-        listed = [*self.floors, *self.ceilings, *self.prefer_higher]
-        if self.monitor is not None:
-            listed.append(self.monitor)
-        for key in listed:
+        for key in self._watched_keys():
             looks_like_marker = key.rsplit("/", 1)[-1].removesuffix("_se") in MARKERS or any(
                 key.startswith(p) for p in prefixes
             )

@@ -27,6 +27,7 @@ from lightning_geomarkers.callbacks._layers import (
     resolve_layers,
 )
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
+from lightning_geomarkers.callbacks.checkpoint import MarkerCheckpoint
 from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
 from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
 from lightning_geomarkers.functional.suite import (
@@ -759,10 +760,10 @@ class GeometryMonitor(L.Callback):
         metrics: dict[str, Any] = trainer.callback_metrics  # Lightning's dict, read by ModelCheckpoint
         watched: set[str] = set()
         for cb in getattr(trainer, "callbacks", []):
-            if isinstance(getattr(cb, "monitor", None), str):
+            if isinstance(cb, MarkerCheckpoint):
+                watched.update(cb._watched_keys())
+            elif isinstance(getattr(cb, "monitor", None), str):
                 watched.add(cb.monitor)
-            for name in ("floors", "ceilings", "prefer_higher"):
-                watched.update(getattr(cb, name, None) or ())
         for key in self.logged_keys():
             if key in fresh:
                 continue
