@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ from scipy.spatial import cKDTree
 
 import lightning_geomarkers.functional.intrinsic_dimension as lid_module
 import lightning_geomarkers.functional.preprocessing as prep
+import lightning_geomarkers.functional.suite as suite_module
 from lightning_geomarkers.functional import (
+    MARKERS,
     center,
     effective_rank,
     feature_spectrum,
@@ -200,6 +203,101 @@ def test_geometry_markers_decomposes_once_and_returns_the_spectrum(monkeypatch):
     withspec = geometry_markers(x, y, markers=["nc1"], return_spectrum=True)
     assert calls["eigvalsh"] == 1 and withspec.spectrum is not None
     assert set(report.seconds) == {"spectrum", *spectral}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Concurrent markers (workers) == one after the other
+# ----------------------------------------------------------------------------------------------------
+
+
+def _labelled_clouds(n_classes=5, per_class=30, n_feat=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = 3 * torch.randn(n_classes, n_feat, generator=g)[y] + torch.randn(y.numel(), n_feat, generator=g)
+    return x.float(), y
+
+
+def _recording(monkeypatch, name, record, fail=None):
+    """Wrap suite's ``name`` to record the thread, thread count and inference mode it runs with (and to
+    raise ``fail`` instead, when given)."""
+    original = getattr(suite_module, name)
+
+    def wrapper(*args, **kwargs):
+        record.append(
+            (threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled())
+        )
+        if fail is not None:
+            raise ValueError(fail)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(suite_module, name, wrapper)
+
+
+def test_workers_give_the_same_report_and_run_lid_on_another_thread(monkeypatch):
+    x, y = _labelled_clouds()
+    names = [*MARKERS]  # every marker, TwoNN included
+    lid_calls, nc1_calls = [], []
+    _recording(monkeypatch, "_local_intrinsic_dimension", lid_calls)
+    _recording(monkeypatch, "_neural_collapse", nc1_calls)
+    one = geometry_markers(x, y, markers=names, n_t=20, generator=3, workers=1)
+    assert {c[0] for c in lid_calls + nc1_calls} == {threading.current_thread().name}
+    lid_calls.clear(), nc1_calls.clear()
+    many = geometry_markers(x, y, markers=names, n_t=20, generator=3, workers=3)
+    # LID and TwoNN ran on the helper threads; NC1 (like GLUE and the spectrum) on the calling thread.
+    assert len(lid_calls) == 2 and all(c[0].startswith("geomarkers") for c in lid_calls)
+    assert [c[0] for c in nc1_calls] == [threading.current_thread().name]
+    assert list(many.values) == list(one.values) == [n for n in names if n in one.values]
+    assert len(one.values) == len(names)
+    for name in names:  # bit for bit: the same computations, only on other threads
+        assert torch.equal(many.values[name], one.values[name]), name
+    assert many.skipped == one.skipped and many.standard_errors == one.standard_errors
+    assert torch.equal(many.spectrum, one.spectrum)
+    assert set(many.seconds) == set(one.seconds)
+
+
+def test_workers_keep_the_callers_thread_count_and_inference_mode(monkeypatch):
+    x, y = _labelled_clouds()
+    calls = []
+    _recording(monkeypatch, "_local_intrinsic_dimension", calls)
+    with torch.inference_mode():
+        geometry_markers(x, y, markers=["lid", "nc1"], num_threads=3, workers=2)
+    # A fresh thread would start with the process default (never 3 here), outside inference mode.
+    assert calls and all(c[0].startswith("geomarkers") for c in calls)
+    assert {c[1:] for c in calls} == {(3, True)}
+    calls.clear()
+    geometry_markers(x, y, markers=["lid", "nc1"], num_threads=1, workers=2)
+    assert {c[1:] for c in calls} == {(1, False)}
+
+
+def test_workers_errors_are_raised_in_task_order_and_skipped_alike(monkeypatch):
+    x, y = _labelled_clouds()
+    names = ["glue_capacity", "nc1", "lid", "within_class_distance"]
+    _recording(monkeypatch, "_local_intrinsic_dimension", [], fail="lid failed")
+    reports = [
+        geometry_markers(x, y, markers=names, n_t=20, strict=False, workers=w, generator=0) for w in (1, 2)
+    ]
+    assert reports[0].skipped == reports[1].skipped == {"lid": "lid failed"}
+    assert (
+        list(reports[0].values)
+        == list(reports[1].values)
+        == ["glue_capacity", "nc1", "within_class_distance"]
+    )
+    for workers in (1, 2):  # only LID fails: its error comes through from the helper thread
+        with pytest.raises(ValueError, match="lid failed"):
+            geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=workers)
+    # NC1 (on the calling thread) comes before LID in task order: its error is the one raised, whichever
+    # finishes first.
+    _recording(monkeypatch, "_neural_collapse", [], fail="nc1 failed")
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="nc1 failed"):
+            geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=workers)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_workers_must_be_a_positive_int(bad):
+    x, y = _labelled_clouds()
+    with pytest.raises((TypeError, ValueError), match="workers"):
+        geometry_markers(x, y, markers=["nc1"], workers=bad)
 
 
 # ----------------------------------------------------------------------------------------------------

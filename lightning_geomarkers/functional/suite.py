@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ from lightning_geomarkers.functional.spectral import (
     _participation_ratio,
 )
 from lightning_geomarkers.functional.uncertainty import glue_standard_errors
-from lightning_geomarkers.utilities.checks import check_features_labels, check_protocol
+from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
 from lightning_geomarkers.utilities.threads import limit_threads
 
@@ -129,6 +131,7 @@ def geometry_markers(
     strict: bool = True,
     return_spectrum: bool = False,
     num_threads: int | None = None,
+    workers: int = 1,
 ) -> MarkerReport:
     """Compute a selection of geometry markers on one labelled feature sample.
 
@@ -154,6 +157,13 @@ def geometry_markers(
         num_threads: run with this many torch intra-op threads (restored afterwards; ``None`` leaves
             torch's setting). On a CPU shared with other busy processes ``1`` avoids large slow-downs
             (see ``docs/performance.md``).
+        workers: on CPU, threads that compute independent markers concurrently, each with
+            ``num_threads`` intra-op threads: with 2 or more, LID and TwoNN (the kNN search) run on the
+            extra threads beside the others (GLUE, the spectrum, NC1, the within-class distance), which
+            run one after the other on the calling thread. Torch releases the GIL inside its ops, so the
+            two really run in parallel. Values, ``skipped`` and the error raised under ``strict`` are the
+            same for every ``workers``; the peak memory grows by the kNN working set (about 100 MB at
+            5000 x 2048). On a GPU everything runs on the calling thread. ``GeometryMonitor`` uses 2.
 
     Memory is bounded: every non-GLUE marker works on 16 MiB float64 blocks (plus a ``min(S, N)^2``
     Gram for the spectrum, and ``O(S k)`` neighbour lists and at most 64 MiB of cached float32 blocks
@@ -192,6 +202,7 @@ def geometry_markers(
     gen = as_generator(generator)
     # Independent streams, so adding or removing one marker leaves the others' draws unchanged.
     seeds = split_seeds(gen, 2)
+    workers = check_positive_int(workers, "workers")
     with limit_threads(num_threads):
         return _compute(
             x,
@@ -201,6 +212,7 @@ def geometry_markers(
             **protocol,  # the validated arguments
             strict=strict,
             return_spectrum=return_spectrum,
+            workers=workers,
         )
 
 
@@ -221,11 +233,23 @@ def _compute(
     lid_k: int,
     strict: bool,
     return_spectrum: bool,
+    workers: int,
 ) -> MarkerReport:
-    """The body of :func:`geometry_markers` on validated input."""
-    report = MarkerReport()
+    """The body of :func:`geometry_markers` on validated input.
 
-    def attempt(keys: tuple[str, ...], fn, timer: str) -> None:
+    The work is split into independent tasks (GLUE; the spectrum with the markers read from it; each
+    other marker), each filling its own partial report, run by :func:`_run_tasks` (concurrently with
+    ``workers > 1``) and merged in task order: values, skip reasons and the error raised under
+    ``strict`` do not depend on the scheduling. With one worker they run in this order on the calling
+    thread. With several, the kNN markers (LID, TwoNN: float32 neighbour search with its own bounded
+    cache, the largest single cost for wide features) run on the other threads, beside the others
+    (GLUE, the spectrum, NC1, the within-class distance), which still run one after the other on the
+    calling thread: the peak memory grows by the kNN working set only, not by two large ones.
+    """
+
+    def attempt(
+        part: MarkerReport, keys: tuple[str, ...], fn: Callable[[], dict[str, Any]], timer: str
+    ) -> None:
         start = time.perf_counter()
         try:
             out = fn()
@@ -233,68 +257,151 @@ def _compute(
             if strict:
                 raise
             for key in keys:
-                report.skipped[key] = str(err)
+                part.skipped[key] = str(err)
             return
         finally:
-            report.seconds[timer] = time.perf_counter() - start
+            part.seconds[timer] = time.perf_counter() - start
         for key, val in out.items():
-            report.values[key] = torch.as_tensor(val, dtype=torch.float64).detach()
+            part.values[key] = torch.as_tensor(val, dtype=torch.float64).detach()
 
+    def single(key: str, fn: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
+        return lambda: {key: fn()}
+
+    def marker_task(key: str, fn: Callable[[], Any], part: MarkerReport) -> None:
+        attempt(part, (key,), single(key, fn), key)
+
+    tasks: list[tuple[Callable[[MarkerReport], None], bool]] = []  # (task, may run on another thread)
     glue_wanted = tuple(n for n in names if n in GLUE_MARKER_NAMES)
     if glue_wanted:
 
-        def run_glue() -> dict[str, Any]:
-            if projection_dim is not None:
-                z = _center_project(x, projection_dim, centered=center_features, generator=seeds[0])
-            else:
-                z = _center_project(x, x.shape[1], centered=center_features, generator=None)
-            common: dict[str, Any] = dict(
-                points_per_class=points_per_class,
-                n_t=n_t,
-                dichotomies=dichotomies,
-                max_classes=max_classes,
-                generator=seeds[1],
-            )
-            res: GluePairsResult | GlueResult
-            if glue_protocol == "pairs":
-                res = glue_pairs(z, y, n_pairs=n_pairs, **common)
-            else:
-                res = glue_joint(z, y, **common)
-            del z
-            report.glue = res
-            errors = glue_standard_errors(res)
-            report.standard_errors.update(
-                {f"glue_{n}": float(v) for n, v in errors.items() if f"glue_{n}" in glue_wanted}
-            )
-            return {n: getattr(res, n.removeprefix("glue_")) for n in glue_wanted}
+        def glue_task(part: MarkerReport) -> None:
+            def run_glue() -> dict[str, Any]:
+                if projection_dim is not None:
+                    z = _center_project(x, projection_dim, centered=center_features, generator=seeds[0])
+                else:
+                    z = _center_project(x, x.shape[1], centered=center_features, generator=None)
+                common: dict[str, Any] = dict(
+                    points_per_class=points_per_class,
+                    n_t=n_t,
+                    dichotomies=dichotomies,
+                    max_classes=max_classes,
+                    generator=seeds[1],
+                )
+                res: GluePairsResult | GlueResult
+                if glue_protocol == "pairs":
+                    res = glue_pairs(z, y, n_pairs=n_pairs, **common)
+                else:
+                    res = glue_joint(z, y, **common)
+                del z
+                part.glue = res
+                errors = glue_standard_errors(res)
+                part.standard_errors.update(
+                    {f"glue_{n}": float(v) for n, v in errors.items() if f"glue_{n}" in glue_wanted}
+                )
+                return {n: getattr(res, n.removeprefix("glue_")) for n in glue_wanted}
 
-        attempt(glue_wanted, run_glue, "glue")
+            attempt(part, glue_wanted, run_glue, "glue")
+
+        tasks.append((glue_task, False))
 
     spectral_wanted = tuple(n for n in names if n in SPECTRAL_MARKER_NAMES)
     if spectral_wanted or return_spectrum:
+        from_spectrum = {
+            "participation_ratio": lambda s: _participation_ratio(x, s),
+            "numerical_rank": lambda s: _numerical_rank(x, 1e-3, s),
+            "effective_rank": lambda s: _effective_rank(x, True, s),
+        }
 
-        def run_spectrum() -> dict[str, Any]:
-            report.spectrum = _feature_spectrum(x)  # x is validated: no second pass over it
-            return {}
+        def spectrum_task(part: MarkerReport) -> None:
+            def run_spectrum() -> dict[str, Any]:
+                part.spectrum = _feature_spectrum(x)  # x is validated: no second pass over it
+                return {}
 
-        attempt(spectral_wanted, run_spectrum, "spectrum")
-    spectrum = report.spectrum
+            attempt(part, spectral_wanted, run_spectrum, "spectrum")
+            spectrum = part.spectrum
+            if spectrum is not None:  # otherwise every spectral marker is already listed as skipped
+                for name in spectral_wanted:
+                    attempt(part, (name,), single(name, partial(from_spectrum[name], spectrum)), name)
+
+        tasks.append((spectrum_task, False))
+
+    # x and y were validated once above (2+ classes, 2+ samples each): no second pass over them.
     others = {
-        "participation_ratio": lambda: _participation_ratio(x, spectrum),
-        "numerical_rank": lambda: _numerical_rank(x, 1e-3, spectrum),
-        "effective_rank": lambda: _effective_rank(x, True, spectrum),
-        # x and y were validated once above (2+ classes, 2+ samples each): no second pass over them.
-        "nc1": lambda: _neural_collapse(x, y, 1e-3),
-        "lid": lambda: _local_intrinsic_dimension(x, lid_k, "mle"),
-        "lid_twonn": lambda: _local_intrinsic_dimension(x, 20, "twonn"),
-        "within_class_distance": lambda: _within_class_distance(x, y),
+        "nc1": (lambda: _neural_collapse(x, y, 1e-3), False),
+        "lid": (lambda: _local_intrinsic_dimension(x, lid_k, "mle"), True),
+        "lid_twonn": (lambda: _local_intrinsic_dimension(x, 20, "twonn"), True),
+        "within_class_distance": (lambda: _within_class_distance(x, y), False),
     }
     for name in names:
-        if name in others and not (name in SPECTRAL_MARKER_NAMES and spectrum is None):
-            attempt((name,), lambda fn=others[name], key=name: {key: fn()}, name)
+        if name in others:
+            fn, beside = others[name]
+            tasks.append((partial(marker_task, name, fn), beside))
+
+    parts = _run_tasks(tasks, workers if x.device.type == "cpu" else 1)
+    report = MarkerReport()
+    for part in parts:
+        report.values.update(part.values)
+        report.skipped.update(part.skipped)
+        report.standard_errors.update(part.standard_errors)
+        report.seconds.update(part.seconds)
+        report.glue = part.glue if part.glue is not None else report.glue
+        report.spectrum = part.spectrum if part.spectrum is not None else report.spectrum
+    report.values = {name: report.values[name] for name in names if name in report.values}
     for name, val in list(report.values.items()):
         if not math.isfinite(float(val)):  # e.g. alignments of point-like manifolds, which have no axes
             del report.values[name]
             report.standard_errors.pop(name, None)
             report.skipped[name] = "undefined for these features (the value is not finite)"
     return report
+
+
+def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers: int) -> list[MarkerReport]:
+    """Run each ``(task, beside)`` of ``tasks`` on its own fresh :class:`MarkerReport`; return the
+    reports in task order.
+
+    With ``workers == 1`` (or no task marked ``beside``) they run in order on the calling thread. Else
+    the ``beside`` tasks go, in order, to ``workers - 1`` threads, while the calling thread runs the
+    others in order. Torch ops release the GIL, so the markers' dense linear algebra and the GLUE solver
+    run in parallel; each thread keeps the caller's intra-op thread count (at 1 each there are no OpenMP
+    barriers for a busy CPU to stall), grad mode and inference mode (thread-local in torch). The first
+    task, in task order, that raised re-raises here, once every task has ended.
+    """
+    parts = [MarkerReport() for _ in tasks]
+    away = [i for i, (_, beside) in enumerate(tasks) if beside]
+    helpers = min(workers - 1, len(away))
+    if helpers <= 0:
+        for (task, _), part in zip(tasks, parts, strict=True):
+            task(part)
+        return parts
+    threads = torch.get_num_threads()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(task: Callable[[MarkerReport], None], part: MarkerReport) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            task(part)
+
+    errors: dict[int, BaseException] = {}
+    # torch 2.13 already reports the caller's thread count in a fresh thread; setting it again keeps
+    # builds where the OpenMP/MKL setting is per thread the same.
+    pool = ThreadPoolExecutor(
+        helpers, thread_name_prefix="geomarkers", initializer=torch.set_num_threads, initargs=(threads,)
+    )
+    try:
+        futures = {i: pool.submit(run, tasks[i][0], parts[i]) for i in away}
+        for i, ((task, beside), part) in enumerate(zip(tasks, parts, strict=True)):
+            if not beside:
+                try:
+                    task(part)
+                except BaseException as err:  # re-raised below, in task order, after the others ended
+                    errors[i] = err
+                    break
+        wait(futures.values())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for i, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            errors[i] = error
+    if errors:
+        raise errors[min(errors)]
+    return parts
