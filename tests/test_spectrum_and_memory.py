@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -217,6 +219,16 @@ def _labelled_clouds(n_classes=5, per_class=30, n_feat=24, seed=0):
     return x.float(), y
 
 
+def _mkl_max_threads():
+    """MKL's thread count for the calling thread (per thread, unlike torch.get_num_threads()), or None
+    where torch is not built with MKL."""
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        return int(ctypes.CDLL(lib).mkl_get_max_threads())
+    except (OSError, AttributeError):
+        return None
+
+
 def _recording(monkeypatch, name, record, fail=None):
     """Wrap suite's ``name`` to record the thread, thread count and inference mode it runs with (and to
     raise ``fail`` instead, when given)."""
@@ -224,7 +236,12 @@ def _recording(monkeypatch, name, record, fail=None):
 
     def wrapper(*args, **kwargs):
         record.append(
-            (threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled())
+            (
+                threading.current_thread().name,
+                torch.get_num_threads(),
+                torch.is_inference_mode_enabled(),
+                _mkl_max_threads(),
+            )
         )
         if fail is not None:
             raise ValueError(fail)
@@ -261,12 +278,14 @@ def test_workers_keep_the_callers_thread_count_and_inference_mode(monkeypatch):
     _recording(monkeypatch, "_local_intrinsic_dimension", calls)
     with torch.inference_mode():
         geometry_markers(x, y, markers=["lid", "nc1"], num_threads=3, workers=2)
-    # A fresh thread would start with the process default (never 3 here), outside inference mode.
+    # The helper thread sees the caller's inference mode and thread counts, torch's and MKL's (MKL's is
+    # per thread; its process default is every core or MKL_NUM_THREADS, never 3 here).
     assert calls and all(c[0].startswith("geomarkers") for c in calls)
-    assert {c[1:] for c in calls} == {(3, True)}
+    mkl = calls[0][3]
+    assert {c[1:] for c in calls} == {(3, True, mkl)} and mkl in (3, None)
     calls.clear()
     geometry_markers(x, y, markers=["lid", "nc1"], num_threads=1, workers=2)
-    assert {c[1:] for c in calls} == {(1, False)}
+    assert {c[1:3] for c in calls} == {(1, False)} and {c[3] for c in calls} <= {1, None}
 
 
 def test_workers_errors_are_raised_in_task_order_and_skipped_alike(monkeypatch):

@@ -381,8 +381,10 @@ def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers
             task(part)
 
     errors: dict[int, BaseException] = {}
-    # torch 2.13 already reports the caller's thread count in a fresh thread; setting it again keeps
-    # builds where the OpenMP/MKL setting is per thread the same.
+    # MKL's thread count is per thread, and torch syncs a new thread's MKL setting with its own only at
+    # its first parallel op: a thread that starts with a LAPACK call (an SVD, eigvalsh) ran it with MKL's
+    # process default (every core: oversubscribed as soon as the other thread runs), measured on the
+    # 2-core VM. torch.set_num_threads at the thread's start sets both.
     pool = ThreadPoolExecutor(
         helpers, thread_name_prefix="geomarkers", initializer=torch.set_num_threads, initargs=(threads,)
     )
