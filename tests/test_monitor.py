@@ -440,6 +440,28 @@ def test_bad_constructor_arguments_raise_clearly():
         MarkerAlert("nc1", threshold=1.0)
     with pytest.raises(ValueError, match="replaces `monitor`"):
         MarkerCheckpoint(monitor="val_acc", prefer_higher=["geometry/glue_dimension"])
+    with pytest.raises(ValueError, match="workers"):
+        GeometryMonitor(workers=0)
+
+
+def test_workers_reach_geometry_markers_and_leave_the_values_unchanged(monkeypatch):
+    import lightning_geomarkers.callbacks.monitor as monitor_module
+
+    seen = []
+    original = monitor_module.geometry_markers
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["workers"], kwargs["num_threads"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "geometry_markers", recording)
+    x, y = gaussian_classes()
+    reports = [GeometryMonitor(**FAST).compute_markers(x, y)]
+    reports.append(GeometryMonitor(workers=1, **FAST).compute_markers(x, y))
+    assert seen == [(2, 1), (1, 1)]  # the default is 2 concurrent markers, 1 thread each
+    assert reports[0].values.keys() == reports[1].values.keys()
+    for name, value in reports[0].values.items():
+        assert torch.equal(value, reports[1].values[name]), name
 
 
 def test_warnings_are_not_repeated_for_every_batch(tmp_path):

@@ -117,6 +117,13 @@ class GeometryMonitor(L.Callback):
             keeps the process setting. Default 1: on a CPU shared with DataLoader workers or other jobs the
             many small solver ops and the large decompositions ran 3-13x slower at 2 threads than at 1
             (see docs/performance.md). On a GPU it only affects the little CPU work.
+        workers: on CPU, threads computing independent markers concurrently, each with ``num_threads``
+            intra-op threads: LID runs beside GLUE and the spectrum (see ``geometry_markers``). The values
+            are identical for every setting. Default 2: on the 2-core test machine the 1000-class epoch of
+            ``benchmarks/bench_monitor.py`` took 2.8-4.2 s instead of 4.2-5.4 s at 1, and 5.6 s instead of
+            7.2 s with two busy processes on the cores, for about 100 MB more peak memory (LID's working
+            set); on the 10-class digits head GLUE dominates and nothing changes (docs/performance.md).
+            ``1`` keeps the markers on one core and the peak lower.
 
     Example::
 
@@ -153,6 +160,7 @@ class GeometryMonitor(L.Callback):
         log_standard_errors: bool = False,
         strict: bool = False,
         num_threads: int | None = 1,
+        workers: int = 2,
     ) -> None:
         super().__init__()
         self.layers = layers
@@ -200,6 +208,7 @@ class GeometryMonitor(L.Callback):
         self.log_standard_errors = bool(log_standard_errors)
         self.strict = bool(strict)
         self.num_threads = None if num_threads is None else check_positive_int(num_threads, "num_threads")
+        self.workers = check_positive_int(workers, "workers")
 
         self.history: list[dict[str, Any]] = []
         self.alert_history: list[dict[str, Any]] = []
@@ -932,6 +941,7 @@ class GeometryMonitor(L.Callback):
                 strict=False,
                 return_spectrum=return_spectrum,
                 num_threads=self.num_threads,
+                workers=self.workers,
                 **self.glue_kwargs,
             )
         for w in caught:  # re-issue the solver's warnings once per epoch, with context
