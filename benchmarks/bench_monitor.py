@@ -8,10 +8,12 @@ spent inside its hooks, measured directly).
 
 ``--case large``: a 1000-class head on 2048-wide penultimate features (a synthetic module: 32-d inputs,
 Linear(32, 2048) + ReLU, Linear(2048, 1000)), 50 validation samples per class (50,000 rows).
-``trainer.validate`` runs once without and then with the monitor, each setting (1 and 2 torch threads)
-in a fresh subprocess; it prints the monitor's time per validation epoch, its extra peak memory (the
-process's maxrss after the run with the monitor minus after the run without, which already reached the
-validation loop's own peak) and the share of each marker (``MarkerReport.seconds``).
+``trainer.validate`` runs once without and then with the monitor, each setting (torch threads 1 and 2,
+for the process and as the monitor's ``num_threads``, times the monitor's ``workers``) in a fresh
+subprocess; it prints the monitor's time per validation epoch, its extra peak memory (the process's
+maxrss after the run with the monitor minus after the run without, which already reached the
+validation loop's own peak) and each marker's own time (``MarkerReport.seconds``; they overlap when
+``workers > 1``).
 
 ``--case functional``: ``geometry_markers`` itself, all default markers, on 1000 classes x 50 points x
 2048 features (float32, ReLU of Gaussian class clouds), 1 thread, in a fresh subprocess: total time,
@@ -20,7 +22,12 @@ so that building it does not set the peak). Target: under 2 GB.
 
 Every line states the thread count and the 1-minute load average (``os.getloadavg()``).
 
-Usage: python benchmarks/bench_monitor.py [--case digits|large|functional] [--epochs 3] [--repeats 2] [--device cpu]
+``--workers 1 2`` (default) measures the monitor's ``workers`` settings side by side (digits: in the
+alternation; large: one subprocess each). ``--busy 2`` runs the large case with two busy-looping processes
+on the cores.
+
+Usage: python benchmarks/bench_monitor.py [--case digits|large|functional] [--epochs 3] [--repeats 2]
+       [--threads 1 2] [--workers 1 2] [--busy 0] [--device cpu]
 """
 
 from __future__ import annotations
@@ -111,10 +118,10 @@ def data(seed: int = 0):
     return DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=128)
 
 
-def run(monitor: bool, epochs: int, device: str) -> tuple[float, list[float]]:
+def run(monitor: bool, epochs: int, device: str, workers: int = 2) -> tuple[float, list[float]]:
     L.seed_everything(0, verbose=False)
     train, val = data()
-    callbacks = [TimedMonitor()] if monitor else []
+    callbacks = [TimedMonitor(workers=workers)] if monitor else []
     trainer = L.Trainer(
         accelerator=device,
         devices=1,
@@ -154,8 +161,9 @@ def large_data(n_classes: int = 1000, per_class: int = 50, n_in: int = 32, seed:
     return DataLoader(TensorDataset(x, y), batch_size=500)
 
 
-def large_worker(threads: int, device: str) -> dict:
-    """One setting in this (fresh) process: validate without, then with the monitor."""
+def large_worker(threads: int, workers: int, device: str) -> dict:
+    """One setting in this (fresh) process: validate without, then with the monitor (``threads`` torch
+    threads in the process and for the monitor, ``workers`` concurrent markers)."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
     seconds: list[dict[str, float]] = []
@@ -174,11 +182,12 @@ def large_worker(threads: int, device: str) -> dict:
     )
     L.Trainer(**kwargs).validate(model, loader, verbose=False)
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    monitor = TimedMonitor()
+    monitor = TimedMonitor(num_threads=threads, workers=workers)
     L.Trainer(callbacks=[monitor], **kwargs).validate(model, loader, verbose=False)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "threads": threads,
+        "workers": workers,
         "monitor_s": monitor.seconds[0] if monitor.seconds else float("nan"),
         "extra_peak_mb": (peak_kb - base_kb) / 1024,
         "marker_s": seconds[0] if seconds else {},
@@ -186,29 +195,46 @@ def large_worker(threads: int, device: str) -> dict:
     }
 
 
+def busy_processes(n: int) -> list[subprocess.Popen]:
+    """``n`` busy-looping processes (a CPU shared with DataLoader workers or other jobs)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main_large(args: argparse.Namespace) -> None:
     print("1000-class head, N=2048, 50 validation samples per class, monitor at default settings")
-    rows = []
+    if args.busy:
+        print(f"with {args.busy} busy-looping processes on the cores")
+    rows = {}
     for threads in args.threads:
-        load = os.getloadavg()[0]
-        cmd = [sys.executable, __file__, "--case", "large", "--worker", str(threads), "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        res["load_before"] = load
-        rows.append(res)
-        print(
-            f"threads {threads}: monitor {res['monitor_s']:.2f} s per validation epoch, extra peak memory "
-            f"{res['extra_peak_mb']:.0f} MB (load {load:.2f} before, {res['load']:.2f} after)"
-        )
-        total = sum(res["marker_s"].values()) or float("nan")
-        shares = ", ".join(
-            f"{k} {v:.2f} s ({100 * v / total:.0f}%)"
-            for k, v in sorted(res["marker_s"].items(), key=lambda kv: -kv[1])
-        )
-        print(f"  inside geometry_markers ({total:.2f} s): {shares}")
-    if len(rows) == 2:
-        ratio = rows[1]["monitor_s"] / rows[0]["monitor_s"]
-        print(f"{args.threads[1]} threads / {args.threads[0]} thread(s) time ratio: {ratio:.2f}")
+        for workers in args.workers:
+            hogs = busy_processes(args.busy)
+            try:
+                time.sleep(1.0 if args.busy else 0.0)
+                load = os.getloadavg()[0]
+                cmd = [sys.executable, __file__, "--case", "large", "--worker", str(threads)]
+                cmd += ["--workers", str(workers), "--device", args.device]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait()
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[threads, workers] = res
+            print(
+                f"threads {threads}, workers {workers}: monitor {res['monitor_s']:.2f} s per validation epoch, "
+                f"extra peak memory {res['extra_peak_mb']:.0f} MB (load {load:.2f} before, "
+                f"{res['load']:.2f} after)"
+            )
+            shares = ", ".join(
+                f"{k} {v:.2f} s" for k, v in sorted(res["marker_s"].items(), key=lambda kv: -kv[1])
+            )
+            print(
+                f"  inside geometry_markers (each part's own time; they overlap with workers > 1): {shares}"
+            )
+    for threads in args.threads:
+        if (threads, 1) in rows and (threads, 2) in rows:
+            ratio = rows[threads, 1]["monitor_s"] / rows[threads, 2]["monitor_s"]
+            print(f"threads {threads}: workers 1 / workers 2 time ratio {ratio:.2f}")
     print("targets: under 3 s per validation epoch and under 300 MB extra peak memory")
 
 
@@ -267,11 +293,22 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="thread settings (--case large)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="monitor `workers` settings (--case large, digits)",
+    )
+    parser.add_argument("--busy", type=int, default=0, help="busy-looping processes alongside (--case large)")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.worker:
-        result = functional_worker() if args.case == "functional" else large_worker(args.worker, args.device)
+        if args.case == "functional":
+            result = functional_worker()
+        else:
+            result = large_worker(args.worker, args.workers[0], args.device)
         print(json.dumps(result))
         return
     print(
@@ -285,23 +322,29 @@ def main() -> None:
         main_functional()
         return
     run(False, 1, args.device)  # warm-up (imports, allocator)
-    without, with_, monitor_s = [], [], []
-    for _ in range(args.repeats):
+    without: list[float] = []
+    with_: dict[int, list[float]] = {w: [] for w in args.workers}
+    monitor_s: dict[int, list[float]] = {w: [] for w in args.workers}
+    for _ in range(args.repeats):  # alternating, so drift affects every setting alike
         without.append(run(False, args.epochs, args.device)[0])
-        wall, secs = run(True, args.epochs, args.device)
-        with_.append(wall)
-        monitor_s += secs
-    base, mon = statistics.median(without), statistics.median(with_)
-    per_epoch = base / args.epochs
+        for workers in args.workers:
+            wall, secs = run(True, args.epochs, args.device, workers)
+            with_[workers].append(wall)
+            monitor_s[workers] += secs
+    base = statistics.median(without)
     print(f"{'run':<28} {'wall (s)':>9} {'per epoch (s)':>14}")
-    print(f"{'without monitor':<28} {base:>9.2f} {per_epoch:>14.2f}")
-    print(f"{'with GeometryMonitor':<28} {mon:>9.2f} {mon / args.epochs:>14.2f}")
-    print(f"overhead: {100 * (mon / base - 1):+.1f}% wall time (median of {args.repeats} runs each)")
-    print(
-        f"monitor time per validation epoch: median {statistics.median(monitor_s):.3f} s, "
-        f"max {max(monitor_s):.3f} s over {len(monitor_s)} epochs (10-class head, default settings; "
-        f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f})"
-    )
+    print(f"{'without monitor':<28} {base:>9.2f} {base / args.epochs:>14.2f}")
+    for workers in args.workers:
+        mon = statistics.median(with_[workers])
+        print(f"{f'GeometryMonitor, workers {workers}':<28} {mon:>9.2f} {mon / args.epochs:>14.2f}")
+    for workers in args.workers:
+        mon = statistics.median(with_[workers])
+        print(
+            f"workers {workers}: overhead {100 * (mon / base - 1):+.1f}% wall time (median of {args.repeats} "
+            f"runs); monitor time per validation epoch: median {statistics.median(monitor_s[workers]):.3f} s, "
+            f"max {max(monitor_s[workers]):.3f} s over {len(monitor_s[workers])} epochs (10-class head; "
+            f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f})"
+        )
 
 
 if __name__ == "__main__":
