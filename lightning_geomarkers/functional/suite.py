@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -33,7 +33,7 @@ from lightning_geomarkers.functional.spectral import (
 from lightning_geomarkers.functional.uncertainty import glue_standard_errors
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
-from lightning_geomarkers.utilities.threads import limit_threads
+from lightning_geomarkers.utilities.threads import limit_threads, torch_thread_pool
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
 
@@ -361,10 +361,9 @@ def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers
 
     With ``workers == 1`` (or no task marked ``beside``) they run in order on the calling thread. Else
     the ``beside`` tasks go, in order, to ``workers - 1`` threads, while the calling thread runs the
-    others in order. Torch ops release the GIL, so the markers' dense linear algebra and the GLUE solver
-    run in parallel; each thread keeps the caller's intra-op thread count (at 1 each there are no OpenMP
-    barriers for a busy CPU to stall), grad mode and inference mode (thread-local in torch). The first
-    task, in task order, that raised re-raises here, once every task has ended.
+    others in order (threads from :func:`torch_thread_pool`: the caller's thread counts, grad and
+    inference mode). The first task, in task order, that raised re-raises here, once every task has
+    ended.
     """
     parts = [MarkerReport() for _ in tasks]
     away = [i for i, (_, beside) in enumerate(tasks) if beside]
@@ -373,23 +372,9 @@ def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers
         for (task, _), part in zip(tasks, parts, strict=True):
             task(part)
         return parts
-    threads = torch.get_num_threads()
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def run(task: Callable[[MarkerReport], None], part: MarkerReport) -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            task(part)
-
     errors: dict[int, BaseException] = {}
-    # MKL's thread count is per thread, and torch syncs a new thread's MKL setting with its own only at
-    # its first parallel op: a thread that starts with a LAPACK call (an SVD, eigvalsh) ran it with MKL's
-    # process default (every core: oversubscribed as soon as the other thread runs), measured on the
-    # 2-core VM. torch.set_num_threads at the thread's start sets both.
-    pool = ThreadPoolExecutor(
-        helpers, thread_name_prefix="geomarkers", initializer=torch.set_num_threads, initargs=(threads,)
-    )
-    try:
-        futures = {i: pool.submit(run, tasks[i][0], parts[i]) for i in away}
+    with torch_thread_pool(helpers) as submit:
+        futures = {i: submit(tasks[i][0], parts[i]) for i in away}
         for i, ((task, beside), part) in enumerate(zip(tasks, parts, strict=True)):
             if not beside:
                 try:
@@ -398,8 +383,6 @@ def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers
                     errors[i] = err
                     break
         wait(futures.values())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
     for i, future in futures.items():
         error = future.exception()
         if error is not None:

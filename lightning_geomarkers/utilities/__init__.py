@@ -15,7 +15,7 @@ from lightning_geomarkers.utilities.checks import (
     check_seed,
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
-from lightning_geomarkers.utilities.threads import limit_threads
+from lightning_geomarkers.utilities.threads import limit_threads, torch_thread_pool
 
 __all__ = [
     "as_generator",
@@ -31,4 +31,5 @@ __all__ = [
     "child_generators",
     "limit_threads",
     "split_seeds",
+    "torch_thread_pool",
 ]

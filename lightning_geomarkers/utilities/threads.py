@@ -5,18 +5,24 @@ parallel region, and on a CPU shared with other busy processes (DataLoader worke
 region waits for a descheduled thread: measured 13x slower at 2 threads than at 1 under load, while idle
 2 threads gain only 1.4x. Large decompositions behave the same way under load. ``limit_threads`` sets
 torch's intra-op thread count for the duration of a block and restores it afterwards.
+
+``torch_thread_pool`` runs independent pieces of torch work in Python threads instead (torch releases the
+GIL inside its ops): the threads never wait for each other inside an op, so a descheduled one stalls
+only itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from lightning_geomarkers.utilities.checks import check_positive_int
 
-__all__ = ["limit_threads"]
+__all__ = ["limit_threads", "torch_thread_pool"]
 
 
 @contextmanager
@@ -47,3 +53,42 @@ def limit_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+Submit = Callable[..., "Future[Any]"]
+
+
+@contextmanager
+def torch_thread_pool(workers: int) -> Iterator[Submit]:
+    """``workers`` threads that run torch work as the calling thread would: with its intra-op thread
+    count (torch's and MKL's), grad mode and inference mode. Yields ``submit(fn, *args, **kwargs)``,
+    which returns a :class:`concurrent.futures.Future`; on exit the block waits for every submitted call
+    (calls not started yet are cancelled when the block raises).
+
+    MKL's thread count is per thread, and torch syncs a new thread's MKL setting with its own only at its
+    first parallel op: a thread that starts with a LAPACK call (an SVD, ``eigvalsh``) ran it on every core
+    (measured on a 2-core VM), oversubscribing the CPU beside the other threads. So every thread sets its
+    count first; grad and inference mode are thread-local in torch and are carried over per call.
+
+    Example:
+        >>> import torch
+        >>> with limit_threads(1), torch_thread_pool(2) as submit:
+        ...     futures = [submit(torch.get_num_threads) for _ in range(3)]
+        >>> [f.result() for f in futures]
+        [1, 1, 1]
+    """
+    workers = check_positive_int(workers, "workers")
+    threads = torch.get_num_threads()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(*args, **kwargs)
+
+    pool = ThreadPoolExecutor(
+        workers, thread_name_prefix="geomarkers", initializer=torch.set_num_threads, initargs=(threads,)
+    )
+    try:
+        yield lambda fn, *args, **kwargs: pool.submit(call, fn, *args, **kwargs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
