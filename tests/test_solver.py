@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import threading
 import warnings
 
 import numpy as np
@@ -136,6 +137,40 @@ def test_chunked_pairs_equal_unchunked(monkeypatch):
     assert torch.equal(whole.pairs, chunked.pairs)
     for name in GLUE_MARKERS:
         np.testing.assert_allclose(chunked.per_pair[name].numpy(), whole.per_pair[name].numpy(), rtol=1e-12)
+
+
+def test_pairs_workers_solve_chunks_concurrently_with_identical_results(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(6).repeat_interleave(20)
+    x = 2 * torch.randn(6, 48, generator=g)[y] + torch.randn(120, 48, generator=g)
+    per_pair = 30 * (48 + 16 * 2 * 15) + 2 * 15 * (48 + 2 * 15)  # glue_pairs' per-pair element count
+    monkeypatch.setattr(protocols_module, "_CHUNK_ELEMENTS", 4 * per_pair)  # 15 pairs: 4 chunks, 4 4 4 3
+    running, peak, threads, lock = [0], [0], set(), threading.Lock()
+    original = protocols_module._glue_groups
+
+    def counting(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            threads.add(threading.current_thread().name)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(protocols_module, "_glue_groups", counting)
+    one = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4)
+    assert threads == {threading.current_thread().name} and peak[0] == 1
+    threads.clear()
+    two = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4, workers=2)
+    assert threads and all(name.startswith("geomarkers") for name in threads)
+    assert peak[0] <= 2  # bounded: at most `workers` chunks solved at once
+    assert torch.equal(one.pairs, two.pairs) and one.n_degenerate == two.n_degenerate
+    for name in GLUE_MARKERS:  # same chunks, same draws: bit for bit
+        assert torch.equal(one.per_pair[name], two.per_pair[name]), name
+    with pytest.raises(ValueError, match="workers"):
+        glue_pairs(x, y, n_t=5, workers=0)
 
 
 def test_results_do_not_depend_on_thread_setting_and_setting_is_restored():

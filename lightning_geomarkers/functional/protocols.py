@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ from lightning_geomarkers.functional.glue import (
 from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2_
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
 from lightning_geomarkers.utilities.seeds import as_generator
-from lightning_geomarkers.utilities.threads import limit_threads
+from lightning_geomarkers.utilities.threads import limit_threads, torch_thread_pool
 
 __all__ = ["GluePairsResult", "glue_pairs", "glue_joint"]
 
@@ -107,6 +111,7 @@ def glue_pairs(
     eigen_cutoff: float = 1e-9,
     warn: bool = True,
     num_threads: int | None = 1,
+    workers: int = 1,
 ) -> GluePairsResult:
     """GLUE markers by the pairs protocol: averaged over random class pairs (P = 2).
 
@@ -124,6 +129,11 @@ def glue_pairs(
         eigen_cutoff: see :func:`glue`.
         warn: emit warnings for degenerate probes / non-convergence.
         num_threads: torch intra-op threads on CPU for the computation (see :func:`glue`).
+        workers: on CPU, solve up to this many chunks of pairs at once, each in its own thread with
+            ``num_threads`` intra-op threads. The chunks (of equal sizes, fixed by the memory cap, not by
+            ``workers``) and their random draws, made in pair order on the calling thread, are the same
+            for every ``workers``, and so are the results, bit for bit. Memory: at most ``workers + 1``
+            chunks at a time.
 
     Returns:
         :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together
@@ -163,12 +173,19 @@ def glue_pairs(
     # results) do not depend on the chunk size and nothing of size n_pairs x n_t x N ever exists.
     per_pair_elements = n_t * (n_feat + 16 * 2 * m_max) + 2 * m_max * (n_feat + 2 * m_max)
     chunk = max(1, _CHUNK_ELEMENTS // per_pair_elements)
+    chunk = -(-n_groups // -(-n_groups // chunk))  # as many chunks, of equal sizes (balanced workers)
+    workers = check_positive_int(workers, "workers")
+    if x.device.type != "cpu":  # one CUDA stream: threads would only take turns
+        workers = 1
     # Probes enter only through X t and ||t||: with 2 M <= N they are drawn in the span of the pair's
     # points (``_span_probes``, the same law), which avoids n_t x N normals and the X t product per pair.
     in_span = 2 * m_max <= n_feat
     shift = _safe_shift(_abs_peak(x))  # a power of two only where squares could overflow or underflow
-    outs = []
-    with limit_threads(num_threads if x.device.type == "cpu" else None):
+    outs: list[dict[str, Any]] = []
+    solving: deque[Future[dict[str, Any]]] = deque()  # chunks being solved by the workers, in order
+    with ExitStack() as stack:
+        stack.enter_context(limit_threads(num_threads if x.device.type == "cpu" else None))
+        submit = stack.enter_context(torch_thread_pool(workers)) if workers > 1 else None
         for start in range(0, n_groups, chunk):
             chunk_pairs = all_pairs[start : start + chunk]
             n_chunk = len(chunk_pairs)
@@ -189,17 +206,24 @@ def glue_pairs(
                 if probes is not None and t is not None:
                     probes[g_i] = t
             _times_pow2_(points, shift)
-            outs.append(
-                _glue_groups(
-                    points,
-                    mask,
-                    labels_y.to(x.device),
-                    probes=None if probes is None else probes.to(x.device),
-                    generators=probe_gens,
-                    eigen_cutoff=float(eigen_cutoff),
-                    max_iter=None,
-                )
+            solve = partial(
+                _glue_groups,
+                points,
+                mask,
+                labels_y.to(x.device),
+                probes=None if probes is None else probes.to(x.device),
+                generators=probe_gens,
+                eigen_cutoff=float(eigen_cutoff),
+                max_iter=None,
             )
+            if submit is None:
+                outs.append(solve())
+                continue
+            if len(solving) == workers:  # bounded memory: wait for the oldest chunk first
+                outs.append(solving.popleft().result())
+            solving.append(submit(solve))
+        while solving:
+            outs.append(solving.popleft().result())
     per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
     means = {name: torch.nanmean(v) for name, v in per_pair.items()}
     stds = {
