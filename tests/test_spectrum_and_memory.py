@@ -310,6 +310,17 @@ def test_workers_errors_are_raised_in_task_order_and_skipped_alike(monkeypatch):
     for workers in (1, 2):
         with pytest.raises(ValueError, match="nc1 failed"):
             geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=workers)
+    # An interrupt on the calling thread (the within-class distance, last in task order) wins over an
+    # earlier task's error on a helper thread (LID).
+    monkeypatch.undo()
+    _recording(monkeypatch, "_local_intrinsic_dimension", [], fail="lid failed")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suite_module, "_within_class_distance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=2)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])

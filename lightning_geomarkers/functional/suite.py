@@ -362,8 +362,8 @@ def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers
     With ``workers == 1`` (or no task marked ``beside``) they run in order on the calling thread. Else
     the ``beside`` tasks go, in order, to ``workers - 1`` threads, while the calling thread runs the
     others in order (threads from :func:`torch_thread_pool`: the caller's thread counts, grad and
-    inference mode). The first task, in task order, that raised re-raises here, once every task has
-    ended.
+    inference mode). Once every task has ended, the first error in task order re-raises here (a
+    ``KeyboardInterrupt`` or other non-``Exception`` before any error).
     """
     parts = [MarkerReport() for _ in tasks]
     away = [i for i, (_, beside) in enumerate(tasks) if beside]
@@ -387,6 +387,7 @@ def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers
         error = future.exception()
         if error is not None:
             errors[i] = error
-    if errors:
-        raise errors[min(errors)]
+    if errors:  # an interrupt (not an Exception) first, else the first error in task order
+        interrupts = [i for i, err in errors.items() if not isinstance(err, Exception)]
+        raise errors[min(interrupts or errors)]
     return parts
