@@ -164,7 +164,9 @@ def test_pairs_workers_solve_chunks_concurrently_with_identical_results(monkeypa
     assert threads == {threading.current_thread().name} and peak[0] == 1
     threads.clear()
     two = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4, workers=2)
-    assert threads and all(name.startswith("geomarkers") for name in threads)
+    # The first chunk always goes to the idle helper; the calling thread solves what it cannot take.
+    assert any(name.startswith("geomarkers") for name in threads)
+    assert threads <= {threading.current_thread().name} | {n for n in threads if n.startswith("geomarkers")}
     assert peak[0] <= 2  # bounded: at most `workers` chunks solved at once
     assert torch.equal(one.pairs, two.pairs) and one.n_degenerate == two.n_degenerate
     for name in GLUE_MARKERS:  # same chunks, same draws: bit for bit

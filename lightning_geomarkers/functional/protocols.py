@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
 from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from lightning_geomarkers.functional.glue import (
 from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2_
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
 from lightning_geomarkers.utilities.seeds import as_generator
-from lightning_geomarkers.utilities.threads import limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads, torch_thread_pool
 
 __all__ = ["GluePairsResult", "glue_pairs", "glue_joint"]
 
@@ -129,11 +128,11 @@ def glue_pairs(
         eigen_cutoff: see :func:`glue`.
         warn: emit warnings for degenerate probes / non-convergence.
         num_threads: torch intra-op threads on CPU for the computation (see :func:`glue`).
-        workers: on CPU, solve up to this many chunks of pairs at once, each in its own thread with
-            ``num_threads`` intra-op threads. The chunks (of equal sizes, fixed by the memory cap, not by
-            ``workers``) and their random draws, made in pair order on the calling thread, are the same
-            for every ``workers``, and so are the results, bit for bit. Memory: at most ``workers + 1``
-            chunks at a time.
+        workers: on CPU, threads solving chunks of pairs at once (the calling thread and ``workers - 1``
+            more), each with ``num_threads`` intra-op threads. The chunks (of equal sizes, fixed by the
+            memory cap, not by ``workers``) and their random draws, made in pair order on the calling
+            thread, are the same for every ``workers``, and so are the results, bit for bit. Memory: at
+            most ``workers`` chunks at a time.
 
     Returns:
         :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together
@@ -150,6 +149,44 @@ def glue_pairs(
         >>> res.pairs.shape[0], bool(res.capacity > 0)
         (6, True)
     """
+    workers = check_positive_int(workers, "workers")
+    on_cpu = not (isinstance(features, torch.Tensor) and features.device.type != "cpu")
+    with ExitStack() as stack:
+        stack.enter_context(limit_threads(num_threads if on_cpu else None))
+        pool = stack.enter_context(torch_thread_pool(workers - 1)) if workers > 1 and on_cpu else None
+        return _glue_pairs(
+            features,
+            labels,
+            points_per_class=points_per_class,
+            n_pairs=n_pairs,
+            n_t=n_t,
+            dichotomies=dichotomies,
+            max_classes=max_classes,
+            generator=generator,
+            eigen_cutoff=eigen_cutoff,
+            warn=warn,
+            num_threads=None,
+            pool=pool,
+        )
+
+
+def _glue_pairs(
+    features: Any,
+    labels: Any,
+    *,
+    points_per_class: int,
+    n_pairs: int | None,
+    n_t: int,
+    dichotomies: str,
+    max_classes: int | None,
+    generator: torch.Generator | int | None,
+    eigen_cutoff: float = 1e-9,
+    warn: bool = True,
+    num_threads: int | None,
+    pool: TorchThreadPool | None,
+) -> GluePairsResult:
+    """:func:`glue_pairs`, with the chunks of pairs offered to the idle threads of ``pool`` (each chunk
+    the pool cannot take at once is solved on the calling thread)."""
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     points_per_class = check_positive_int(points_per_class, "points_per_class", minimum=2)
     n_t = check_positive_int(n_t, "n_t")
@@ -174,18 +211,16 @@ def glue_pairs(
     per_pair_elements = n_t * (n_feat + 16 * 2 * m_max) + 2 * m_max * (n_feat + 2 * m_max)
     chunk = max(1, _CHUNK_ELEMENTS // per_pair_elements)
     chunk = -(-n_groups // -(-n_groups // chunk))  # as many chunks, of equal sizes (balanced workers)
-    workers = check_positive_int(workers, "workers")
     if x.device.type != "cpu":  # one CUDA stream: threads would only take turns
-        workers = 1
+        pool = None
     # Probes enter only through X t and ||t||: with 2 M <= N they are drawn in the span of the pair's
     # points (``_span_probes``, the same law), which avoids n_t x N normals and the X t product per pair.
     in_span = 2 * m_max <= n_feat
     shift = _safe_shift(_abs_peak(x))  # a power of two only where squares could overflow or underflow
-    outs: list[dict[str, Any]] = []
-    solving: deque[Future[dict[str, Any]]] = deque()  # chunks being solved by the workers, in order
-    with ExitStack() as stack:
-        stack.enter_context(limit_threads(num_threads if x.device.type == "cpu" else None))
-        submit = stack.enter_context(torch_thread_pool(workers)) if workers > 1 else None
+    # Each chunk's result, or its Future while a pool thread solves it: at most one chunk per pool thread
+    # plus the one on this thread are in memory at once.
+    slots: list[dict[str, Any] | Future[dict[str, Any]]] = []
+    with limit_threads(num_threads if x.device.type == "cpu" else None):
         for start in range(0, n_groups, chunk):
             chunk_pairs = all_pairs[start : start + chunk]
             n_chunk = len(chunk_pairs)
@@ -216,14 +251,9 @@ def glue_pairs(
                 eigen_cutoff=float(eigen_cutoff),
                 max_iter=None,
             )
-            if submit is None:
-                outs.append(solve())
-                continue
-            if len(solving) == workers:  # bounded memory: wait for the oldest chunk first
-                outs.append(solving.popleft().result())
-            solving.append(submit(solve))
-        while solving:
-            outs.append(solving.popleft().result())
+            future = None if pool is None else pool.try_submit(solve)
+            slots.append(solve() if future is None else future)
+    outs = [slot.result() if isinstance(slot, Future) else slot for slot in slots]
     per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
     means = {name: torch.nanmean(v) for name, v in per_pair.items()}
     stds = {

@@ -23,7 +23,7 @@ from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult
 from lightning_geomarkers.functional.intrinsic_dimension import _local_intrinsic_dimension
 from lightning_geomarkers.functional.neural_collapse import _neural_collapse
 from lightning_geomarkers.functional.preprocessing import _center_project
-from lightning_geomarkers.functional.protocols import GluePairsResult, glue_joint, glue_pairs
+from lightning_geomarkers.functional.protocols import GluePairsResult, _glue_pairs, glue_joint
 from lightning_geomarkers.functional.spectral import (
     _effective_rank,
     _feature_spectrum,
@@ -33,7 +33,7 @@ from lightning_geomarkers.functional.spectral import (
 from lightning_geomarkers.functional.uncertainty import glue_standard_errors
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
-from lightning_geomarkers.utilities.threads import limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
 
@@ -238,13 +238,13 @@ def _compute(
     """The body of :func:`geometry_markers` on validated input.
 
     The work is split into independent tasks (GLUE; the spectrum with the markers read from it; each
-    other marker), each filling its own partial report, run by :func:`_run_tasks` (concurrently with
-    ``workers > 1``) and merged in task order: values, skip reasons and the error raised under
-    ``strict`` do not depend on the scheduling. With one worker they run in this order on the calling
-    thread. With several, the kNN markers (LID, TwoNN: float32 neighbour search with its own bounded
-    cache, the largest single cost for wide features) run on the other threads, beside the others
-    (GLUE, the spectrum, NC1, the within-class distance), which still run one after the other on the
-    calling thread: the peak memory grows by the kNN working set only, not by two large ones.
+    other marker), each filling its own partial report, run by :func:`_run_tasks` and merged in task
+    order: values, skip reasons and the error raised under ``strict`` do not depend on the scheduling.
+    With one worker they run in this order on the calling thread. With several, ``workers - 1`` helper
+    threads start the kNN markers (LID, TwoNN: the largest single cost for wide features) at once, while
+    the calling thread runs the spectrum, NC1 and the within-class distance, then GLUE, whose chunks of
+    pairs go to any helper that is idle by then (the rest are solved on the calling thread). The two
+    largest working sets (GLUE's, the spectrum's) never overlap; a helper's chunk reuses what LID freed.
     """
 
     def attempt(
@@ -270,7 +270,10 @@ def _compute(
     def marker_task(key: str, fn: Callable[[], Any], part: MarkerReport) -> None:
         attempt(part, (key,), single(key, fn), key)
 
-    tasks: list[tuple[Callable[[MarkerReport], None], bool]] = []  # (task, may run on another thread)
+    # Helper threads (workers - 1): they take the kNN markers at once, then any idle one takes GLUE's
+    # chunks of pairs (GLUE runs last on this thread when there are helpers).
+    pool = TorchThreadPool(workers - 1) if workers > 1 and x.device.type == "cpu" else None
+    tasks: list[tuple[Callable[[MarkerReport], None], str]] = []  # (task, "main" | "last" | "beside")
     glue_wanted = tuple(n for n in names if n in GLUE_MARKER_NAMES)
     if glue_wanted:
 
@@ -289,7 +292,16 @@ def _compute(
                 )
                 res: GluePairsResult | GlueResult
                 if glue_protocol == "pairs":
-                    res = glue_pairs(z, y, n_pairs=n_pairs, **common)
+                    res = _glue_pairs(
+                        z,
+                        y,
+                        n_pairs=n_pairs,
+                        eigen_cutoff=1e-9,
+                        warn=True,
+                        num_threads=1,
+                        pool=pool,
+                        **common,
+                    )
                 else:
                     res = glue_joint(z, y, **common)
                 del z
@@ -302,7 +314,7 @@ def _compute(
 
             attempt(part, glue_wanted, run_glue, "glue")
 
-        tasks.append((glue_task, False))
+        tasks.append((glue_task, "last"))
 
     spectral_wanted = tuple(n for n in names if n in SPECTRAL_MARKER_NAMES)
     if spectral_wanted or return_spectrum:
@@ -323,21 +335,25 @@ def _compute(
                 for name in spectral_wanted:
                     attempt(part, (name,), single(name, partial(from_spectrum[name], spectrum)), name)
 
-        tasks.append((spectrum_task, False))
+        tasks.append((spectrum_task, "main"))
 
     # x and y were validated once above (2+ classes, 2+ samples each): no second pass over them.
     others = {
-        "nc1": (lambda: _neural_collapse(x, y, 1e-3), False),
-        "lid": (lambda: _local_intrinsic_dimension(x, lid_k, "mle"), True),
-        "lid_twonn": (lambda: _local_intrinsic_dimension(x, 20, "twonn"), True),
-        "within_class_distance": (lambda: _within_class_distance(x, y), False),
+        "nc1": (lambda: _neural_collapse(x, y, 1e-3), "main"),
+        "lid": (lambda: _local_intrinsic_dimension(x, lid_k, "mle"), "beside"),
+        "lid_twonn": (lambda: _local_intrinsic_dimension(x, 20, "twonn"), "beside"),
+        "within_class_distance": (lambda: _within_class_distance(x, y), "main"),
     }
     for name in names:
         if name in others:
-            fn, beside = others[name]
-            tasks.append((partial(marker_task, name, fn), beside))
+            fn, where = others[name]
+            tasks.append((partial(marker_task, name, fn), where))
 
-    parts = _run_tasks(tasks, workers if x.device.type == "cpu" else 1)
+    try:
+        parts = _run_tasks(tasks, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     report = MarkerReport()
     for part in parts:
         report.values.update(part.values)
@@ -355,34 +371,34 @@ def _compute(
     return report
 
 
-def _run_tasks(tasks: list[tuple[Callable[[MarkerReport], None], bool]], workers: int) -> list[MarkerReport]:
-    """Run each ``(task, beside)`` of ``tasks`` on its own fresh :class:`MarkerReport`; return the
+def _run_tasks(
+    tasks: list[tuple[Callable[[MarkerReport], None], str]], pool: TorchThreadPool | None
+) -> list[MarkerReport]:
+    """Run each ``(task, where)`` of ``tasks`` on its own fresh :class:`MarkerReport`; return the
     reports in task order.
 
-    With ``workers == 1`` (or no task marked ``beside``) they run in order on the calling thread. Else
-    the ``beside`` tasks go, in order, to ``workers - 1`` threads, while the calling thread runs the
-    others in order (threads from :func:`torch_thread_pool`: the caller's thread counts, grad and
-    inference mode). Once every task has ended, the first error in task order re-raises here (a
-    ``KeyboardInterrupt`` or other non-``Exception`` before any error).
+    Without ``pool`` they run in order on the calling thread. With it, the ``"beside"`` tasks are
+    submitted to the pool at once, and the calling thread runs the ``"main"`` tasks in order, then the
+    ``"last"`` ones (GLUE, whose chunks the pool's threads can take once they are idle). Once every task
+    has ended, the first error in task order re-raises here (a ``KeyboardInterrupt`` or other
+    non-``Exception`` before any error).
     """
     parts = [MarkerReport() for _ in tasks]
-    away = [i for i, (_, beside) in enumerate(tasks) if beside]
-    helpers = min(workers - 1, len(away))
-    if helpers <= 0:
+    if pool is None:
         for (task, _), part in zip(tasks, parts, strict=True):
             task(part)
         return parts
+    futures = {i: pool.submit(task, parts[i]) for i, (task, where) in enumerate(tasks) if where == "beside"}
+    here = [i for i, (_, where) in enumerate(tasks) if where == "main"]
+    here += [i for i, (_, where) in enumerate(tasks) if where == "last"]
     errors: dict[int, BaseException] = {}
-    with torch_thread_pool(helpers) as submit:
-        futures = {i: submit(tasks[i][0], parts[i]) for i in away}
-        for i, ((task, beside), part) in enumerate(zip(tasks, parts, strict=True)):
-            if not beside:
-                try:
-                    task(part)
-                except BaseException as err:  # re-raised below, in task order, after the others ended
-                    errors[i] = err
-                    break
-        wait(futures.values())
+    for i in here:
+        try:
+            tasks[i][0](parts[i])
+        except BaseException as err:  # re-raised below, in task order, after the others ended
+            errors[i] = err
+            break
+    wait(futures.values())
     for i, future in futures.items():
         error = future.exception()
         if error is not None:

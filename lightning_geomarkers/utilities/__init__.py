@@ -15,9 +15,10 @@ from lightning_geomarkers.utilities.checks import (
     check_seed,
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
-from lightning_geomarkers.utilities.threads import limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads, torch_thread_pool
 
 __all__ = [
+    "TorchThreadPool",
     "as_generator",
     "as_manifolds",
     "as_tensor",

@@ -13,6 +13,7 @@ only itself.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import torch
 
 from lightning_geomarkers.utilities.checks import check_positive_int
 
-__all__ = ["limit_threads", "torch_thread_pool"]
+__all__ = ["TorchThreadPool", "limit_threads", "torch_thread_pool"]
 
 
 @contextmanager
@@ -55,40 +56,70 @@ def limit_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-Submit = Callable[..., "Future[Any]"]
-
-
-@contextmanager
-def torch_thread_pool(workers: int) -> Iterator[Submit]:
-    """``workers`` threads that run torch work as the calling thread would: with its intra-op thread
-    count (torch's and MKL's), grad mode and inference mode. Yields ``submit(fn, *args, **kwargs)``,
-    which returns a :class:`concurrent.futures.Future`; on exit the block waits for every submitted call
-    (calls not started yet are cancelled when the block raises).
+class TorchThreadPool:
+    """Threads that run torch work as the calling thread would: with its intra-op thread count (torch's
+    and MKL's), grad mode and inference mode. Made by :func:`torch_thread_pool`.
 
     MKL's thread count is per thread, and torch syncs a new thread's MKL setting with its own only at its
     first parallel op: a thread that starts with a LAPACK call (an SVD, ``eigvalsh``) ran it on every core
     (measured on a 2-core VM), oversubscribing the CPU beside the other threads. So every thread sets its
     count first; grad and inference mode are thread-local in torch and are carried over per call.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = check_positive_int(workers, "workers")
+        threads = torch.get_num_threads()
+        self._grad, self._inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self._lock = threading.Lock()
+        self._busy = 0  # calls submitted and not finished
+        self._pool = ThreadPoolExecutor(
+            self.workers,
+            thread_name_prefix="geomarkers",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+                return fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a thread (queued while all are busy)."""
+        with self._lock:
+            self._busy += 1
+        return self._pool.submit(self._call, fn, *args, **kwargs)
+
+    def try_submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any] | None:
+        """Like :meth:`submit` if a thread is idle now; else None (the caller runs ``fn`` itself)."""
+        with self._lock:
+            if self._busy >= self.workers:
+                return None
+            self._busy += 1
+        return self._pool.submit(self._call, fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        """Wait for the running calls; calls not started yet are cancelled."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def torch_thread_pool(workers: int) -> Iterator[TorchThreadPool]:
+    """A :class:`TorchThreadPool` of ``workers`` threads for the block, shut down on exit (waiting for
+    the running calls; calls not started yet are cancelled when the block raises).
 
     Example:
         >>> import torch
-        >>> with limit_threads(1), torch_thread_pool(2) as submit:
-        ...     futures = [submit(torch.get_num_threads) for _ in range(3)]
+        >>> with limit_threads(1), torch_thread_pool(2) as pool:
+        ...     futures = [pool.submit(torch.get_num_threads) for _ in range(3)]
         >>> [f.result() for f in futures]
         [1, 1, 1]
     """
-    workers = check_positive_int(workers, "workers")
-    threads = torch.get_num_threads()
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(*args, **kwargs)
-
-    pool = ThreadPoolExecutor(
-        workers, thread_name_prefix="geomarkers", initializer=torch.set_num_threads, initargs=(threads,)
-    )
+    pool = TorchThreadPool(workers)
     try:
-        yield lambda fn, *args, **kwargs: pool.submit(call, fn, *args, **kwargs)
+        yield pool
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
