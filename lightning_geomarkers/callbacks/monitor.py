@@ -117,13 +117,13 @@ class GeometryMonitor(L.Callback):
             keeps the process setting. Default 1: on a CPU shared with DataLoader workers or other jobs the
             many small solver ops and the large decompositions ran 3-13x slower at 2 threads than at 1
             (see docs/performance.md). On a GPU it only affects the little CPU work.
-        workers: on CPU, threads computing independent markers concurrently, each with ``num_threads``
-            intra-op threads: LID runs beside GLUE and the spectrum (see ``geometry_markers``). The values
-            are identical for every setting. Default 2: on the 2-core test machine the 1000-class epoch of
-            ``benchmarks/bench_monitor.py`` took 2.8-4.2 s instead of 4.2-5.4 s at 1, and 5.6 s instead of
-            7.2 s with two busy processes on the cores, for about 100 MB more peak memory (LID's working
-            set); on the 10-class digits head GLUE dominates and nothing changes (docs/performance.md).
-            ``1`` keeps the markers on one core and the peak lower.
+        workers: on CPU, threads computing the markers concurrently (see ``geometry_markers``), each with
+            ``num_threads`` intra-op threads: LID beside the spectrum, then GLUE's chunks of pairs on
+            both. The values are identical for every setting. Default 2: on the 2-core test machine
+            the 1000-class epoch of ``benchmarks/bench_monitor.py`` took 2.5-2.6 s instead of 3.6-4.1 s
+            at 1 (4.1 s instead of 5.0 s with two busy processes on the cores; ``num_threads=2`` took
+            12 s there), for about 100-130 MB more peak memory, and the digits head 0.165 s instead of
+            0.221 s (docs/performance.md). ``1`` keeps the markers on one core and the peak lower.
 
     Example::
 

@@ -157,13 +157,14 @@ def geometry_markers(
         num_threads: run with this many torch intra-op threads (restored afterwards; ``None`` leaves
             torch's setting). On a CPU shared with other busy processes ``1`` avoids large slow-downs
             (see ``docs/performance.md``).
-        workers: on CPU, threads that compute independent markers concurrently, each with
-            ``num_threads`` intra-op threads: with 2 or more, LID and TwoNN (the kNN search) run on the
-            extra threads beside the others (GLUE, the spectrum, NC1, the within-class distance), which
-            run one after the other on the calling thread. Torch releases the GIL inside its ops, so the
-            two really run in parallel. Values, ``skipped`` and the error raised under ``strict`` are the
-            same for every ``workers``; the peak memory grows by the kNN working set (about 100 MB at
-            5000 x 2048). On a GPU everything runs on the calling thread. ``GeometryMonitor`` uses 2.
+        workers: on CPU, threads computing the markers concurrently (this one and ``workers - 1``
+            helpers), each with ``num_threads`` intra-op threads. The helpers start LID and TwoNN (the kNN
+            search) at once, while this thread runs the spectrum, NC1 and the within-class distance and
+            then GLUE, whose chunks of pairs go to any helper idle by then. Torch releases the GIL inside
+            its ops, so the threads really run in parallel. Values, ``skipped`` and the error raised under
+            ``strict`` are the same for every ``workers``; the peak memory grows by about the kNN working
+            set (about 100 MB at 5000 x 2048). On a GPU everything runs on this thread.
+            ``GeometryMonitor`` uses 2.
 
     Memory is bounded: every non-GLUE marker works on 16 MiB float64 blocks (plus a ``min(S, N)^2``
     Gram for the spectrum, and ``O(S k)`` neighbour lists and at most 64 MiB of cached float32 blocks
