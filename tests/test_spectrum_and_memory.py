@@ -46,6 +46,7 @@ from lightning_geomarkers.functional import (
     within_class_distance,
 )
 from lightning_geomarkers.functional.preprocessing import _center_project
+from lightning_geomarkers.utilities import limit_threads, torch_thread_pool
 
 EPS = np.finfo(np.float64).eps
 
@@ -321,6 +322,33 @@ def test_workers_errors_are_raised_in_task_order_and_skipped_alike(monkeypatch):
     monkeypatch.setattr(suite_module, "_within_class_distance", interrupted)
     with pytest.raises(KeyboardInterrupt):
         geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=2)
+
+
+def test_thread_pool_waits_for_every_call_and_try_submit_refuses_when_busy():
+    gate, started = threading.Event(), threading.Event()
+
+    def blocking():
+        started.set()
+        return gate.wait(timeout=30)
+
+    with limit_threads(1), torch_thread_pool(1) as pool:
+        head = pool.submit(blocking)  # occupies the only thread until the gate opens
+        assert started.wait(timeout=30)
+        assert pool.try_submit(torch.get_num_threads) is None  # busy: the caller must run it itself
+        tail = [pool.submit(torch.get_num_threads) for _ in range(3)]  # queued behind the head
+        gate.set()  # leaving the block right after: the tail is (almost always) still queued
+    # Leaving the block waited for every call, the queued ones too (none was cancelled), each run with
+    # the caller's thread count.
+    assert head.result(timeout=0) is True
+    assert [f.result(timeout=0) for f in tail] == [1, 1, 1]
+    with torch_thread_pool(1) as pool:
+        assert pool.try_submit(torch.get_num_threads) is not None  # idle: taken
+    gate.clear()
+    with pytest.raises(RuntimeError, match="boom"), torch_thread_pool(1) as pool:
+        pool.submit(gate.wait, 1.0)
+        queued = pool.submit(torch.get_num_threads)
+        raise RuntimeError("boom")
+    assert queued.cancelled()  # a raising block cancels what has not started
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])

@@ -352,9 +352,12 @@ def _compute(
 
     try:
         parts = _run_tasks(tasks, pool)
-    finally:
+    except BaseException:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel=True)
+        raise
+    if pool is not None:
+        pool.shutdown()
     report = MarkerReport()
     for part in parts:
         report.values.update(part.values)

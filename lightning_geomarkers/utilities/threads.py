@@ -101,15 +101,15 @@ class TorchThreadPool:
             self._busy += 1
         return self._pool.submit(self._call, fn, *args, **kwargs)
 
-    def shutdown(self) -> None:
-        """Wait for the running calls; calls not started yet are cancelled."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, cancel: bool = False) -> None:
+        """Wait for every submitted call; with ``cancel``, calls not started yet are cancelled instead."""
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 @contextmanager
 def torch_thread_pool(workers: int) -> Iterator[TorchThreadPool]:
-    """A :class:`TorchThreadPool` of ``workers`` threads for the block, shut down on exit (waiting for
-    the running calls; calls not started yet are cancelled when the block raises).
+    """A :class:`TorchThreadPool` of ``workers`` threads for the block, shut down on exit: it waits for
+    every submitted call, or, when the block raises, for the running ones (the others are cancelled).
 
     Example:
         >>> import torch
@@ -121,5 +121,7 @@ def torch_thread_pool(workers: int) -> Iterator[TorchThreadPool]:
     pool = TorchThreadPool(workers)
     try:
         yield pool
-    finally:
-        pool.shutdown()
+    except BaseException:
+        pool.shutdown(cancel=True)
+        raise
+    pool.shutdown()
