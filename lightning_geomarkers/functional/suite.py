@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -33,7 +34,7 @@ from lightning_geomarkers.functional.spectral import (
 from lightning_geomarkers.functional.uncertainty import glue_standard_errors
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
-from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads
+from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads, torch_thread_pool
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
 
@@ -273,7 +274,13 @@ def _compute(
 
     # Helper threads (workers - 1): they take the kNN markers at once, then any idle one takes GLUE's
     # chunks of pairs (GLUE runs last on this thread when there are helpers).
-    pool = TorchThreadPool(workers - 1) if workers > 1 and x.device.type == "cpu" else None
+    # Entered around the run below: on exit it waits for its calls (cancels the waiting ones on an error).
+    stack = ExitStack()
+    pool = (
+        stack.enter_context(torch_thread_pool(workers - 1))
+        if workers > 1 and x.device.type == "cpu"
+        else None
+    )
     tasks: list[tuple[Callable[[MarkerReport], None], str]] = []  # (task, "main" | "last" | "beside")
     glue_wanted = tuple(n for n in names if n in GLUE_MARKER_NAMES)
     if glue_wanted:
@@ -350,14 +357,8 @@ def _compute(
             fn, where = others[name]
             tasks.append((partial(marker_task, name, fn), where))
 
-    try:
+    with stack:
         parts = _run_tasks(tasks, pool)
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(cancel=True)
-        raise
-    if pool is not None:
-        pool.shutdown()
     report = MarkerReport()
     for part in parts:
         report.values.update(part.values)
