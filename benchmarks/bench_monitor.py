@@ -2,9 +2,9 @@
 
 ``--case digits`` (default): a CNN on the 8x8 digits (10 classes), sized (width 200, 400 penultimate
 features) so one training epoch takes about 5 s on a 2-core CPU, trained for --epochs epochs with
-validation every epoch. Runs alternate (without, with, without, with, ...) so drift affects both alike;
-the script prints the wall-time overhead ratio and the monitor's own time per validation epoch (time
-spent inside its hooks, measured directly).
+validation every epoch. Runs alternate (without, then with the monitor at each ``--workers`` setting,
+repeated) so drift affects all alike; the script prints the wall-time overhead ratio and the monitor's
+own time per validation epoch (time spent inside its hooks, measured directly) per setting.
 
 ``--case large``: a 1000-class head on 2048-wide penultimate features (a synthetic module: 32-d inputs,
 Linear(32, 2048) + ReLU, Linear(2048, 1000)), 50 validation samples per class (50,000 rows).
