@@ -145,6 +145,7 @@ def test_pairs_workers_solve_chunks_concurrently_with_identical_results(monkeypa
     x = 2 * torch.randn(6, 48, generator=g)[y] + torch.randn(120, 48, generator=g)
     per_pair = 30 * (48 + 16 * 2 * 15) + 2 * 15 * (48 + 2 * 15)  # glue_pairs' per-pair element count
     monkeypatch.setattr(protocols_module, "_CHUNK_ELEMENTS", 4 * per_pair)  # 15 pairs: 4 chunks, 4 4 4 3
+    monkeypatch.setattr(protocols_module, "available_cpus", lambda: 4)  # workers is capped at the CPUs
     running, peak, threads, lock = [0], [0], set(), threading.Lock()
     original = protocols_module._glue_groups
 

@@ -251,6 +251,13 @@ def _recording(monkeypatch, name, record, fail=None):
     monkeypatch.setattr(suite_module, name, wrapper)
 
 
+@pytest.fixture(autouse=True)
+def _four_cpus(monkeypatch):
+    """``workers`` is capped at the CPUs available: pretend there are 4, so the thread tests do not
+    depend on the machine."""
+    monkeypatch.setattr(suite_module, "available_cpus", lambda: 4)
+
+
 def test_workers_give_the_same_report_and_run_lid_on_another_thread(monkeypatch):
     x, y = _labelled_clouds()
     names = [*MARKERS]  # every marker, TwoNN included
@@ -349,6 +356,17 @@ def test_thread_pool_waits_for_every_call_and_try_submit_refuses_when_busy():
         queued = pool.submit(torch.get_num_threads)
         raise RuntimeError("boom")
     assert queued.cancelled()  # a raising block cancels what has not started
+
+
+def test_workers_are_capped_at_the_available_cpus(monkeypatch):
+    x, y = _labelled_clouds()
+    calls = []
+    _recording(monkeypatch, "_local_intrinsic_dimension", calls)
+    monkeypatch.setattr(
+        suite_module, "available_cpus", lambda: 1
+    )  # one CPU: a second thread only takes turns
+    geometry_markers(x, y, markers=["lid", "nc1"], workers=2)
+    assert [c[0] for c in calls] == [threading.current_thread().name]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])

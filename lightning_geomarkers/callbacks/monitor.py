@@ -123,7 +123,8 @@ class GeometryMonitor(L.Callback):
             the 1000-class epoch of ``benchmarks/bench_monitor.py`` took a median 3.0 s instead of 3.7 s at 1
             (12 and 5 runs; 1.39-1.58x side by side) (4.1 s instead of 5.0 s with two busy processes on the cores; ``num_threads=2`` took
             12 s there), for about 100-130 MB more peak memory, and the digits head 0.165 s instead of
-            0.221 s (docs/performance.md). ``1`` keeps the markers on one core and the peak lower.
+            0.221 s (docs/performance.md). Capped at the CPUs available to the process. ``1`` keeps the
+            markers on one core and the peak lower.
 
     Example::
 

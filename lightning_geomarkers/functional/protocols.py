@@ -31,7 +31,12 @@ from lightning_geomarkers.functional.glue import (
 from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2_
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
 from lightning_geomarkers.utilities.seeds import as_generator
-from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities.threads import (
+    TorchThreadPool,
+    available_cpus,
+    limit_threads,
+    torch_thread_pool,
+)
 
 __all__ = ["GluePairsResult", "glue_pairs", "glue_joint"]
 
@@ -132,7 +137,7 @@ def glue_pairs(
             more), each with ``num_threads`` intra-op threads. The chunks (of equal sizes, fixed by the
             memory cap, not by ``workers``) and their random draws, made in pair order on the calling
             thread, are the same for every ``workers``, and so are the results, bit for bit. Memory: at
-            most ``workers`` chunks at a time.
+            most ``workers`` chunks at a time. Capped at the CPUs available to the process.
 
     Returns:
         :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together
@@ -153,7 +158,8 @@ def glue_pairs(
     on_cpu = not (isinstance(features, torch.Tensor) and features.device.type != "cpu")
     with ExitStack() as stack:
         stack.enter_context(limit_threads(num_threads if on_cpu else None))
-        pool = stack.enter_context(torch_thread_pool(workers - 1)) if workers > 1 and on_cpu else None
+        helpers = min(workers, available_cpus()) - 1  # more threads than CPUs would only take turns
+        pool = stack.enter_context(torch_thread_pool(helpers)) if helpers and on_cpu else None
         return _glue_pairs(
             features,
             labels,

@@ -34,7 +34,12 @@ from lightning_geomarkers.functional.spectral import (
 from lightning_geomarkers.functional.uncertainty import glue_standard_errors
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int, check_protocol
 from lightning_geomarkers.utilities.seeds import as_generator, split_seeds
-from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities.threads import (
+    TorchThreadPool,
+    available_cpus,
+    limit_threads,
+    torch_thread_pool,
+)
 
 __all__ = ["MarkerInfo", "MARKERS", "MarkerReport", "geometry_markers", "resolve_marker_names"]
 
@@ -164,7 +169,9 @@ def geometry_markers(
             then GLUE, whose chunks of pairs go to any helper idle by then. Torch releases the GIL inside
             its ops, so the threads really run in parallel. Values, ``skipped`` and the error raised under
             ``strict`` are the same for every ``workers``; the peak memory grows by about the kNN working
-            set (about 100 MB at 5000 x 2048). On a GPU everything runs on this thread.
+            set (about 100 MB at 5000 x 2048). Capped at the CPUs available to the process
+            (:func:`~lightning_geomarkers.utilities.available_cpus`); on a GPU everything runs on this
+            thread.
             ``GeometryMonitor`` uses 2.
 
     Memory is bounded: every non-GLUE marker works on 16 MiB float64 blocks (plus a ``min(S, N)^2``
@@ -276,11 +283,8 @@ def _compute(
     # chunks of pairs (GLUE runs last on this thread when there are helpers).
     # Entered around the run below: on exit it waits for its calls (cancels the waiting ones on an error).
     stack = ExitStack()
-    pool = (
-        stack.enter_context(torch_thread_pool(workers - 1))
-        if workers > 1 and x.device.type == "cpu"
-        else None
-    )
+    helpers = min(workers, available_cpus()) - 1  # more threads than CPUs would only take turns
+    pool = stack.enter_context(torch_thread_pool(helpers)) if helpers and x.device.type == "cpu" else None
     tasks: list[tuple[Callable[[MarkerReport], None], str]] = []  # (task, "main" | "last" | "beside")
     glue_wanted = tuple(n for n in names if n in GLUE_MARKER_NAMES)
     if glue_wanted:

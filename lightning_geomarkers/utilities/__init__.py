@@ -15,13 +15,19 @@ from lightning_geomarkers.utilities.checks import (
     check_seed,
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
-from lightning_geomarkers.utilities.threads import TorchThreadPool, limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities.threads import (
+    TorchThreadPool,
+    available_cpus,
+    limit_threads,
+    torch_thread_pool,
+)
 
 __all__ = [
     "TorchThreadPool",
     "as_generator",
     "as_manifolds",
     "as_tensor",
+    "available_cpus",
     "check_features",
     "check_features_labels",
     "check_finite",

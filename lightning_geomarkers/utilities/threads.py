@@ -13,6 +13,7 @@ only itself.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ import torch
 
 from lightning_geomarkers.utilities.checks import check_positive_int
 
-__all__ = ["TorchThreadPool", "limit_threads", "torch_thread_pool"]
+__all__ = ["TorchThreadPool", "available_cpus", "limit_threads", "torch_thread_pool"]
 
 
 @contextmanager
@@ -54,6 +55,19 @@ def limit_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``).
+
+    Example:
+        >>> available_cpus() >= 1
+        True
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 class TorchThreadPool:
