@@ -304,16 +304,7 @@ def _compute(
                 )
                 res: GluePairsResult | GlueResult
                 if glue_protocol == "pairs":
-                    res = _glue_pairs(
-                        z,
-                        y,
-                        n_pairs=n_pairs,
-                        eigen_cutoff=1e-9,
-                        warn=True,
-                        num_threads=1,
-                        pool=pool,
-                        **common,
-                    )
+                    res = _glue_pairs(z, y, n_pairs=n_pairs, num_threads=1, pool=pool, **common)
                 else:
                     res = glue_joint(z, y, **common)
                 del z
