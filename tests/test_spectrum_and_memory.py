@@ -46,7 +46,7 @@ from lightning_geomarkers.functional import (
     within_class_distance,
 )
 from lightning_geomarkers.functional.preprocessing import _center_project
-from lightning_geomarkers.utilities import limit_threads, torch_thread_pool
+from lightning_geomarkers.utilities import SharedWork, limit_threads, torch_thread_pool
 
 EPS = np.finfo(np.float64).eps
 
@@ -356,6 +356,88 @@ def test_thread_pool_waits_for_every_call_and_try_submit_refuses_when_busy():
         queued = pool.submit(torch.get_num_threads)
         raise RuntimeError("boom")
     assert queued.cancelled()  # a raising block cancels what has not started
+
+
+def test_shared_work_runs_each_item_once_and_reraises_the_first_error():
+    # Two threads take items from one SharedWork: every item runs exactly once, setup once and first.
+    log, lock = [], threading.Lock()
+    helper_took, owner_took = threading.Event(), threading.Event()
+
+    def item(i):  # each thread's first item waits until the other thread has taken one
+        with lock:
+            log.append((i, threading.current_thread().name))
+        if threading.current_thread().name.startswith("geomarkers"):
+            helper_took.set()
+            owner_took.wait(timeout=30)
+        else:
+            owner_took.set()
+            helper_took.wait(timeout=30)
+
+    setups = []
+    work = SharedWork(6, item, setup=lambda: setups.append(len(log)))
+    with torch_thread_pool(1) as pool:
+        pool.submit(work.help)
+        work.finish()
+    assert setups == [0]  # once, before any item
+    assert sorted(i for i, _ in log) == list(range(6))
+    assert {name.startswith("geomarkers") for _, name in log} == {True, False}  # both threads took items
+    # A helper's error: help() keeps it, no further item starts, finish() re-raises it.
+    started = []
+
+    def failing(i):
+        started.append(i)
+        if i == 0:
+            raise ValueError("item 0 failed")
+
+    work = SharedWork(4, failing)
+    work.help()  # never raises
+    assert started == [0]
+    with pytest.raises(ValueError, match="item 0 failed"):
+        work.finish()
+    assert started == [0]
+    work = SharedWork(2, started.append, setup=lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        work.finish()
+    assert started == [0]  # a failed setup runs no item
+    SharedWork(0, started.append).finish()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="non-negative int"):
+            SharedWork(bad, started.append)
+
+
+def test_glue_projection_is_shared_with_an_idle_helper_and_gives_the_same_report(monkeypatch):
+    # N = 24 > projection_dim = 8: GLUE's input is projected in row blocks (of 5 rows here, so 30 blocks
+    # for 150 rows); with workers=2 the idle helper takes blocks too, with the same numbers.
+    x, y = _labelled_clouds()
+    monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 5 * 24)
+    threads, helper_took, caller_took = [], threading.Event(), threading.Event()
+    original = prep._CenterProjection._block
+
+    def block(self, i):  # each thread's blocks wait until the other thread has taken one
+        name = threading.current_thread().name
+        threads.append(name)
+        mine, other = (
+            (helper_took, caller_took) if name.startswith("geomarkers") else (caller_took, helper_took)
+        )
+        mine.set()
+        other.wait(timeout=30)
+        return original(self, i)
+
+    monkeypatch.setattr(prep._CenterProjection, "_block", block)
+    names = ["glue_capacity", "glue_dimension", "nc1"]
+    kwargs = dict(markers=names, n_t=20, generator=3, projection_dim=8)
+    helper_took.set()  # workers=1: nobody to wait for
+    one = geometry_markers(x, y, workers=1, **kwargs)
+    assert len(threads) == 30 and set(threads) == {threading.current_thread().name}
+    threads.clear(), helper_took.clear(), caller_took.clear()
+    many = geometry_markers(x, y, workers=2, **kwargs)
+    assert len(threads) == 30 and {t.startswith("geomarkers") for t in threads} == {True, False}
+    for name in names:
+        assert torch.equal(many.values[name], one.values[name]), name
+    # The blocks equal the one-piece projection of the centred features (random_projection's draws).
+    z = _center_project(x, 8, centered=True, generator=7)
+    ref = random_projection(center(x), 8, generator=7)
+    torch.testing.assert_close(z, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_workers_are_capped_at_the_available_cpus(monkeypatch):

@@ -31,6 +31,7 @@ from lightning_geomarkers.utilities.checks import (
     check_positive_int,
 )
 from lightning_geomarkers.utilities.seeds import as_generator
+from lightning_geomarkers.utilities.threads import SharedWork
 
 __all__ = ["center", "random_projection", "per_class_subsample"]
 
@@ -135,25 +136,58 @@ def _center_project(
     centred ``(S, N)`` copy never exists: each centred row block is projected at once, so the only
     full-size allocation is the ``(S, out_dim)`` result. ``x`` must already be validated.
     """
-    if x.shape[1] <= out_dim:
-        return center(x) if centered else x
-    g = as_generator(generator)
-    n_features = x.shape[1]
-    proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
-    proj = proj.to(device=x.device, dtype=x.dtype)
-    out = x.new_empty((x.shape[0], out_dim))
-    blocks = _Blocks(x, centered=True) if centered else None
-    step = _rows_per_block(n_features)
-    for start in range(0, x.shape[0], step):
-        sl = slice(start, start + step)
+    return _CenterProjection(x, out_dim, centered=centered, generator=generator).result()
+
+
+class _CenterProjection:
+    """:func:`_center_project` as :class:`~lightning_geomarkers.utilities.threads.SharedWork`: its row
+    blocks can be shared by several threads (``work.help()`` on idle ones, then :meth:`result`), with the
+    same blocks, and so the same numbers, whoever computes them. Nothing is drawn or allocated before
+    the first block is taken, and only the result is kept after :meth:`result`."""
+
+    def __init__(
+        self, x: torch.Tensor, out_dim: int, *, centered: bool, generator: torch.Generator | int | None
+    ) -> None:
+        self.x, self.out_dim, self.centered, self.generator = x, out_dim, centered, generator
+        self.project = x.shape[1] > out_dim
+        self.step = _rows_per_block(x.shape[1])
+        # (projection matrix, centring blocks or None, output) once set up.
+        self._state: tuple[torch.Tensor, _Blocks | None, torch.Tensor] | None = None
+        self.out: torch.Tensor | None = None
+        self.work = SharedWork(-(-x.shape[0] // self.step) if self.project else 1, self._block, self._setup)
+
+    def _setup(self) -> None:
+        x = self.x
+        if self.project:
+            g = as_generator(self.generator)
+            proj = torch.randn(x.shape[1], self.out_dim, generator=g, dtype=torch.float64)
+            proj = (proj / math.sqrt(self.out_dim)).to(device=x.device, dtype=x.dtype)
+            self.out = x.new_empty((x.shape[0], self.out_dim))
+            self._state = (proj, _Blocks(x, centered=True) if self.centered else None, self.out)
+
+    def _block(self, i: int) -> None:
+        x = self.x
+        if self._state is None:  # no projection: one item
+            self.out = center(x) if self.centered else x
+            return
+        proj, blocks, out = self._state
+        sl = slice(i * self.step, (i + 1) * self.step)
         part = _unscale(blocks.block(sl), blocks.shift).to(x.dtype) if blocks is not None else x[sl]
         out[sl] = part @ proj
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(
-            f"Centring or the random projection overflowed {x.dtype}: `features` values are too large. "
-            "Rescale the features (or cast them to float64) first."
-        )
-    return out
+
+    def result(self) -> torch.Tensor:
+        """The centred, projected features: the blocks not taken yet are computed on this thread."""
+        self.work.finish()
+        self._state = None
+        out = self.out
+        if out is None:  # pragma: no cover - finish() ran every item or raised
+            raise RuntimeError("the projection produced no result")
+        if self.project and not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"Centring or the random projection overflowed {self.x.dtype}: `features` values are too "
+                "large. Rescale the features (or cast them to float64) first."
+            )
+        return out
 
 
 def per_class_subsample(

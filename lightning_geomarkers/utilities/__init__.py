@@ -16,6 +16,7 @@ from lightning_geomarkers.utilities.checks import (
 )
 from lightning_geomarkers.utilities.seeds import as_generator, child_generators, split_seeds
 from lightning_geomarkers.utilities.threads import (
+    SharedWork,
     TorchThreadPool,
     available_cpus,
     limit_threads,
@@ -23,6 +24,7 @@ from lightning_geomarkers.utilities.threads import (
 )
 
 __all__ = [
+    "SharedWork",
     "TorchThreadPool",
     "as_generator",
     "as_manifolds",

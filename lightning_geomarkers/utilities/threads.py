@@ -24,7 +24,7 @@ import torch
 
 from lightning_geomarkers.utilities.checks import check_positive_int
 
-__all__ = ["TorchThreadPool", "available_cpus", "limit_threads", "torch_thread_pool"]
+__all__ = ["SharedWork", "TorchThreadPool", "available_cpus", "limit_threads", "torch_thread_pool"]
 
 
 @contextmanager
@@ -118,6 +118,81 @@ class TorchThreadPool:
     def shutdown(self, cancel: bool = False) -> None:
         """Wait for every submitted call; with ``cancel``, calls not started yet are cancelled instead."""
         self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class SharedWork:
+    """Items ``0 .. n - 1`` of one computation, each run exactly once by whichever threads take part.
+
+    The owner calls :meth:`finish`; any thread with nothing else to do may call :meth:`help` before or
+    meanwhile (e.g. a :class:`TorchThreadPool` call queued after other work). Both take the next item in
+    index order until none is left, so the items are split between the threads that are actually free,
+    and each item's arithmetic is the same whoever runs it. ``setup`` (optional) runs once, before the
+    first item, on the thread that takes it (the others wait for it): allocations and random draws happen
+    only when the work starts. After a failure (in ``setup`` or an item, on any thread) no further item is
+    started, and :meth:`finish` re-raises the first error once the running items have ended.
+
+    Args:
+        n: number of items (``>= 0``).
+        fn: ``fn(i)`` runs item ``i``.
+        setup: called once, first.
+
+    Example:
+        >>> done = []
+        >>> work = SharedWork(3, done.append)
+        >>> with torch_thread_pool(1) as pool:
+        ...     _ = pool.submit(work.help)
+        ...     work.finish()  # runs what the helper has not taken, waits for what it has
+        >>> sorted(done)
+        [0, 1, 2]
+    """
+
+    def __init__(self, n: int, fn: Callable[[int], Any], setup: Callable[[], Any] | None = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"`n` must be a non-negative int (the number of items), got {n!r}.")
+        self._n, self._fn, self._setup = n, fn, setup
+        self._cond = threading.Condition()
+        self._next = 0  # items taken
+        self._ended = 0  # items that returned or raised
+        self._error: BaseException | None = None
+
+    def _take(self) -> int | None:
+        with self._cond:
+            if self._error is not None or self._next >= self._n:
+                return None
+            if self._setup is not None:  # the first taker sets up while the others wait on the lock
+                setup, self._setup = self._setup, None
+                try:
+                    setup()
+                except BaseException as err:
+                    self._error = err
+                    return None
+            self._next += 1
+            return self._next - 1
+
+    def _work(self) -> None:
+        while (i := self._take()) is not None:
+            error = None
+            try:
+                self._fn(i)
+            except BaseException as err:
+                error = err
+            with self._cond:
+                self._ended += 1
+                if error is not None and self._error is None:
+                    self._error = error
+                self._cond.notify_all()
+
+    def help(self) -> None:
+        """Run items until none is left; never raises (errors are kept for :meth:`finish`)."""
+        self._work()
+
+    def finish(self) -> None:
+        """Run the items left, wait for those other threads are running, re-raise the first error."""
+        self._work()
+        with self._cond:
+            self._cond.wait_for(lambda: self._ended >= self._next)
+            if self._error is not None:
+                raise self._error
 
 
 @contextmanager
