@@ -25,7 +25,9 @@ from lightning_geomarkers.functional.glue import (
     _normalised_gram,
     _separable_probes,
 )
+from lightning_geomarkers.functional.protocols import _glue_pairs
 from lightning_geomarkers.testing import geometry_clouds, reference_glue
+from lightning_geomarkers.utilities import limit_threads, torch_thread_pool
 
 # The package re-exports the functions under the module names, so fetch the modules themselves.
 glue_module = importlib.import_module("lightning_geomarkers.functional.glue")
@@ -165,8 +167,6 @@ def test_pairs_workers_solve_chunks_concurrently_with_identical_results(monkeypa
     assert threads == {threading.current_thread().name} and peak[0] == 1
     threads.clear()
     two = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4, workers=2)
-    # The first chunk always goes to the idle helper; the calling thread solves what it cannot take.
-    assert any(name.startswith("geomarkers") for name in threads)
     assert threads <= {threading.current_thread().name} | {n for n in threads if n.startswith("geomarkers")}
     assert peak[0] <= 2  # bounded: at most `workers` chunks solved at once
     assert torch.equal(one.pairs, two.pairs) and one.n_degenerate == two.n_degenerate
@@ -174,6 +174,38 @@ def test_pairs_workers_solve_chunks_concurrently_with_identical_results(monkeypa
         assert torch.equal(one.per_pair[name], two.per_pair[name]), name
     with pytest.raises(ValueError, match="workers"):
         glue_pairs(x, y, n_t=5, workers=0)
+
+    # A helper that is busy when GLUE starts joins in as soon as it is free, while the calling thread is
+    # still solving its first chunk (it used to be offered only the chunk after that one).
+    monkeypatch.setattr(protocols_module, "_glue_groups", original)
+    gate, helper_started = threading.Event(), threading.Event()
+    spans, lock = [], threading.Lock()
+
+    def observed(*args, **kwargs):
+        name = threading.current_thread().name
+        if name.startswith("geomarkers"):
+            helper_started.set()
+        else:
+            gate.set()  # frees the helper: from now on it is idle
+            helper_started.wait(timeout=30)  # the first chunk here waits until the helper has one too
+        with lock:
+            spans.append((name, "start"))
+        out = original(*args, **kwargs)
+        with lock:
+            spans.append((name, "end"))
+        return out
+
+    monkeypatch.setattr(protocols_module, "_glue_groups", observed)
+    with limit_threads(1), torch_thread_pool(1) as pool:
+        pool.submit(gate.wait, 30)  # the helper's earlier work (LID in geometry_markers)
+        busy = _glue_pairs(
+            x, y, points_per_class=15, n_pairs=None, n_t=30, dichotomies="random", max_classes=None,
+            generator=4, num_threads=1, pool=pool,
+        )  # fmt: skip
+    first_end = spans.index((threading.current_thread().name, "end"))
+    assert any(n.startswith("geomarkers") and e == "start" for n, e in spans[:first_end])
+    for name in GLUE_MARKERS:
+        assert torch.equal(busy.per_pair[name], one.per_pair[name]), name
 
 
 def test_results_do_not_depend_on_thread_setting_and_setting_is_restored():

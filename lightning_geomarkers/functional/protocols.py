@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from concurrent.futures import Future
+import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +33,7 @@ from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift
 from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
 from lightning_geomarkers.utilities.seeds import as_generator
 from lightning_geomarkers.utilities.threads import (
+    SharedWork,
     TorchThreadPool,
     available_cpus,
     limit_threads,
@@ -134,10 +136,11 @@ def glue_pairs(
         warn: emit warnings for degenerate probes / non-convergence.
         num_threads: torch intra-op threads on CPU for the computation (see :func:`glue`).
         workers: on CPU, threads solving chunks of pairs at once (the calling thread and ``workers - 1``
-            more), each with ``num_threads`` intra-op threads. The chunks (of equal sizes, fixed by the
-            memory cap, not by ``workers``) and their random draws, made in pair order on the calling
-            thread, are the same for every ``workers``, and so are the results, bit for bit. Memory: at
-            most ``workers`` chunks at a time. Capped at the CPUs available to the process.
+            more), each with ``num_threads`` intra-op threads, each taking the next chunk when it is
+            free. The chunks (of equal sizes, fixed by the memory cap, not by ``workers``) and their
+            random draws, made in pair order whichever thread solves them, are the same for every
+            ``workers``, and so are the results, bit for bit. Memory: at most ``workers`` chunks at a
+            time. Capped at the CPUs available to the process.
 
     Returns:
         :class:`GluePairsResult`. Computed in float64 on the features' device, pairs batched together
@@ -191,8 +194,8 @@ def _glue_pairs(
     num_threads: int | None,
     pool: TorchThreadPool | None,
 ) -> GluePairsResult:
-    """:func:`glue_pairs`, with the chunks of pairs offered to the idle threads of ``pool`` (each chunk
-    the pool cannot take at once is solved on the calling thread)."""
+    """:func:`glue_pairs`, with the chunks of pairs shared with the threads of ``pool``: each joins in
+    once it is idle, and the calling thread solves the chunks nobody else has taken."""
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     points_per_class = check_positive_int(points_per_class, "points_per_class", minimum=2)
     n_t = check_positive_int(n_t, "n_t")
@@ -223,43 +226,63 @@ def _glue_pairs(
     # points (``_span_probes``, the same law), which avoids n_t x N normals and the X t product per pair.
     in_span = 2 * m_max <= n_feat
     shift = _safe_shift(_abs_peak(x))  # a power of two only where squares could overflow or underflow
-    # Each chunk's result, or its Future while a pool thread solves it: at most one chunk per pool thread
-    # plus the one on this thread are in memory at once.
-    slots: list[dict[str, Any] | Future[dict[str, Any]]] = []
+    chunks = [all_pairs[start : start + chunk] for start in range(0, n_groups, chunk)]
+
+    def draw(chunk_pairs: list[tuple[int, int]]) -> Callable[[], dict[str, Any]]:
+        """The chunk's subsamples, dichotomies and probes (drawn from ``gen`` in pair order), as a solve."""
+        n_chunk = len(chunk_pairs)
+        points = x.new_zeros((n_chunk, 2, m_max, n_feat), dtype=torch.float64)
+        mask = torch.zeros((n_chunk, 2, m_max), dtype=torch.bool, device=x.device)
+        probes = None if in_span else torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64)
+        labels_y = torch.empty((n_chunk, n_t, 2), dtype=torch.float64)
+        probe_gens = []
+        for g_i, pair in enumerate(chunk_pairs):
+            for side, cls in enumerate(pair):
+                idx = _subsample_indices(members[cls], points_per_class, gen)
+                points[g_i, side, : idx.numel()] = x[idx]
+                mask[g_i, side, : idx.numel()] = True
+            t, labels_y[g_i], g_t = _prepare_probes(None, dichotomies, n_t, 2, n_feat, gen, draw=not in_span)
+            probe_gens.append(g_t)
+            if probes is not None and t is not None:
+                probes[g_i] = t
+        _times_pow2_(points, shift)
+        return partial(
+            _glue_groups,
+            points,
+            mask,
+            labels_y.to(x.device),
+            probes=None if probes is None else probes.to(x.device),
+            generators=probe_gens,
+            eigen_cutoff=float(eigen_cutoff),
+            max_iter=None,
+        )
+
+    # The chunks are shared work: this thread takes them in order, and each pool thread joins in as soon
+    # as it is idle (its call is queued behind the pool's other work), so a chunk never waits for a busy
+    # thread while another is free. Whoever solves a chunk, it draws from ``gen`` only after the chunk
+    # before it has drawn, so the random streams (and the results) are those of one thread. At most one
+    # chunk per thread is in memory at once.
+    outs: list[dict[str, Any]] = [{} for _ in chunks]
+    turn = threading.Condition()
+    drawn = 0
+
+    def solve_chunk(c: int) -> None:
+        nonlocal drawn
+        with turn:
+            turn.wait_for(lambda: drawn == c)
+            try:
+                solve = draw(chunks[c])
+            finally:
+                drawn += 1
+                turn.notify_all()
+        outs[c] = solve()
+
+    work = SharedWork(len(chunks), solve_chunk)
     with limit_threads(num_threads if x.device.type == "cpu" else None):
-        for start in range(0, n_groups, chunk):
-            chunk_pairs = all_pairs[start : start + chunk]
-            n_chunk = len(chunk_pairs)
-            points = x.new_zeros((n_chunk, 2, m_max, n_feat), dtype=torch.float64)
-            mask = torch.zeros((n_chunk, 2, m_max), dtype=torch.bool, device=x.device)
-            probes = None if in_span else torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64)
-            labels_y = torch.empty((n_chunk, n_t, 2), dtype=torch.float64)
-            probe_gens = []
-            for g_i, pair in enumerate(chunk_pairs):
-                for side, cls in enumerate(pair):
-                    idx = _subsample_indices(members[cls], points_per_class, gen)
-                    points[g_i, side, : idx.numel()] = x[idx]
-                    mask[g_i, side, : idx.numel()] = True
-                t, labels_y[g_i], g_t = _prepare_probes(
-                    None, dichotomies, n_t, 2, n_feat, gen, draw=not in_span
-                )
-                probe_gens.append(g_t)
-                if probes is not None and t is not None:
-                    probes[g_i] = t
-            _times_pow2_(points, shift)
-            solve = partial(
-                _glue_groups,
-                points,
-                mask,
-                labels_y.to(x.device),
-                probes=None if probes is None else probes.to(x.device),
-                generators=probe_gens,
-                eigen_cutoff=float(eigen_cutoff),
-                max_iter=None,
-            )
-            future = None if pool is None else pool.try_submit(solve)
-            slots.append(solve() if future is None else future)
-    outs = [slot.result() if isinstance(slot, Future) else slot for slot in slots]
+        if pool is not None:
+            for _ in range(min(pool.workers, len(chunks) - 1)):
+                pool.submit(work.help)
+        work.finish()
     per_pair = {name: torch.cat([o[name] for o in outs]) for name in GLUE_MARKERS}
     means = {name: torch.nanmean(v) for name, v in per_pair.items()}
     stds = {

@@ -166,8 +166,8 @@ def geometry_markers(
         workers: on CPU, threads computing the markers concurrently (this one and ``workers - 1``
             helpers), each with ``num_threads`` intra-op threads. The helpers start LID and TwoNN (the kNN
             search) at once, then the row blocks of GLUE's centring and projection, while this thread
-            runs the spectrum, NC1 and the within-class distance and then GLUE, whose chunks of pairs go
-            to any helper idle by then. Torch releases the GIL inside
+            runs the spectrum, NC1 and the within-class distance and then GLUE, whose chunks of pairs each
+            helper joins in solving as soon as it is idle. Torch releases the GIL inside
             its ops, so the threads really run in parallel. Values, ``skipped`` and the error raised under
             ``strict`` are the same for every ``workers``; the peak memory grows by about the kNN working
             set (about 100 MB at 5000 x 2048). Capped at the CPUs available to the process
@@ -253,8 +253,8 @@ def _compute(
     With one worker they run in this order on the calling thread. With several, ``workers - 1`` helper
     threads start the kNN markers (LID, TwoNN: the largest single cost for wide features) at once, then
     the row blocks of GLUE's centring and projection, while the calling thread runs the spectrum, NC1 and
-    the within-class distance, then GLUE (the projection's blocks left first), whose chunks of pairs go
-    to any helper that is idle by then (the rest are solved on the calling thread). GLUE's solver state
+    the within-class distance, then GLUE (the projection's blocks left first), whose chunks of pairs each
+    helper joins in solving as soon as it is idle (the rest are solved on the calling thread). GLUE's solver state
     and the spectrum's never overlap; a helper's blocks and chunks reuse what LID freed.
     """
 
@@ -282,7 +282,7 @@ def _compute(
         attempt(part, (key,), single(key, fn), key)
 
     # Helper threads (workers - 1): they take the kNN markers at once, then GLUE's projection blocks,
-    # then any idle one takes GLUE's chunks of pairs (GLUE runs last on this thread when there are helpers).
+    # then GLUE's chunks of pairs once idle (GLUE runs last on this thread when there are helpers).
     # Entered around the run below: on exit it waits for its calls (cancels the waiting ones on an error).
     stack = ExitStack()
     helpers = min(workers, available_cpus()) - 1  # more threads than CPUs would only take turns
