@@ -165,9 +165,9 @@ def geometry_markers(
             (see ``docs/performance.md``).
         workers: on CPU, threads computing the markers concurrently (this one and ``workers - 1``
             helpers), each with ``num_threads`` intra-op threads. The helpers start LID and TwoNN (the kNN
-            search) at once, then the row blocks of GLUE's centring and projection, while this thread
-            runs the spectrum, NC1 and the within-class distance and then GLUE, whose chunks of pairs each
-            helper joins in solving as soon as it is idle. Torch releases the GIL inside
+            search) at once, while this thread runs the spectrum, NC1 and the within-class distance and
+            then GLUE, whose centring and projection (in row blocks) and chunks of pairs each helper joins
+            in as soon as it is idle. Torch releases the GIL inside
             its ops, so the threads really run in parallel. Values, ``skipped`` and the error raised under
             ``strict`` are the same for every ``workers``; the peak memory grows by about the kNN working
             set (about 100 MB at 5000 x 2048). Capped at the CPUs available to the process
@@ -251,10 +251,10 @@ def _compute(
     other marker), each filling its own partial report, run by :func:`_run_tasks` and merged in task
     order: values, skip reasons and the error raised under ``strict`` do not depend on the scheduling.
     With one worker they run in this order on the calling thread. With several, ``workers - 1`` helper
-    threads start the kNN markers (LID, TwoNN: the largest single cost for wide features) at once, then
-    the row blocks of GLUE's centring and projection, while the calling thread runs the spectrum, NC1 and
-    the within-class distance, then GLUE (the projection's blocks left first), whose chunks of pairs each
-    helper joins in solving as soon as it is idle (the rest are solved on the calling thread). GLUE's solver state
+    threads start the kNN markers (LID, TwoNN: the largest single cost for wide features) at once, while
+    the calling thread runs the spectrum, NC1 and the within-class distance, then GLUE, whose centring
+    and projection (in row blocks) and chunks of pairs each helper joins in as soon as it is idle (the
+    rest are done on the calling thread). GLUE's solver state
     and the spectrum's never overlap; a helper's blocks and chunks reuse what LID freed.
     """
 
@@ -281,28 +281,28 @@ def _compute(
     def marker_task(key: str, fn: Callable[[], Any], part: MarkerReport) -> None:
         attempt(part, (key,), single(key, fn), key)
 
-    # Helper threads (workers - 1): they take the kNN markers at once, then GLUE's projection blocks,
-    # then GLUE's chunks of pairs once idle (GLUE runs last on this thread when there are helpers).
+    # Helper threads (workers - 1): they take the kNN markers at once, then join in GLUE's projection
+    # blocks and chunks of pairs once idle (GLUE runs last on this thread when there are helpers).
     # Entered around the run below: on exit it waits for its calls (cancels the waiting ones on an error).
     stack = ExitStack()
     helpers = min(workers, available_cpus()) - 1  # more threads than CPUs would only take turns
     pool = stack.enter_context(torch_thread_pool(helpers)) if helpers and x.device.type == "cpu" else None
     tasks: list[tuple[Callable[[MarkerReport], None], str]] = []  # (task, "main" | "last" | "beside")
     glue_wanted = tuple(n for n in names if n in GLUE_MARKER_NAMES)
-    projection: _CenterProjection | None = None
     if glue_wanted:
-        # GLUE's input: its row blocks go to a helper as soon as it is idle (queued after the kNN markers),
-        # the rest are done on this thread when GLUE starts.
-        projection = _CenterProjection(
-            x,
-            x.shape[1] if projection_dim is None else projection_dim,
-            centered=center_features,
-            generator=None if projection_dim is None else seeds[0],
-        )
 
         def glue_task(part: MarkerReport) -> None:
             def run_glue() -> dict[str, Any]:
-                assert projection is not None
+                # GLUE's input, centred and projected in row blocks that a helper takes too once it is
+                # idle (after the kNN markers; never beside the spectrum, whose working set is large).
+                projection = _CenterProjection(
+                    x,
+                    x.shape[1] if projection_dim is None else projection_dim,
+                    centered=center_features,
+                    generator=None if projection_dim is None else seeds[0],
+                )
+                if pool is not None and projection.project:
+                    pool.submit(projection.work.help)
                 z = projection.result()
                 common: dict[str, Any] = dict(
                     points_per_class=points_per_class,
@@ -360,9 +360,6 @@ def _compute(
         if name in others:
             fn, where = others[name]
             tasks.append((partial(marker_task, name, fn), where))
-    if projection is not None and pool is not None and projection.project:
-        # Not a marker: its values and errors reach the GLUE task through ``projection.result()``.
-        tasks.append((lambda part: projection.work.help(), "beside"))
 
     with stack:
         parts = _run_tasks(tasks, pool)
