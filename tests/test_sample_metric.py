@@ -359,11 +359,15 @@ def test_set_dtype_converts_only_the_features_and_to_moves_everything() -> None:
     assert s.num_stored == 12
 
 
-def test_gather_rows_equals_concatenate_then_index():
+@pytest.mark.parametrize("temp_rows", [None, 1, 2])
+def test_gather_rows_equals_concatenate_then_index(monkeypatch, temp_rows):
     """The compaction's row gather from the chunks equals indexing their concatenation (empty chunks,
-    repeated and unordered rows included)."""
+    repeated and unordered rows included), also through temporaries of one or two rows."""
+    import lightning_geomarkers.metrics.sample as sample_module
     from lightning_geomarkers.metrics.sample import _gather_rows
 
+    if temp_rows is not None:
+        monkeypatch.setattr(sample_module, "_GATHER_BYTES", temp_rows * 7 * 4)
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randn(n, 7, generator=g) for n in (5, 0, 1, 12, 3)]
     whole = torch.cat(chunks)

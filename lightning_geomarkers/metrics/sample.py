@@ -84,19 +84,27 @@ def _cat(chunks: Any) -> torch.Tensor:
     return chunks if isinstance(chunks, torch.Tensor) else torch.cat(list(chunks))
 
 
+#: Bytes of one temporary of :func:`_gather_rows`: small enough for the allocator to hand the same
+#: memory back for the next one, where a temporary as large as the store is fresh memory (page faults)
+#: every time.
+_GATHER_BYTES = 1 << 22
+
+
 def _gather_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """``torch.cat(chunks)[rows]`` without the concatenation: only the selected rows are copied (the
-    chunks are many batches' worth of feature rows, most of them dropped by a compaction)."""
+    chunks are many batches' worth of feature rows, most of them dropped by a compaction), through
+    temporaries of at most ``_GATHER_BYTES``."""
     if len(chunks) == 1:
         return chunks[0].index_select(0, rows)
     sizes = torch.tensor([c.shape[0] for c in chunks], device=rows.device)
     ends = torch.cumsum(sizes, 0)
     which = torch.bucketize(rows, ends, right=True)  # the chunk of each selected row
     out = chunks[0].new_empty((rows.numel(), chunks[0].shape[1]))
+    step = max(1, _GATHER_BYTES // max(1, out.shape[1] * out.element_size()))
     for i, chunk in enumerate(chunks):
         pos = torch.nonzero(which == i).squeeze(1)
-        if pos.numel():
-            out.index_copy_(0, pos, chunk.index_select(0, rows[pos] - (ends[i] - sizes[i])))
+        for part in pos.split(step):
+            out.index_copy_(0, part, chunk.index_select(0, rows[part] - (ends[i] - sizes[i])))
     return out
 
 
