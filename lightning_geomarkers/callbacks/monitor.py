@@ -118,13 +118,14 @@ class GeometryMonitor(L.Callback):
             many small solver ops and the large decompositions ran 3-13x slower at 2 threads than at 1
             (see docs/performance.md). On a GPU it only affects the little CPU work.
         workers: on CPU, threads computing the markers concurrently (see ``geometry_markers``), each with
-            ``num_threads`` intra-op threads: LID beside the spectrum, then GLUE's chunks of pairs on
-            both. The values are identical for every setting. Default 2: on the 2-core test machine
-            the 1000-class epoch of ``benchmarks/bench_monitor.py`` took a median 3.0 s instead of 3.7 s at 1
-            (12 and 5 runs; 1.39-1.58x side by side) (4.1 s instead of 5.0 s with two busy processes on the cores; ``num_threads=2`` took
-            12 s there), for about 100-130 MB more peak memory, and the digits head 0.165 s instead of
-            0.221 s (docs/performance.md). Capped at the CPUs available to the process. ``1`` keeps the
-            markers on one core and the peak lower.
+            ``num_threads`` intra-op threads: LID beside the spectrum, then GLUE's projection and chunks
+            of pairs on both. The values are identical for every setting. Default 2: on the 2-core test
+            machine the 1000-class epoch of ``benchmarks/bench_monitor.py`` took 2.52-2.87 s instead of
+            4.32-4.58 s at 1 (1.59-1.68x side by side; 4.3 s instead of 6.6 s with two busy processes
+            on the cores, where ``num_threads=2`` had taken 12 s against 5.0 s), for about 50-100 MB
+            more peak memory, and the digits head 0.24 s instead of 0.33 s (docs/performance.md). Capped
+            at the CPUs available to the process. ``1`` keeps the markers on one core and the peak
+            lower.
 
     Example::
 
