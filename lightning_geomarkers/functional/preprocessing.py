@@ -161,7 +161,7 @@ class _CenterProjection:
         if self.project:
             g = as_generator(self.generator)
             proj = torch.randn(x.shape[1], self.out_dim, generator=g, dtype=torch.float64)
-            proj = (proj / math.sqrt(self.out_dim)).to(device=x.device, dtype=x.dtype)
+            proj = proj.div_(math.sqrt(self.out_dim)).to(device=x.device, dtype=x.dtype)
             self.out = x.new_empty((x.shape[0], self.out_dim))
             self._state = (proj, _Blocks(x, centered=True) if self.centered else None, self.out)
 
@@ -172,8 +172,8 @@ class _CenterProjection:
             return
         proj, blocks, out = self._state
         sl = slice(i * self.step, (i + 1) * self.step)
-        part = _unscale(blocks.block(sl), blocks.shift).to(x.dtype) if blocks is not None else x[sl]
-        out[sl] = part @ proj
+        part = _times_pow2_(blocks.block(sl), -blocks.shift).to(x.dtype) if blocks is not None else x[sl]
+        torch.matmul(part, proj, out=out[sl])  # a row slice of ``out`` is contiguous: no temporary
 
     def result(self) -> torch.Tensor:
         """The centred, projected features: the blocks not taken yet are computed on this thread."""
