@@ -479,6 +479,29 @@ def _all_non_glue(x, y):
     }
 
 
+def test_reused_blocks_equal_fresh_ones_and_stay_per_thread():
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(30, 8)) * 1e200)  # shifted: huge values
+    blocks = prep._Blocks(x, centered=True)
+    assert blocks.shift != 0
+    first = blocks.block(slice(0, 10), reuse=True)
+    assert torch.equal(first, blocks.block(slice(0, 10)))
+    again = blocks.block(slice(10, 25), reuse=True)  # larger: the buffer grows
+    assert torch.equal(again, blocks.block(slice(10, 25)))
+    third = blocks.block(slice(25, 30), slice(2, 6), reuse=True)  # a column slice too
+    assert torch.equal(third, blocks.block(slice(25, 30), slice(2, 6)))
+    assert third.data_ptr() == again.data_ptr()  # the same memory: the next reuse overwrites it
+    other = []
+    worker = threading.Thread(target=lambda: other.append(blocks.block(slice(0, 10), reuse=True)))
+    worker.start(), worker.join()
+    assert torch.equal(other[0], blocks.block(slice(0, 10)))
+    assert other[0].data_ptr() != third.data_ptr()  # another thread: its own buffer
+    assert torch.equal(third, blocks.block(slice(25, 30), slice(2, 6)))  # untouched by that thread
+    # The Gram's upper triangle without the mirror is the mirrored Gram's.
+    full = prep._gram64(blocks)
+    upper = prep._gram64(blocks, mirror=False)
+    assert torch.equal(upper.triu(), full.triu()) and torch.equal(full, full.T)
+
+
 @pytest.mark.parametrize(
     ("offset", "spread", "second_pass"),
     [(3.0, 1.0, False), (1e-80, 1e-92, True), (1e-80, 1e-89, False), (0.0, 0.0, False)],
@@ -492,7 +515,9 @@ def test_blocks_measure_the_centred_peak_only_when_it_may_need_rescaling(
     monkeypatch.setattr(prep, "_BLOCK_ELEMENTS", 40)  # blocks of 10 rows: 5 per pass
     calls = []
     original = prep._Blocks._raw
-    monkeypatch.setattr(prep._Blocks, "_raw", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        prep._Blocks, "_raw", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
     blocks = prep._Blocks(torch.from_numpy(x), centered=True)
     assert len(calls) == 1 + 5 + (5 if second_pass else 0)
     shifted = x - x[:1]

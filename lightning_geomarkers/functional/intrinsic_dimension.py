@@ -290,7 +290,7 @@ def _squared_norms(blocks: _Blocks) -> torch.Tensor:
     out = torch.empty(n_points, dtype=torch.float64, device=blocks.x.device)
     step = _rows_per_block(n_feat)
     for start in range(0, n_points, step):
-        out[start : start + step] = blocks.block(slice(start, start + step)).square().sum(dim=1)
+        out[start : start + step] = blocks.block(slice(start, start + step), reuse=True).square().sum(dim=1)
     return out
 
 

@@ -68,7 +68,7 @@ def _neural_collapse(x: torch.Tensor, y: torch.Tensor, rtol: float) -> torch.Ten
     sums = torch.zeros((n_classes, n_feat), dtype=torch.float64, device=x.device)
     for start in range(0, n_rows, step):
         sl = slice(start, start + step)
-        sums.index_add_(0, inverse[sl], blocks.block(sl))
+        sums.index_add_(0, inverse[sl], blocks.block(sl, reuse=True))
     means = sums / counts.to(torch.float64).unsqueeze(1)
     between, shift = _scaled64(means - means.mean(dim=0, keepdim=True))
     if float(between.abs().max()) == 0.0:
@@ -81,9 +81,11 @@ def _neural_collapse(x: torch.Tensor, y: torch.Tensor, rtol: float) -> torch.Ten
     directions = vh[keep].T  # (N, K)
     # ||W v_k||^2 accumulated over row blocks of the within-class residuals W.
     proj_sq = torch.zeros(directions.shape[1], dtype=torch.float64, device=x.device)
+    class_means = torch.empty(0, dtype=torch.float64, device=x.device)  # reused for every block's rows
     for start in range(0, n_rows, step):
         sl = slice(start, start + step)
-        resid = blocks.block(sl).sub_(means[inverse[sl]])
+        class_means = torch.index_select(means, 0, inverse[sl], out=class_means.resize_(0))
+        resid = blocks.block(sl, reuse=True).sub_(class_means)
         proj_sq += (resid @ directions).square().sum(dim=0)
     # ||W v_k|| / s_k, with s_k of the rescaled class means: undo the power-of-two shift before squaring.
     ratios = _times_pow2(proj_sq.sqrt() / sv[keep], shift)

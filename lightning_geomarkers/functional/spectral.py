@@ -103,8 +103,10 @@ def _spectrum64(x: torch.Tensor, centered: bool) -> tuple[torch.Tensor, int]:
     overflow and underflow), so scale-invariant markers can use them directly, whatever the input's scale.
     """
     blocks = _Blocks(x, centered=centered)
-    gram = _gram64(blocks)
-    lam = torch.linalg.eigvalsh(gram).flip(0)
+    # Only the upper triangle is filled, and eigvalsh reads only one: the lower one of the transpose (the
+    # default, whose LAPACK path was 15% faster here than UPLO="U"; the transpose is a view).
+    gram = _gram64(blocks, mirror=False)
+    lam = torch.linalg.eigvalsh(gram.mT).flip(0)
     floor = _GRAM_FLOOR * gram.shape[0] * torch.finfo(torch.float64).eps * lam[:1].clamp_min(0)
     lam = torch.where(lam > floor, lam, torch.zeros_like(lam))
     return lam.sqrt(), blocks.shift
