@@ -120,9 +120,9 @@ class GeometryMonitor(L.Callback):
         workers: on CPU, threads computing the markers concurrently (see ``geometry_markers``), each with
             ``num_threads`` intra-op threads: LID beside the spectrum, then GLUE's projection and chunks
             of pairs on both. The values are identical for every setting. Default 2: on the 2-core test
-            machine the 1000-class epoch of ``benchmarks/bench_monitor.py`` took 2.52-2.87 s instead of
-            4.32-4.58 s at 1 (1.59-1.68x side by side; 4.3 s instead of 6.6 s with two busy processes
-            on the cores, where ``num_threads=2`` had taken 12 s against 5.0 s), for about 50-100 MB
+            machine the 1000-class epoch of ``benchmarks/bench_monitor.py`` took 2.0-3.0 s (median 2.2 s)
+            instead of 3.7-4.6 s at 1 (1.24-1.81x side by side; 4.3-4.6 s instead of 5.8-6.6 s with two
+            busy processes on the cores, where ``num_threads=2`` had taken 12 s against 5.0 s), for 50-100 MB
             more peak memory, and the digits head 0.24 s instead of 0.33 s (docs/performance.md). Capped
             at the CPUs available to the process. ``1`` keeps the markers on one core and the peak
             lower.
