@@ -123,7 +123,7 @@ class GeometryMonitor(L.Callback):
             machine the 1000-class epoch of ``benchmarks/bench_monitor.py`` took 2.0-3.0 s (median 2.2 s)
             instead of 3.7-4.6 s at 1 (1.24-1.81x side by side; 4.3-4.6 s instead of 5.8-6.6 s with two
             busy processes on the cores, where ``num_threads=2`` had taken 12 s against 5.0 s), for 50-100 MB
-            more peak memory, and the digits head 0.24 s instead of 0.33 s (docs/performance.md). Capped
+            more peak memory, and the digits head 0.21-0.24 s instead of 0.29-0.33 s (docs/performance.md). Capped
             at the CPUs available to the process. ``1`` keeps the markers on one core and the peak
             lower.
 
