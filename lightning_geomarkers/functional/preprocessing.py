@@ -153,8 +153,8 @@ class _CenterProjection:
         self.x, self.out_dim, self.centered, self.generator = x, out_dim, centered, generator
         self.project = x.shape[1] > out_dim
         self.step = _rows_per_block(x.shape[1])
-        # (projection matrix, centring blocks or None, output) once set up.
-        self._state: tuple[torch.Tensor, _Blocks | None, torch.Tensor] | None = None
+        # (projection matrix, centring blocks or None) once set up; ``out`` is the result being filled.
+        self._state: tuple[torch.Tensor, _Blocks | None] | None = None
         self.out: torch.Tensor | None = None
         self.work = SharedWork(-(-x.shape[0] // self.step) if self.project else 1, self._block, self._setup)
 
@@ -165,29 +165,29 @@ class _CenterProjection:
             proj = torch.randn(x.shape[1], self.out_dim, generator=g, dtype=torch.float64)
             proj = proj.div_(math.sqrt(self.out_dim)).to(device=x.device, dtype=x.dtype)
             self.out = x.new_empty((x.shape[0], self.out_dim))
-            self._state = (proj, _Blocks(x, centered=True) if self.centered else None, self.out)
+            self._state = (proj, _Blocks(x, centered=True) if self.centered else None)
 
     def _block(self, i: int) -> None:
         x = self.x
         if self._state is None:  # no projection: one item
             self.out = center(x) if self.centered else x
             return
-        proj, blocks, out = self._state
+        proj, blocks = self._state
+        assert self.out is not None  # allocated by _setup with the state
         sl = slice(i * self.step, (i + 1) * self.step)
         part = (
             _times_pow2_(blocks.block(sl, reuse=True), -blocks.shift).to(x.dtype)
             if blocks is not None
             else x[sl]
         )
-        torch.matmul(part, proj, out=out[sl])  # a row slice of ``out`` is contiguous: no temporary
+        torch.matmul(part, proj, out=self.out[sl])  # a row slice of ``out`` is contiguous: no temporary
 
     def result(self) -> torch.Tensor:
         """The centred, projected features: the blocks not taken yet are computed on this thread."""
         self.work.finish()
         self._state = None
         out = self.out
-        if out is None:  # pragma: no cover - finish() ran every item or raised
-            raise RuntimeError("the projection produced no result")
+        assert out is not None  # finish() ran every item (the input has rows) or raised
         if self.project and not all_finite(out):
             raise ValueError(
                 f"Centring or the random projection overflowed {self.x.dtype}: `features` values are too "
