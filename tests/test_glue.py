@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from lightning_geomarkers.errors import NonSeparableWarning
 from lightning_geomarkers.functional import glue, glue_joint, glue_pairs, make_dichotomies, simulated_capacity
-from lightning_geomarkers.functional.glue import GLUE_MARKERS, _glue_groups, _normalised_gram
+from lightning_geomarkers.functional.glue import GLUE_MARKERS, _normalised_gram
 from lightning_geomarkers.testing import reference_glue
+from tests.glue_helpers import engine_with_probes
 
 MAIN = ("capacity", "dimension", "radius", "utility")
 
@@ -113,14 +114,11 @@ def test_batched_engine_with_padding_matches_reference_per_group():
         groups.append(mans)
         probes.append(torch.from_numpy(t))
         labels.append(torch.from_numpy(y))
-    out = _glue_groups(
+    out = engine_with_probes(
         points,
         mask,
         torch.stack(labels),
-        probes=torch.stack(probes),
-        generators=(),
-        eigen_cutoff=1e-9,
-        max_iter=None,
+        torch.stack(probes),
     )
     for g, mans in enumerate(groups):
         ref = reference_glue(mans, probes[g].numpy(), labels[g].numpy())

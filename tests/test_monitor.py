@@ -226,14 +226,18 @@ class TinyTransformer(L.LightningModule):
 
 
 @pytest.mark.parametrize(
-    "model,shape,expected_layer",
+    "make_model,shape,expected_layer",
     [
-        (TinyMLP(n_classes=4), (16,), "fc"),
-        (SmallCNN(), (1, 6, 6), "head"),
-        (TinyTransformer(), (5, 4), "classifier"),
+        (lambda: TinyMLP(n_classes=4), (16,), "fc"),
+        (SmallCNN, (1, 6, 6), "head"),
+        (TinyTransformer, (5, 4), "classifier"),
     ],
+    ids=["mlp", "cnn", "transformer"],
 )
-def test_layer_autodetection_on_mlp_cnn_transformer(tmp_path, model, shape, expected_layer):
+def test_layer_autodetection_on_mlp_cnn_transformer(tmp_path, make_model, shape, expected_layer):
+    # Built inside the test (after the suite's seed), not at collection time: the initial weights, and so
+    # the markers and warnings, must not depend on which other test modules were collected first.
+    model = make_model()
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(30)
     x = torch.randn(len(y), *shape, generator=g) + y.view(-1, *[1] * len(shape)).float()

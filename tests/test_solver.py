@@ -21,13 +21,13 @@ from lightning_geomarkers.functional import glue, glue_pairs
 from lightning_geomarkers.functional._nnls import batched_nnls, separable_dichotomies
 from lightning_geomarkers.functional.glue import (
     GLUE_MARKERS,
-    _glue_groups,
     _normalised_gram,
     _separable_probes,
 )
 from lightning_geomarkers.functional.protocols import _glue_pairs
 from lightning_geomarkers.testing import geometry_clouds, reference_glue
 from lightning_geomarkers.utilities import limit_threads, torch_thread_pool
+from tests.glue_helpers import engine_with_probes
 
 # The package re-exports the functions under the module names, so fetch the modules themselves.
 glue_module = importlib.import_module("lightning_geomarkers.functional.glue")
@@ -60,14 +60,11 @@ def test_grid_regime_pairs_batch_matches_reference():
     labels = rng.choice([-1.0, 1.0], size=(3, 25, 2))
     points = torch.from_numpy(np.stack([mans[list(p)] for p in pairs]))
     mask = torch.ones(points.shape[:3], dtype=torch.bool)
-    out = _glue_groups(
+    out = engine_with_probes(
         points,
         mask,
         torch.from_numpy(labels),
-        probes=torch.from_numpy(probes),
-        generators=(),
-        eigen_cutoff=1e-9,
-        max_iter=None,
+        torch.from_numpy(probes),
     )
     for g, pair in enumerate(pairs):
         ref = reference_glue(list(mans[list(pair)]), probes[g], labels[g])
