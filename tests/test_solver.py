@@ -473,3 +473,41 @@ def test_failed_factorization_inside_the_inner_loop_keeps_the_iterate(monkeypatc
         g = (sigma[q, :, None] * x).numpy()
         lam, _ = nnls(g.T, t[q].numpy(), maxiter=50 * g.shape[0])
         np.testing.assert_allclose(sol.lam[q].numpy(), lam, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_man,m,n_feat,spread", [(30, 50, 128, 1.0), (24, 10, 32, 1.5)])
+def test_many_classes_are_certified_without_the_exact_test(monkeypatch, n_man, m, n_feat, spread):
+    """Many classes of many points (P M = 11.7 N and 7.5 N), every dichotomy checked against scipy's
+    linprog. 30 classes of 50 points around centers 3x their spread are certified by the class means'
+    interpolant: the exact LDP test never runs (before, 7 of these 12 dichotomies went to it; at P = 100,
+    M = 50, N = 512 it took 118 of 130 s). The looser 24 classes are partly non-separable and must still
+    come out exactly as linprog says."""
+    rng = np.random.default_rng(8)
+    centers = 3 * rng.standard_normal((n_man, 1, n_feat)) / np.sqrt(n_feat)
+    mans = centers + spread * rng.standard_normal((n_man, m, n_feat)) / np.sqrt(n_feat)
+    labels = rng.choice([-1.0, 1.0], size=(12, n_man))
+    pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)
+    expected = [
+        linprog(
+            np.zeros(n_feat), A_ub=-(y[owner][:, None] * pts), b_ub=-np.ones(len(pts)), bounds=(None, None)
+        ).status
+        == 0
+        for y in labels
+    ]
+    points = torch.from_numpy(mans)[None]
+    mask = torch.ones(points.shape[:3], dtype=torch.bool)
+    gram, _ = _normalised_gram(points, mask)
+    exact_calls = []
+    real_exact = glue_module.separable_dichotomies
+
+    def counting_exact(*args, **kwargs):
+        exact_calls.append(args[2].shape[0])
+        return real_exact(*args, **kwargs)
+
+    monkeypatch.setattr(glue_module, "separable_dichotomies", counting_exact)
+    got = _separable_probes(gram, mask, torch.from_numpy(labels)[None])
+    assert got.tolist() == expected
+    if spread == 1.0:
+        assert all(expected) and exact_calls == []
+    else:
+        assert 0 < sum(expected) < len(expected) and exact_calls  # both kinds occur
