@@ -31,6 +31,7 @@ from tests.glue_helpers import engine_with_probes
 
 # The package re-exports the functions under the module names, so fetch the modules themselves.
 glue_module = importlib.import_module("lightning_geomarkers.functional.glue")
+nnls_module = importlib.import_module("lightning_geomarkers.functional._nnls")
 protocols_module = importlib.import_module("lightning_geomarkers.functional.protocols")
 
 
@@ -441,7 +442,6 @@ def test_failed_factorization_inside_the_inner_loop_keeps_the_iterate(monkeypatc
     feasible iterate and goes on. Forced here by reporting every factorization of three iterations as
     failed; the passive sets survive them (dropping them shrinks the total from ~440 to ~20 points) and
     the result is still scipy's NNLS optimum."""
-    nnls_module = importlib.import_module("lightning_geomarkers.functional._nnls")
     rng = np.random.default_rng(7)
     x, t, sigma, gram, h, group = _nnls_problem(rng, 6, 20, 128, 20, 2.0, 24)
     kwargs = dict(block_size=20, add_per_iteration=16)
@@ -511,3 +511,42 @@ def test_many_classes_are_certified_without_the_exact_test(monkeypatch, n_man, m
         assert all(expected) and exact_calls == []
     else:
         assert 0 < sum(expected) < len(expected) and exact_calls  # both kinds occur
+
+
+def test_products_through_the_points_when_points_outnumber_twice_the_dimensions(monkeypatch):
+    """12 classes of 20 points in 48 dimensions (T = 240 > 2 N): the solver's products K u go through
+    the points, (u X) X^T. The multipliers equal those of the Gram path, and the markers scipy's
+    per-probe reference."""
+    rng = np.random.default_rng(12)
+    n_man, m, n_feat = 12, 20, 48
+    mans = geometry_clouds(rng, n_man, m, n_feat, 4, 0.5)
+    t = rng.standard_normal((30, n_feat))
+    y = rng.choice([-1.0, 1.0], size=(30, n_man))
+    through_points = []
+    real_times_gram = nnls_module._times_gram
+
+    def spy(block, gram, points, minus_from=None):
+        through_points.append(points is not None)
+        return real_times_gram(block, gram, points, minus_from)
+
+    monkeypatch.setattr(nnls_module, "_times_gram", spy)
+    res = glue(
+        torch.from_numpy(mans), probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y), warn=False
+    )
+    assert through_points and all(through_points)
+    ref = reference_glue(list(mans), t, y)
+    assert res.converged and res.kkt_violation < 1e-9
+    for name in GLUE_MARKERS:
+        assert float(getattr(res, name)) == pytest.approx(ref[name], rel=1e-7, abs=1e-12), name
+    # The same NNLS through the Gram alone: the same multipliers.
+    x = torch.from_numpy(mans.reshape(1, n_man * m, n_feat))
+    x = x / x.square().sum(-1).mean().sqrt()
+    gram = x @ x.mT
+    h = (torch.from_numpy(t) @ x[0].T).contiguous()
+    sigma = torch.from_numpy(y).repeat_interleave(m, dim=1)
+    group = torch.zeros(30, dtype=torch.long)
+    t_norm = torch.from_numpy(t).norm(dim=1)
+    by_points = batched_nnls(gram, group, h, sigma, t_norm, block_size=m, points=x)
+    by_gram = batched_nnls(gram, group, h, sigma, t_norm, block_size=m)
+    torch.testing.assert_close(by_points.lam, by_gram.lam, rtol=1e-9, atol=1e-12)
+    assert torch.equal(by_points.lam > 0, by_gram.lam > 0)

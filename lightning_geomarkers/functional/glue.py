@@ -423,6 +423,9 @@ def _glue_groups(
     else:
         h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
         h, t_norm = h.reshape(-1, n_man * m_max), probes.norm(dim=-1).reshape(-1)
+    # With many points in few dimensions (T > 2 N) the solver's products K u are cheaper through the
+    # (normalised) points than through the Gram.
+    nnls_points = points.flatten(1, 2) / scale[:, None, None] if n_man * m_max > 2 * n_feat else None
     out = _glue_from_gram(
         gram,
         mask,
@@ -433,6 +436,7 @@ def _glue_groups(
         max_iter=max_iter,
         anchor_points=points if return_anchors else None,
         factor=factor,
+        nnls_points=nnls_points,
     )
     return out
 
@@ -534,16 +538,19 @@ def _glue_from_gram(
     max_iter: int | None,
     anchor_points: torch.Tensor | None = None,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nnls_points: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """GLUE from the groups' normalised Grams (B, T, T), the probes' products
     ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. With
     ``anchor_points`` (the groups' (B, P, M, N) points, in any units) the anchors are returned in those
-    units; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it."""
+    units; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it;
+    ``nnls_points`` the normalised (B, T, N) points behind ``gram``, for the solver's products where
+    T > 2 N (see :func:`~lightning_geomarkers.functional._nnls.batched_nnls`)."""
     n_groups, n_t, n_man = labels.shape
     m_max = mask.shape[-1]
     sigma = (labels[..., None] * mask[:, None].to(labels.dtype)).reshape(n_groups * n_t, -1)
     group = torch.arange(n_groups, device=gram.device).repeat_interleave(n_t)
-    sol = batched_nnls(gram, group, h, sigma, t_norm, max_iter=max_iter, block_size=m_max)
+    sol = batched_nnls(gram, group, h, sigma, t_norm, max_iter=max_iter, block_size=m_max, points=nnls_points)
 
     # Everything below lives in coefficient space: an anchor is s = w X with w the (normalised) NNLS
     # multipliers of its manifold, so every inner product of anchors, centers and probes is a small
@@ -725,7 +732,7 @@ def glue(
             keeps torch's setting. The default 1 is the measured choice: the solver issues many small
             ops, which stall when threads are oversubscribed on a shared CPU (see docs/performance.md).
 
-    Cost: the Gram is (P M)^2 and each solver iteration about n_t (P M)^2; with P M far above 2 N
+    Cost: the Gram is (P M)^2 and each solver iteration about n_t P M min(P M, 2 N); with P M far above 2 N
     (more than ``JOINT_POINTS_PER_FEATURE`` x N, and at least ``JOINT_WARN_MIN_POINTS`` points) generic
     points are not separable, the supports grow and the time with them: a warning then suggests fewer
     classes (``max_classes``), fewer points per class or the pairs protocol.
