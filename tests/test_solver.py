@@ -526,7 +526,8 @@ def test_products_through_the_points_when_points_outnumber_twice_the_dimensions(
     real_times_gram = nnls_module._times_gram
 
     def spy(block, gram, points, minus_from=None):
-        through_points.append(points is not None)
+        if minus_from is not None:  # the solver loop's dual (not the separability certificate's products)
+            through_points.append(points is not None)
         return real_times_gram(block, gram, points, minus_from)
 
     monkeypatch.setattr(nnls_module, "_times_gram", spy)
@@ -550,3 +551,85 @@ def test_products_through_the_points_when_points_outnumber_twice_the_dimensions(
     by_gram = batched_nnls(gram, group, h, sigma, t_norm, block_size=m)
     torch.testing.assert_close(by_points.lam, by_gram.lam, rtol=1e-9, atol=1e-12)
     assert torch.equal(by_points.lam > 0, by_gram.lam > 0)
+
+
+def _relu_classes(n_classes, m, n_feat, spread, seed=0):
+    """Centred ReLU features of Gaussian classes in an 8-dimensional latent space (float64): barely
+    separable or not at all, depending on ``spread`` and the number of classes."""
+    g = torch.Generator().manual_seed(seed)
+    lift = torch.randn(8, n_feat, generator=g, dtype=torch.float64) / 8**0.5
+    means = spread * torch.randn(n_classes, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(n_classes).repeat_interleave(m)
+    x = torch.relu((means[y] + torch.randn(n_classes * m, 8, generator=g, dtype=torch.float64)) @ lift)
+    return (x - x.mean(0)).view(n_classes, m, n_feat), g
+
+
+def _linprog_separable(mans: np.ndarray, labels: np.ndarray) -> list[bool]:
+    n_man, m, n_feat = mans.shape
+    pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)
+    return [
+        linprog(
+            np.zeros(n_feat), A_ub=-(y[owner][:, None] * pts), b_ub=-np.ones(len(pts)), bounds=(None, None)
+        ).status
+        == 0
+        for y in labels
+    ]
+
+
+@pytest.mark.parametrize("spread", [1.5, 0.5])
+def test_glue_solutions_certify_separability_before_the_exact_test(monkeypatch, spread):
+    """12 classes of 20 ReLU points in 48 dimensions (T = 5 N): with spread 1.5, 22 of 24 dichotomies are
+    separable (linprog) but the class-mean certificates leave them to the exact test; the probes' own
+    GLUE solutions (-r plus a lift of the support) certify them, and only the 2 non-separable ones reach
+    it. With spread 0.5 none is separable and none may be certified. Either way the answer is linprog's."""
+    mans, g = _relu_classes(12, 20, 48, spread)
+    labels = (torch.randint(0, 2, (1, 24, 12), generator=g) * 2 - 1).double()
+    probes = torch.randn(24, 48, generator=g, dtype=torch.float64)
+    expected = _linprog_separable(mans.numpy(), labels[0].numpy())
+    mask = torch.ones(1, 12, 20, dtype=torch.bool)
+    gram, scale = _normalised_gram(mans[None], mask)
+    h = (probes @ mans.reshape(-1, 48).T / scale).contiguous()
+    sigma = labels[0].repeat_interleave(20, dim=1)
+    sol = batched_nnls(gram, torch.zeros(24, dtype=torch.long), h, sigma, probes.norm(dim=1), block_size=20)
+    exact_calls = []
+    real_exact = glue_module.separable_dichotomies
+
+    def counting_exact(*args, **kwargs):
+        exact_calls.append(args[2].shape[0])
+        return real_exact(*args, **kwargs)
+
+    monkeypatch.setattr(glue_module, "separable_dichotomies", counting_exact)
+    assert _separable_probes(gram, mask, labels).tolist() == expected
+    without = sum(exact_calls)
+    exact_calls.clear()
+    got = _separable_probes(gram, mask, labels, None, (sol.lam, h, probes.norm(dim=1)))
+    assert got.tolist() == expected
+    if spread == 1.5:
+        assert sum(expected) == 22 and sum(exact_calls) == 2 < without
+    else:
+        assert not any(expected) and sum(exact_calls) == without
+
+
+def test_residual_certificate_never_certifies_a_non_separable_dichotomy():
+    """The certificate checks the margins of the direction it builds, so even arbitrary (non-optimal)
+    multipliers can only fail to certify, never certify wrongly: on classes where linprog finds no
+    dichotomy separable, nothing is certified, for the optimal and for random multipliers."""
+    mans, g = _relu_classes(12, 20, 48, 0.5, seed=1)
+    labels = (torch.randint(0, 2, (24, 12), generator=g) * 2 - 1).double()
+    assert not any(_linprog_separable(mans.numpy(), labels.numpy()))
+    x = mans.reshape(-1, 48)
+    gram = (x @ x.T)[None]
+    probes = torch.randn(24, 48, generator=g, dtype=torch.float64)
+    h = probes @ x.T
+    sigma = labels.repeat_interleave(20, dim=1)
+    group = torch.zeros(24, dtype=torch.long)
+    optimal = batched_nnls(gram, group, h, sigma, probes.norm(dim=1), block_size=20).lam
+    sparse_random = torch.rand(24, 240, generator=g, dtype=torch.float64) * (
+        torch.rand(24, 240, generator=g) < 0.05
+    )
+    norms = x.norm(dim=1).expand(24, -1)
+    for lam in (optimal, sparse_random):
+        certified = glue_module._residual_certificate(
+            gram, group, sigma, torch.ones(24, 240, dtype=torch.bool), norms, lam, h, probes.norm(dim=1)
+        )
+        assert not certified.any()
