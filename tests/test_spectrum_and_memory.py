@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from scipy.spatial import cKDTree
 import lightning_geomarkers.functional.intrinsic_dimension as lid_module
 import lightning_geomarkers.functional.preprocessing as prep
 import lightning_geomarkers.functional.suite as suite_module
+from lightning_geomarkers.errors import GeomarkersWarning
 from lightning_geomarkers.functional import (
     MARKERS,
     center,
@@ -697,6 +699,30 @@ def test_geometry_markers_attaches_standard_errors():
     )
     assert set(joint.standard_errors) == {"glue_dimension"}  # alignments have no jackknife SE
     assert geometry_markers(x, y, markers=["lid"]).standard_errors == {}
+
+
+def test_joint_protocol_caps_the_classes_at_twice_the_dimension():
+    """12 classes x 20 points in 48 dimensions (P M = 5 N): the suite's joint protocol uses a seeded
+    subset of 2 N / M = 4 classes and says so; the values equal an explicit ``max_classes=4`` (the same
+    subset, no warning), and within the limit nothing is capped."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(12).repeat_interleave(20)
+    x = 3 * torch.randn(12, 48, generator=g)[y] + torch.randn(240, 48, generator=g)
+    kwargs = dict(markers="glue", glue_protocol="joint", points_per_class=20, n_t=30, generator=0)
+    with pytest.warns(
+        GeomarkersWarning, match=r"12 classes x 20 points = 240 exceed 2 x N = 96.*subset of 4 classes"
+    ):
+        capped = geometry_markers(x, y, **kwargs)
+    assert capped.glue.active.shape == (30, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explicit = geometry_markers(x, y, max_classes=4, **kwargs)
+        within = geometry_markers(x[y < 4], y[y < 4], **kwargs)  # 80 points <= 96: all 4 classes
+    assert not [w for w in caught if "subset of" in str(w.message)]
+    assert explicit.values.keys() == capped.values.keys()
+    for name, value in capped.values.items():
+        assert torch.equal(value, explicit.values[name]), name
+    assert within.glue.active.shape == (30, 4)
 
 
 def ref_mle(x, k):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import wait
 from contextlib import ExitStack
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lightning_geomarkers.errors import GeomarkersWarning
 from lightning_geomarkers.functional.distances import _within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult
 from lightning_geomarkers.functional.intrinsic_dimension import _local_intrinsic_dimension
@@ -147,7 +149,9 @@ def geometry_markers(
     Args:
         features: (S, N) features; labels: (S,) integer classes.
         markers: "all", "glue", or names from :data:`MARKERS`.
-        glue_protocol: "pairs" (random class pairs, averaged) or "joint" (all classes at once).
+        glue_protocol: "pairs" (random class pairs, averaged) or "joint" (all classes at once; at most
+            as many as keep P M <= 2 N, N after the projection: beyond that a ``GeomarkersWarning``
+            says so and a fixed seeded subset of classes is used, see ``JOINT_CAP_POINTS_PER_FEATURE``).
         points_per_class, n_pairs, n_t, dichotomies, max_classes: GLUE protocol parameters.
         center_features: subtract the global mean before GLUE (ReLU features sit in one orthant, and
             GLUE's hyperplanes pass through the origin).
@@ -224,6 +228,46 @@ def geometry_markers(
             return_spectrum=return_spectrum,
             workers=workers,
         )
+
+
+#: The joint protocol takes at most this many points per feature dimension (Cover's 2 N: beyond it
+#: generic points are not linearly separable, and the exact solver's supports, time and memory grow
+#: with P M; see :func:`_joint_class_cap`).
+JOINT_CAP_POINTS_PER_FEATURE = 2
+
+
+def _joint_class_cap(
+    y: torch.Tensor, n_feat: int, points_per_class: int, max_classes: int | None
+) -> int | None:
+    """``max_classes`` for the joint protocol: the caller's, or fewer where the P classes of M points
+    would exceed ``JOINT_CAP_POINTS_PER_FEATURE`` x N points (N after the projection): then the largest P
+    within it (at least 2), with a ``GeomarkersWarning`` that says so. The classes are the same seeded
+    subset every time (as with ``max_classes``), so the values stay comparable across epochs.
+
+    Why: beyond 2 N the supports of the exact solution grow towards N points. On ReLU features of 100
+    classes x 50 points projected to 1000 dimensions one joint call took 222 s and 3.7 GB; 40 classes
+    took about 8 s.
+    """
+    counts = torch.unique(y, return_counts=True)[1]
+    n_classes = counts.numel() if max_classes is None else min(counts.numel(), max_classes)
+    per_class = min(points_per_class, int(counts.max()))
+    limit = JOINT_CAP_POINTS_PER_FEATURE * n_feat
+    if n_classes * per_class <= limit:
+        return max_classes
+    cap = max(2, limit // per_class)
+    if cap >= n_classes:
+        return max_classes
+    warnings.warn(
+        f"GLUE (joint protocol): {n_classes} classes x {per_class} points = {n_classes * per_class} exceed "
+        f"{JOINT_CAP_POINTS_PER_FEATURE} x N = {limit} (N = {n_feat} features after the projection), beyond "
+        f"which generic points are not linearly separable and the exact solver's time and memory grow "
+        f"with P M; it uses a fixed seeded subset of {cap} classes. Set `max_classes={cap}` (or fewer "
+        "points per class) to choose this yourself, use the pairs protocol for all classes, or call "
+        "`glue_joint` directly for the uncapped computation.",
+        GeomarkersWarning,
+        stacklevel=2,
+    )
+    return cap
 
 
 def _compute(
@@ -315,6 +359,7 @@ def _compute(
                 if glue_protocol == "pairs":
                     res = _glue_pairs(z, y, n_pairs=n_pairs, num_threads=1, pool=pool, **common)
                 else:
+                    common["max_classes"] = _joint_class_cap(y, z.shape[1], points_per_class, max_classes)
                     res = glue_joint(z, y, **common)
                 del z
                 part.glue = res
