@@ -86,7 +86,8 @@ class GeometryMonitor(L.Callback):
         markers: "all", "glue", or a list of names from ``lightning_geomarkers.functional.MARKERS``.
         samples_per_class: per-class sample kept each epoch (the GLUE protocols draw from it).
         max_classes: at most this many classes are monitored (a fixed, seeded subset).
-        glue_protocol: "pairs" (the paper's: random class pairs, P = 2) or "joint" (all classes).
+        glue_protocol: "pairs" (the paper's: random class pairs, P = 2) or "joint" (all classes, at most
+            floor(2 N / M) of them: beyond that a warned, fixed seeded subset, see ``geometry_markers``).
         points_per_class: GLUE points per class (default: ``samples_per_class``).
         n_pairs, n_t, dichotomies: GLUE protocol parameters. ``n_t`` defaults to 100 probes per pair
             (the paper used 200): probes are Monte-Carlo samples of the same expectations, so this halves
