@@ -97,11 +97,14 @@ def test_unequal_manifold_sizes_match_reference():
     assert_markers_close(res, ref)
 
 
-def test_batched_engine_with_padding_matches_reference_per_group():
-    """The engine behind the pairs protocol solves several padded problem groups in one batch."""
+@pytest.mark.parametrize("N", [80, 24])
+def test_batched_engine_with_padding_matches_reference_per_group(N):
+    """The engine behind the pairs protocol solves several padded problem groups in one batch; with
+    N = 24 the first two groups have more than 2 N points, so the solver's products go through the
+    (padded) points instead of the Gram."""
     rng = np.random.default_rng(11)
     sizes = [(12, 30), (30, 5), (7, 7)]
-    n_t, N = 40, 80
+    n_t = 40
     points = torch.zeros(len(sizes), 2, 30, N, dtype=torch.float64)
     mask = torch.zeros(len(sizes), 2, 30, dtype=torch.bool)
     groups, probes, labels = [], [], []
