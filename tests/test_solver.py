@@ -475,6 +475,32 @@ def test_failed_factorization_inside_the_inner_loop_keeps_the_iterate(monkeypatc
         np.testing.assert_allclose(sol.lam[q].numpy(), lam, atol=1e-7)
 
 
+def _linprog_separable(mans: np.ndarray, labels: np.ndarray) -> list[bool]:
+    n_man, m, n_feat = mans.shape
+    pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)
+    return [
+        linprog(
+            np.zeros(n_feat), A_ub=-(y[owner][:, None] * pts), b_ub=-np.ones(len(pts)), bounds=(None, None)
+        ).status
+        == 0
+        for y in labels
+    ]
+
+
+def _count_exact_tests(monkeypatch) -> list[int]:
+    """Count the dichotomies that reach the exact LDP test (one entry per call): the cheap
+    certificates settled everything else."""
+    calls: list[int] = []
+    real_exact = glue_module.separable_dichotomies
+
+    def counting_exact(*args, **kwargs):
+        calls.append(args[2].shape[0])
+        return real_exact(*args, **kwargs)
+
+    monkeypatch.setattr(glue_module, "separable_dichotomies", counting_exact)
+    return calls
+
+
 @pytest.mark.parametrize("n_man,m,n_feat,spread", [(30, 50, 128, 1.0), (24, 10, 32, 1.5)])
 def test_many_classes_are_certified_without_the_exact_test(monkeypatch, n_man, m, n_feat, spread):
     """Many classes of many points (P M = 11.7 N and 7.5 N), every dichotomy checked against scipy's
@@ -486,25 +512,11 @@ def test_many_classes_are_certified_without_the_exact_test(monkeypatch, n_man, m
     centers = 3 * rng.standard_normal((n_man, 1, n_feat)) / np.sqrt(n_feat)
     mans = centers + spread * rng.standard_normal((n_man, m, n_feat)) / np.sqrt(n_feat)
     labels = rng.choice([-1.0, 1.0], size=(12, n_man))
-    pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)
-    expected = [
-        linprog(
-            np.zeros(n_feat), A_ub=-(y[owner][:, None] * pts), b_ub=-np.ones(len(pts)), bounds=(None, None)
-        ).status
-        == 0
-        for y in labels
-    ]
+    expected = _linprog_separable(mans, labels)
     points = torch.from_numpy(mans)[None]
     mask = torch.ones(points.shape[:3], dtype=torch.bool)
     gram, _ = _normalised_gram(points, mask)
-    exact_calls = []
-    real_exact = glue_module.separable_dichotomies
-
-    def counting_exact(*args, **kwargs):
-        exact_calls.append(args[2].shape[0])
-        return real_exact(*args, **kwargs)
-
-    monkeypatch.setattr(glue_module, "separable_dichotomies", counting_exact)
+    exact_calls = _count_exact_tests(monkeypatch)
     got = _separable_probes(gram, mask, torch.from_numpy(labels)[None])
     assert got.tolist() == expected
     if spread == 1.0:
@@ -564,18 +576,6 @@ def _relu_classes(n_classes, m, n_feat, spread, seed=0):
     return (x - x.mean(0)).view(n_classes, m, n_feat), g
 
 
-def _linprog_separable(mans: np.ndarray, labels: np.ndarray) -> list[bool]:
-    n_man, m, n_feat = mans.shape
-    pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)
-    return [
-        linprog(
-            np.zeros(n_feat), A_ub=-(y[owner][:, None] * pts), b_ub=-np.ones(len(pts)), bounds=(None, None)
-        ).status
-        == 0
-        for y in labels
-    ]
-
-
 @pytest.mark.parametrize("spread", [1.5, 0.5])
 def test_glue_solutions_certify_separability_before_the_exact_test(monkeypatch, spread):
     """12 classes of 20 ReLU points in 48 dimensions (T = 5 N): with spread 1.5, 22 of 24 dichotomies are
@@ -591,14 +591,7 @@ def test_glue_solutions_certify_separability_before_the_exact_test(monkeypatch, 
     h = (probes @ mans.reshape(-1, 48).T / scale).contiguous()
     sigma = labels[0].repeat_interleave(20, dim=1)
     sol = batched_nnls(gram, torch.zeros(24, dtype=torch.long), h, sigma, probes.norm(dim=1), block_size=20)
-    exact_calls = []
-    real_exact = glue_module.separable_dichotomies
-
-    def counting_exact(*args, **kwargs):
-        exact_calls.append(args[2].shape[0])
-        return real_exact(*args, **kwargs)
-
-    monkeypatch.setattr(glue_module, "separable_dichotomies", counting_exact)
+    exact_calls = _count_exact_tests(monkeypatch)
     assert _separable_probes(gram, mask, labels).tolist() == expected
     without = sum(exact_calls)
     exact_calls.clear()
