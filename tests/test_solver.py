@@ -626,3 +626,22 @@ def test_residual_certificate_never_certifies_a_non_separable_dichotomy():
             gram, group, sigma, torch.ones(24, 240, dtype=torch.bool), norms, lam, h, probes.norm(dim=1)
         )
         assert not certified.any()
+
+
+def test_passive_blocks_in_row_chunks_give_the_same_solution(monkeypatch):
+    """The (rows, S, S) passive blocks are formed in row chunks when large: one row at a time gives the
+    same iterations, supports and answers, and multipliers equal to round-off (LAPACK's batched and
+    single factorizations may round differently), for the GLUE solve and for the exact separability test
+    (rank-one term)."""
+    rng = np.random.default_rng(21)
+    x, t, sigma, gram, h, group = _nnls_problem(rng, 6, 20, 64, 10, 2.0, 12)
+    t_norm = t.norm(dim=1)
+    unit = gram / gram.diagonal(dim1=-2, dim2=-1).mean()
+    whole = batched_nnls(gram, group, h, sigma, t_norm, block_size=20)
+    whole_sep = separable_dichotomies(unit, group, sigma)
+    monkeypatch.setattr(nnls_module, "_PASSIVE_ELEMENTS", 1)
+    chunked = batched_nnls(gram, group, h, sigma, t_norm, block_size=20)
+    assert whole.iterations > 5 and chunked.iterations == whole.iterations
+    assert torch.equal(chunked.lam > 0, whole.lam > 0) and bool(chunked.converged.all())
+    torch.testing.assert_close(chunked.lam, whole.lam, rtol=1e-12, atol=1e-14)
+    assert torch.equal(separable_dichotomies(unit, group, sigma), whole_sep)

@@ -58,6 +58,10 @@ KKT_CERTIFIED = 1e-6
 #: A passive set counts as linearly dependent when a relative Cholesky pivot falls below this.
 _DEPENDENT_PIVOT = 1e-9
 
+#: Most elements of the (rows, S, S) passive blocks formed at once (2^24: 128 MiB in float64, as much
+#: again for their gather indices); more rows are solved in row chunks.
+_PASSIVE_ELEMENTS = 2**24
+
 
 def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve batched SPD systems ``blocks`` u = rhs by one Cholesky, without a host sync.
@@ -174,21 +178,36 @@ class _WorkingSet:
         """Unconstrained least squares on each row's passive slots: K_FF u = h_F, lambda_F = sigma_F u.
 
         ``gram_ext`` is :func:`_extended_gram`. Returns the candidate multipliers per slot (0 on free
-        slots), whether K_FF is numerically singular and whether its factorization failed.
+        slots), whether K_FF is numerically singular and whether its factorization failed. The (rows, S, S)
+        blocks are formed for at most ``_PASSIVE_ELEMENTS`` elements at a time (in row chunks, which
+        agree with one batch to round-off): with supports of hundreds of points (many points in few
+        dimensions) one batch of them would take gigabytes.
         """
+        n_rows, n_slots = self.slots.shape
+        step = max(1, _PASSIVE_ELEMENTS // (n_slots * n_slots))
+        if step >= n_rows:
+            return self._solve_rows(gram_ext, slice(None))
+        parts = [self._solve_rows(gram_ext, slice(start, start + step)) for start in range(0, n_rows, step)]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def _solve_rows(
+        self, gram_ext: torch.Tensor, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`solve_passive` for the rows ``rows``."""
         n_slots, n_ext = self.slots.shape[1], gram_ext.shape[-1]
+        slots, valid = self.slots[rows], self.valid[rows]
         # K_FF gathered straight from the group's Gram by flat indices (Q S^2 elements, no row cache);
         # free slots read the zero sentinel point and get a unit diagonal (identity padding).
-        sl = torch.where(self.valid, self.slots, n_ext - 1)
-        row = (self.group * n_ext)[:, None] + sl
+        sl = torch.where(valid, slots, n_ext - 1)
+        row = (self.group[rows] * n_ext)[:, None] + sl
         flat = (row * n_ext)[:, :, None] + sl[:, None, :]
         blocks = gram_ext.view(-1).index_select(0, flat.view(-1)).view(-1, n_slots, n_slots)
-        blocks.diagonal(dim1=-2, dim2=-1).add_(~self.valid)
+        blocks.diagonal(dim1=-2, dim2=-1).add_(~valid)
         if self.rank_one is not None:
-            r1_f = torch.gather(self.rank_one, 1, self.slots) * self.valid
+            r1_f = torch.gather(self.rank_one[rows], 1, slots) * valid
             blocks = torch.baddbmm(blocks, r1_f[:, :, None], r1_f[:, None, :])
-        sig_f = torch.gather(self.sigma, 1, self.slots) * self.valid
-        u, singular, broken = _solve_spd(blocks, torch.gather(self.h, 1, self.slots) * self.valid)
+        sig_f = torch.gather(self.sigma[rows], 1, slots) * valid
+        u, singular, broken = _solve_spd(blocks, torch.gather(self.h[rows], 1, slots) * valid)
         return sig_f * u, singular, broken
 
     def dual(
