@@ -601,6 +601,8 @@ def test_glue_solutions_certify_separability_before_the_exact_test(monkeypatch, 
         assert sum(expected) == 22 and sum(exact_calls) == 2 < without
     else:
         assert not any(expected) and sum(exact_calls) == without
+    monkeypatch.setattr(glue_module, "_ALGEBRA_ELEMENTS", 1)  # one probe's support block at a time
+    assert torch.equal(_separable_probes(gram, mask, labels, None, (sol.lam, h, probes.norm(dim=1))), got)
 
 
 def test_residual_certificate_never_certifies_a_non_separable_dichotomy():

@@ -304,17 +304,25 @@ def _residual_certificate(
     n_q, n_points = lam.shape
     support = lam > 0
     n_sup = max(1, int(support.sum(1).max())) if n_q else 1  # one host read
-    vals, idx = lam.topk(n_sup, dim=1)  # the support first (lam >= 0)
-    on = vals > 0
-    flat = (group * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
-    k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(n_q, n_sup, n_sup)
-    pair_on = on[:, :, None] & on[:, None, :]
-    k_ff = torch.where(pair_on, k_ff, torch.zeros_like(k_ff))
-    k_ff.diagonal(dim1=-2, dim2=-1).add_((~on).to(k_ff.dtype))  # unit diagonal on the padding slots
-    chol, info = torch.linalg.cholesky_ex(k_ff)
-    sig_f = sig.gather(1, idx) * on
-    a = torch.cholesky_solve(sig_f.unsqueeze(-1), chol).squeeze(-1) * on
-    coef_d = torch.zeros_like(lam).scatter_(1, idx, a * on)  # d = X^T coef_d (0 off the support)
+    coef_d = torch.zeros_like(lam)  # d = X^T coef_d (0 off the support)
+    factored = torch.ones(n_q, dtype=torch.bool, device=lam.device)
+    # The (probes, |F|, |F|) support blocks, a bounded number of probes at a time (supports can be
+    # hundreds of points where P M >> N).
+    step = max(1, _ALGEBRA_ELEMENTS // (n_sup * n_sup))
+    for k0 in range(0, n_q, step):
+        sl = slice(k0, k0 + step)
+        vals, idx = lam[sl].topk(n_sup, dim=1)  # the support first (lam >= 0)
+        on = vals > 0
+        flat = (
+            (group[sl] * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
+        )
+        k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, n_sup, n_sup)
+        k_ff = torch.where(on[:, :, None] & on[:, None, :], k_ff, torch.zeros_like(k_ff))
+        k_ff.diagonal(dim1=-2, dim2=-1).add_((~on).to(k_ff.dtype))  # unit diagonal on the padding slots
+        chol, info = torch.linalg.cholesky_ex(k_ff)
+        a = torch.cholesky_solve((sig[sl].gather(1, idx) * on).unsqueeze(-1), chol).squeeze(-1)
+        coef_d[sl] = coef_d[sl].scatter(1, idx, a * on)
+        factored[sl] = info == 0
     coef_u = lam * sig  # G^T lambda = X^T (sigma lambda)
     both, both_group = torch.cat([coef_u, coef_d]), torch.cat([group, group])
     prods = _gram_times(gram, both, *_layout(both_group, gram.shape[0]), None)  # one host read
@@ -327,7 +335,7 @@ def _residual_certificate(
     margins = base + eps[:, None] * lift
     weight = t_norm + (norm_d * (coef_u.abs() + eps[:, None] * coef_d.abs())).sum(1)
     slack = 1e-12 * n_points * norm_d * weight[:, None]
-    return torch.where(real, margins > slack, True).all(1) & (info == 0) & (eps > 0)
+    return torch.where(real, margins > slack, True).all(1) & factored & (eps > 0)
 
 
 def _separable_probes(
