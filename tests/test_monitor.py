@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_geomarkers import (
+    GeomarkersWarning,
     GeometryMonitor,
     GeometryWarning,
     MarkerAlert,
@@ -479,3 +480,17 @@ def test_warnings_are_not_repeated_for_every_batch(tmp_path):
         tr.fit(TinyMLP(), DataLoader(TensorDataset(x, y), 32), DataLoader(TensorDataset(x, y_bad), 8))
     ours = [w for w in caught if issubclass(w.category, MonitorWarning)]
     assert len(ours) == 1
+
+
+def test_joint_protocol_cap_is_reported_with_the_layer():
+    """The suite's joint-protocol cap (12 classes x 20 points > 2 x 48) reaches the monitor's user as a
+    GeomarkersWarning naming the layer, and the values are those of the capped 4 classes."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(12).repeat_interleave(20)
+    x = 3 * torch.randn(12, 48, generator=g)[y] + torch.randn(240, 48, generator=g)
+    monitor = GeometryMonitor(glue_protocol="joint", markers="glue", n_t=30)
+    with pytest.warns(
+        GeomarkersWarning, match=r"layer 'fc:input': GLUE \(joint protocol\).*subset of 4 classes"
+    ):
+        report = monitor.compute_markers(x, y, layer="fc:input")
+    assert report.glue.active.shape == (30, 4)
