@@ -694,8 +694,14 @@ def test_geometry_markers_attaches_standard_errors():
     for name, value in pairs.standard_errors.items():
         assert isinstance(value, float)
         np.testing.assert_allclose(value, float(ref[name.removeprefix("glue_")]), rtol=1e-12)
-    joint = geometry_markers(
-        x, y, markers=["glue_dimension", "glue_center_alignment"], glue_protocol="joint", n_t=30, generator=0
+    joint = geometry_markers(  # 4 classes x 16 points: within the joint protocol's 2 N = 64
+        x,
+        y,
+        markers=["glue_dimension", "glue_center_alignment"],
+        glue_protocol="joint",
+        points_per_class=16,
+        n_t=30,
+        generator=0,
     )
     assert set(joint.standard_errors) == {"glue_dimension"}  # alignments have no jackknife SE
     assert geometry_markers(x, y, markers=["lid"]).standard_errors == {}
