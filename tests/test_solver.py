@@ -647,3 +647,47 @@ def test_passive_blocks_in_row_chunks_give_the_same_solution(monkeypatch):
     assert torch.equal(chunked.lam > 0, whole.lam > 0) and bool(chunked.converged.all())
     torch.testing.assert_close(chunked.lam, whole.lam, rtol=1e-12, atol=1e-14)
     assert torch.equal(separable_dichotomies(unit, group, sigma), whole_sep)
+
+
+def test_separability_with_glue_solutions_matches_linprog_on_random_small_sets():
+    """60 random small sets (2-4 classes of 2-8 points in 2-8 dimensions, clustered or not, some with a
+    zero point or a duplicated one), 6 dichotomies each: the separability answer, with the probes' GLUE
+    solutions offered as certificates, equals scipy's linprog on every dichotomy, and the residual
+    certificate does settle some of them (this seed: 33 of the 208 it is offered)."""
+    rng = np.random.default_rng(0)
+    offered, certified = [], []
+    real_certificate = glue_module._residual_certificate
+
+    def spy(*args):
+        out = real_certificate(*args)
+        offered.append(out.numel())
+        certified.append(int(out.sum()))
+        return out
+
+    for trial in range(60):
+        n_man, m, n_feat = (int(v) for v in rng.integers((2, 2, 2), (5, 9, 9)))
+        spread = rng.uniform(0, 3)
+        mans = spread * rng.standard_normal((n_man, 1, n_feat)) + rng.uniform(0.1, 1.5) * rng.standard_normal(
+            (n_man, m, n_feat)
+        )
+        if trial % 5 == 0:
+            mans[0, 0] = 0.0  # never strictly separable
+        if trial % 7 == 0:
+            mans[1, 1] = mans[1, 0]
+        labels = rng.choice([-1.0, 1.0], size=(6, n_man))
+        probes = torch.from_numpy(rng.standard_normal((6, n_feat)))
+        points = torch.from_numpy(mans)[None]
+        mask = torch.ones(1, n_man, m, dtype=torch.bool)
+        gram, scale = _normalised_gram(points, mask)
+        h = (probes @ points.reshape(-1, n_feat).T / scale).contiguous()
+        sigma = torch.from_numpy(labels).repeat_interleave(m, dim=1)
+        lam = batched_nnls(
+            gram, torch.zeros(6, dtype=torch.long), h, sigma, probes.norm(dim=1), block_size=m
+        ).lam
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(glue_module, "_residual_certificate", spy)
+            got = _separable_probes(
+                gram, mask, torch.from_numpy(labels)[None], None, (lam, h, probes.norm(dim=1))
+            )
+        assert got.tolist() == _linprog_separable(mans, labels), trial
+    assert sum(certified) > 0 and sum(offered) > sum(certified)
