@@ -230,6 +230,19 @@ def _mean_abs_cos(
     return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
 
+def _support_blocks(
+    gram: torch.Tensor, group: torch.Tensor, lam: torch.Tensor, n_sup: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each probe's support and its Gram block: the ``n_sup`` largest multipliers (Q, n_sup) (the
+    support first, as lam >= 0; zeros pad shorter supports), their point indices and K_FF
+    (Q, n_sup, n_sup), gathered by flat index from the probes' (G, T, T) Grams."""
+    n_points = lam.shape[1]
+    vals, idx = lam.topk(n_sup, dim=1)
+    flat = (group * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
+    k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, n_sup, n_sup)
+    return vals, idx, k_ff
+
+
 def _support_products(
     gram: torch.Tensor,
     group: torch.Tensor,
@@ -259,13 +272,11 @@ def _support_products(
     n_q, n_points = lam.shape
     n_man = weight.shape[1]
     n_sup = max(1, int((lam > 0).sum(1).max())) if n_q else 1  # one host read per chunk
-    vals, idx = lam.topk(n_sup, dim=1)  # the support (lam >= 0: positive entries come first)
+    vals, idx, k_ff = _support_blocks(gram, group, lam, n_sup)
     man = torch.div(idx, m_max, rounding_mode="floor")
     w_f = vals / weight.gather(1, man).clamp_min(torch.finfo(lam.dtype).tiny)  # 0 off the support
     coef = torch.zeros((n_q, n_sup, n_man), dtype=lam.dtype, device=lam.device)
     coef.scatter_(2, man[..., None], w_f[..., None])  # (Q, S, P): B
-    flat = (group * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
-    k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(n_q, n_sup, n_sup)
     s_s = coef.transpose(1, 2) @ (k_ff @ coef)
     kc_f = (
         c0k.transpose(1, 2).reshape(-1, n_man).index_select(0, (group[:, None] * n_points + idx).reshape(-1))
@@ -311,12 +322,8 @@ def _residual_certificate(
     step = max(1, _ALGEBRA_ELEMENTS // (n_sup * n_sup))
     for k0 in range(0, n_q, step):
         sl = slice(k0, k0 + step)
-        vals, idx = lam[sl].topk(n_sup, dim=1)  # the support first (lam >= 0)
+        vals, idx, k_ff = _support_blocks(gram, group[sl], lam[sl], n_sup)
         on = vals > 0
-        flat = (
-            (group[sl] * (n_points * n_points))[:, None, None] + idx[:, :, None] * n_points + idx[:, None, :]
-        )
-        k_ff = gram.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, n_sup, n_sup)
         k_ff = torch.where(on[:, :, None] & on[:, None, :], k_ff, torch.zeros_like(k_ff))
         k_ff.diagonal(dim1=-2, dim2=-1).add_((~on).to(k_ff.dtype))  # unit diagonal on the padding slots
         chol, info = torch.linalg.cholesky_ex(k_ff)
