@@ -525,6 +525,43 @@ def test_many_classes_are_certified_without_the_exact_test(monkeypatch, n_man, m
         assert 0 < sum(expected) < len(expected) and exact_calls  # both kinds occur
 
 
+def test_independence_test_deferred_until_the_class_means_leave_rows_open(monkeypatch):
+    """Without the caller's Cholesky factor, the independence test (a T x T factorization per group) runs
+    only for groups that the class-mean certificates leave open and that have at most N points; the
+    answers are linprog's either way, with or without the factor, on a batch mixing independent
+    separable points, dependent clouds with non-separable dichotomies, and more points than features."""
+    rng = np.random.default_rng(5)
+    n_feat = 24
+    tight = 3.0 * rng.standard_normal((4, 1, n_feat)) + 0.1 * rng.standard_normal((4, 5, n_feat))
+    loose = rng.standard_normal((4, 5, n_feat))  # 20 independent points: every sign pattern separable
+    flat = rng.standard_normal((4, 5, 2)) @ rng.standard_normal((2, n_feat))  # rank 2: many are not
+    groups = np.stack([tight, loose, flat])
+    labels = rng.choice([-1.0, 1.0], size=(3, 16, 4))
+    expected = [_linprog_separable(groups[b], labels[b]) for b in range(3)]
+    assert all(expected[1]) and not all(expected[2])
+    mask = torch.ones(3, 4, 5, dtype=torch.bool)
+    gram, _ = _normalised_gram(torch.from_numpy(groups), mask)
+    y = torch.from_numpy(labels)
+    factorized: list[int] = []
+    real_factor = glue_module._padded_cholesky
+
+    def counting_factor(g, mk):
+        factorized.append(g.shape[0])
+        return real_factor(g, mk)
+
+    monkeypatch.setattr(glue_module, "_padded_cholesky", counting_factor)
+    with_factor = _separable_probes(gram, mask, y, real_factor(gram, mask))
+    assert with_factor.view(3, 16).tolist() == expected
+    deferred = _separable_probes(gram, mask, y)
+    assert deferred.view(3, 16).tolist() == expected
+    # The tight classes are certified by their means; the two others are factorized.
+    assert factorized == [2]
+    factorized.clear()
+    # Told that the points have fewer features than the 20 points of a group, no group is factorized.
+    assert _separable_probes(gram, mask, y, n_feat=19).view(3, 16).tolist() == expected
+    assert factorized == []
+
+
 def test_products_through_the_points_when_points_outnumber_twice_the_dimensions(monkeypatch):
     """12 classes of 20 points in 48 dimensions (T = 240 > 2 N): the solver's products K u go through
     the points, (u X) X^T. The multipliers equal those of the Gram path, and the markers scipy's

@@ -351,11 +351,15 @@ def _separable_probes(
     labels: torch.Tensor,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
     solution: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    n_feat: int | None = None,
 ) -> torch.Tensor:
     """(B * n_t,) bool: is each probe's dichotomy strictly separable? Solved once per distinct dichotomy
     of a group, up to sign (y and -y are separable together): at most 2 per pair for P = 2. ``factor``:
-    :func:`_padded_cholesky` of ``gram`` if the caller has it; ``solution``: the probes' GLUE multipliers,
-    X t and ||t|| ((B * n_t, T), (B * n_t, T), (B * n_t,)), for :func:`_residual_certificate`."""
+    :func:`_padded_cholesky` of ``gram`` if the caller has it (otherwise it is computed only for groups
+    that the class-mean certificates leave open and that have at most ``n_feat`` real points: more points
+    than features are dependent); ``solution``: the probes' GLUE multipliers, X t and ||t||
+    ((B * n_t, T), (B * n_t, T), (B * n_t,)), for :func:`_residual_certificate`."""
     n_groups, n_t, n_man = labels.shape
     separable = torch.ones((n_groups, n_t), dtype=torch.bool, device=labels.device)
     # Strict separability does not change when a point is rescaled (sigma_i <v, x_i> > 0 for any
@@ -364,15 +368,17 @@ def _separable_probes(
     # uses relative pivots, the certificates a per-point round-off bound, the exact test unit-norm points.
     norms2 = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0)  # (B, T)
     # Linearly independent points realise every sign pattern (solve X v = s), so only groups whose
-    # points are (numerically) dependent need the exact test. Relative Cholesky pivots L_ii^2 / K_ii are
-    # each point's squared distance from the span of the points before it over its squared norm.
-    chol, info = _padded_cholesky(gram, mask) if factor is None else factor
-    padded_diag = norms2 + (~mask.reshape(n_groups, -1)).to(norms2.dtype)
-    pivots = chol.diagonal(dim1=-2, dim2=-1).square() / padded_diag.clamp_min(torch.finfo(gram.dtype).tiny)
-    dependent = (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL)
-    if not bool(dependent.any()):
-        return separable.reshape(-1)
-    dep = dependent.nonzero().squeeze(1)
+    # points are (numerically) dependent need the tests below. With the caller's factor that is decided
+    # first; without one, the Cholesky factorization (T^3 / 3 per group) waits until the cheap class-mean
+    # certificates have run, which often settle everything (and it is never needed with more points than
+    # features).
+    if factor is not None:
+        dependent = _dependent_groups(gram, mask, factor)
+        if not bool(dependent.any()):
+            return separable.reshape(-1)
+        dep = dependent.nonzero().squeeze(1)
+    else:
+        dep = torch.arange(n_groups, device=gram.device)
     # Cheap sufficient certificates, tried before the exact test: a direction v = X^T c separates
     # strictly when every margin sigma_i (K c)_i is positive. Two candidates per dichotomy, in
     # coefficient space (one (n_t, T) x (T, T) product or solve per group):
@@ -391,17 +397,16 @@ def _separable_probes(
     k_max = gram_d.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)[:, None, None]
     mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)  # (D, P, M)
 
-    def check(kc: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Margins sigma_i (K c)_i from ``kc`` = K c and whether all clear the round-off bound;
-        ``weight`` = sum_j ||x_j|| |c_j| (D, n_t, 1)."""
-        margins = sig * kc
+    def check(
+        kc: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Margins sigma_i (K c)_i from ``kc`` = K c and whether all clear the round-off bound, for the
+        groups ``g`` (indices into the D groups); ``weight`` = sum_j ||x_j|| |c_j| (D, n_t, 1)."""
+        margins = sig[g] * kc
         # Round-off of (K c)_i (and of K itself) is at most ~(T + N) u ||x_i|| sum_j ||x_j|| |c_j|
         # (u = 1.1e-16): 1e-12 T covers it for N up to ~10^4 T.
-        slack = 1e-12 * n_pts * norm_d * weight
-        return margins, (torch.where(real, margins > slack, True).all(-1)) & (weight[..., 0] > 0)
-
-    def check_coef(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return check(coef @ gram_d, (coef.abs() * norm_d).sum(-1, keepdim=True))
+        slack = 1e-12 * n_pts * norm_d[g] * weight
+        return margins, (torch.where(real[g], margins > slack, True).all(-1)) & (weight[..., 0] > 0)
 
     # The class-mean direction c = sum_mu y_mu 1_mu / M_mu: K c = sum_mu y_mu (K 1_mu / M_mu), from the P
     # class-mean columns of K, so no (n_t, T) x (T, T) product; sum_j ||x_j|| |c_j| is the same for every
@@ -425,6 +430,15 @@ def _separable_probes(
         interp = interp * (means_info == 0)[:, None, None]
         class_weight = (mean_coef * norm_d.view(n_dep, n_man, -1)).sum(-1)  # (D, P): sum_j ||x_j|| / M_mu
         certified |= check(interp @ mean_k, (interp.abs() * class_weight[:, None]).sum(-1, keepdim=True))[1]
+    # Without the caller's factor: the independence test for the groups still open that can be
+    # independent. One host read.
+    if factor is None and not bool(certified.all()):
+        maybe = ~certified.all(1)
+        if n_feat is not None:
+            maybe &= fmask.sum((1, 2)) <= n_feat
+        test = maybe.nonzero().squeeze(1)
+        if test.numel():
+            certified[test] |= ~_dependent_groups(gram_d[test], mask[dep[test]])[:, None]
     # The probes' own GLUE solutions (see _residual_certificate), for what the class means leave open: a
     # solve on each open probe's support instead of the ridge's (T, T) factorization and Ho-Kashyap's
     # (n_t, T) x (T, T) steps, which rarely certify when T exceeds the points' rank.
@@ -443,30 +457,38 @@ def _separable_probes(
             t_all[flat_rows],
         )
     # The ridge fit and Ho-Kashyap only for what is still open (often nothing: then the
-    # (T, T) ridge factorization is skipped). One host read.
+    # (T, T) ridge factorization is skipped), on the groups with open rows. One host read.
     if not bool(certified.all()):
-        eps = 1e-8 * k_max
-        ridge = gram_d.clone()
-        ridge.diagonal(dim1=-2, dim2=-1).add_(eps[:, :, 0])
+        open_groups = (~certified).any(1).nonzero().squeeze(1)
+        # All of them: views, no copies.
+        sub: torch.Tensor | slice = slice(None) if open_groups.numel() == n_dep else open_groups
+        gram_s = gram_d[sub]
+
+        def check_coef(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return check(coef @ gram_s, (coef.abs() * norm_d[sub]).sum(-1, keepdim=True), sub)
+
+        ridge = gram_s.clone()
+        ridge.diagonal(dim1=-2, dim2=-1).add_(1e-8 * k_max[sub, :, 0])
         ridge_chol, ridge_info = torch.linalg.cholesky_ex(ridge)
-        coef = torch.cholesky_solve(sig.transpose(1, 2), ridge_chol).transpose(1, 2)
-        certified |= check_coef(coef * (ridge_info == 0)[:, None, None])[1]
-    # Then Ho-Kashyap on what is left (at most _HO_KASHYAP_STEPS steps, stopping as soon as everything is
-    # certified: one host read per step, outside the NNLS loop): least squares towards positive targets
-    # b, raising b where the margins already exceed it, so the fit moves towards a separating direction
-    # when one exists; every step is checked like the above. On the digits-MLP features every dichotomy
-    # is certified within 2-3 steps; the other 17 steps were a third of the separability test's time.
-    if not bool(certified.all()):
-        targets = real.to(gram.dtype).expand(-1, n_t, -1)
-        for _ in range(_HO_KASHYAP_STEPS):
-            coef = torch.cholesky_solve((sig * targets).transpose(1, 2), ridge_chol).transpose(1, 2)
-            coef = coef * (ridge_info == 0)[:, None, None]
-            margins, ok = check_coef(coef)
-            certified |= ok
-            if bool(certified.all()):
-                break
-            excess = margins - targets
-            targets = targets + (excess + excess.abs()) * real
+        factored = (ridge_info == 0)[:, None, None]
+        coef = torch.cholesky_solve(sig[sub].transpose(1, 2), ridge_chol).transpose(1, 2)
+        certified[sub] |= check_coef(coef * factored)[1]
+        # Then Ho-Kashyap on what is left (at most _HO_KASHYAP_STEPS steps, stopping as soon as everything
+        # is certified: one host read per step, outside the NNLS loop): least squares towards positive
+        # targets b, raising b where the margins already exceed it, so the fit moves towards a separating
+        # direction when one exists; every step is checked like the above. On the digits-MLP features
+        # every dichotomy is certified within 2-3 steps; the other 17 steps were a third of the
+        # separability test's time.
+        if not bool(certified.all()):
+            targets = real[sub].to(gram.dtype).expand(-1, n_t, -1)
+            for _ in range(_HO_KASHYAP_STEPS):
+                coef = torch.cholesky_solve((sig[sub] * targets).transpose(1, 2), ridge_chol).transpose(1, 2)
+                margins, ok = check_coef(coef * factored)
+                certified[sub] |= ok
+                if bool(certified.all()):
+                    break
+                excess = margins - targets
+                targets = targets + (excess + excess.abs()) * real[sub]
     open_rows = (~certified).nonzero()
     if open_rows.shape[0] == 0:
         return separable.reshape(-1)
@@ -532,6 +554,7 @@ def _glue_groups(
         anchor_points=points if return_anchors else None,
         factor=factor,
         nnls_points=nnls_points,
+        n_feat=n_feat,
     )
     return out
 
@@ -556,6 +579,20 @@ def _normalised_gram(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
             "constant (e.g. dead ReLUs) and do not center data with a single point per class."
         )
     return gram / sq[:, None, None], sq.sqrt()
+
+
+def _dependent_groups(
+    gram: torch.Tensor, mask: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """(B,) bool: are the real points of each group (numerically) linearly dependent? From
+    :func:`_padded_cholesky` of ``gram`` (``factor``, computed if not given): a failed factorization or a
+    relative pivot L_ii^2 / K_ii (each point's squared distance from the span of the points before it,
+    over its squared norm) at or below ``_INDEPENDENCE_RTOL``."""
+    chol, info = _padded_cholesky(gram, mask) if factor is None else factor
+    padding = (~mask.reshape(gram.shape[0], -1)).to(gram.dtype)
+    padded_diag = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0) + padding
+    pivots = chol.diagonal(dim1=-2, dim2=-1).square() / padded_diag.clamp_min(torch.finfo(gram.dtype).tiny)
+    return (info != 0) | (pivots.amin(-1) <= _INDEPENDENCE_RTOL)
 
 
 def _padded_cholesky(gram: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -634,13 +671,15 @@ def _glue_from_gram(
     anchor_points: torch.Tensor | None = None,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
     nnls_points: torch.Tensor | None = None,
+    n_feat: int | None = None,
 ) -> dict[str, Any]:
     """GLUE from the groups' normalised Grams (B, T, T), the probes' products
     ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. With
     ``anchor_points`` (the groups' (B, P, M, N) points, in any units) the anchors are returned in those
     units; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it;
     ``nnls_points`` the normalised (B, T, N) points behind ``gram``, for the solver's products where
-    T > 2 N (see :func:`~lightning_geomarkers.functional._nnls.batched_nnls`)."""
+    T > 2 N (see :func:`~lightning_geomarkers.functional._nnls.batched_nnls`); ``n_feat`` the points'
+    dimension N, if known (groups with more points are dependent without a factorization)."""
     n_groups, n_t, n_man = labels.shape
     m_max = mask.shape[-1]
     sigma = (labels[..., None] * mask[:, None].to(labels.dtype)).reshape(n_groups * n_t, -1)
@@ -714,7 +753,8 @@ def _glue_from_gram(
         coef = w.reshape(n_groups, n_t, n_man, m_max)
         anchors = torch.einsum("bkpm,bpmn->bkpn", coef, anchor_points)
 
-    degenerate = ~_separable_probes(gram, mask, labels, factor, (sol.lam, h, t_norm)).reshape(n_groups, n_t)
+    separable = _separable_probes(gram, mask, labels, factor, (sol.lam, h, t_norm), n_feat=n_feat)
+    degenerate = ~separable.reshape(n_groups, n_t)
     return {
         "capacity": capacity,
         "dimension": dimension,
