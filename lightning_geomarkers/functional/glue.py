@@ -378,7 +378,7 @@ def _separable_probes(
             return separable.reshape(-1)
         dep = dependent.nonzero().squeeze(1)
     else:
-        dep = torch.arange(n_groups, device=gram.device)
+        dep = torch.arange(n_groups, device=gram.device)  # any group may be dependent: all go on
     # Cheap sufficient certificates, tried before the exact test: a direction v = X^T c separates
     # strictly when every margin sigma_i (K c)_i is positive. Two candidates per dichotomy, in
     # coefficient space (one (n_t, T) x (T, T) product or solve per group):
