@@ -156,3 +156,26 @@ def test_check_finite_finds_every_nan_and_infinity(dtype) -> None:
                 assert all_finite(x) is False
                 with pytest.raises(ValueError, match="1 NaN/Inf value"):
                     check_finite(x, "x")
+
+
+def test_as_manifolds_stack_without_copy_and_errors_that_name_the_manifold() -> None:
+    """A float32/float64 (P, M, N) stack comes back as it is (one finiteness pass, no copy); other dtypes
+    are promoted to a floating copy, ragged lists padded, and bad input still names the manifold."""
+    from lightning_geomarkers.utilities.checks import as_manifolds
+
+    stack = torch.randn(3, 4, 5, dtype=torch.float64)
+    points, mask = as_manifolds(stack)
+    assert points.data_ptr() == stack.data_ptr() and bool(mask.all()) and mask.shape == (3, 4)
+    half, _ = as_manifolds(stack.half())
+    assert half.dtype == torch.float32 and torch.equal(half, stack.half().float())
+    ragged, mask = as_manifolds([stack[0], stack[1, :2]])
+    assert torch.equal(ragged[1, :2], stack[1, :2]) and not bool(ragged[1, 2:].any())
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+    bad = stack.clone()
+    bad[2, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`manifolds\[2\]` contains 1 NaN/Inf"):
+        as_manifolds(bad)
+    with pytest.raises(ValueError, match="at least 2 manifolds"):
+        as_manifolds(stack[:1])
+    with pytest.raises(ValueError, match="Manifold 0 has 0 point"):
+        as_manifolds(stack[:, :0])

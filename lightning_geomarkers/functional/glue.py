@@ -578,7 +578,7 @@ def _normalised_gram(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
             "All points of a manifold set are zero; GLUE is undefined. Check that the features are not "
             "constant (e.g. dead ReLUs) and do not center data with a single point per class."
         )
-    return gram / sq[:, None, None], sq.sqrt()
+    return gram.div_(sq[:, None, None]), sq.sqrt()  # in place: the product is ours
 
 
 def _dependent_groups(

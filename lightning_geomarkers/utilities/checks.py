@@ -217,7 +217,8 @@ def as_manifolds(
 
     Accepts a (P, M, N) tensor/array or a sequence of P tensors of shape (M_mu, N) (unequal M allowed).
     Returns ``points`` (P, M_max, N) with zero rows as padding and ``mask`` (P, M_max) bool, True on real
-    points. The dtype is floating; the device is that of the input.
+    points. The dtype is floating; the device is that of the input. A floating (P, M, N) tensor is
+    returned as it is (no copy: callers only read it).
     """
     if isinstance(manifolds, (torch.Tensor, np.ndarray)):
         stack = as_tensor(manifolds, "manifolds")
@@ -226,6 +227,10 @@ def as_manifolds(
                 f"`manifolds` must have shape (P, M, N) (classes, points, features), got "
                 f"{tuple(stack.shape)}. For unequal point counts pass a list of (M_mu, N) tensors."
             )
+        valid_shape = stack.shape[0] >= min_manifolds and stack.shape[1] >= min_points and stack.numel() > 0
+        # One finiteness pass over the stack; anything else goes the long way (which names the problem).
+        if stack.dtype in (torch.float32, torch.float64) and valid_shape and all_finite(stack):
+            return stack, torch.ones(stack.shape[:2], dtype=torch.bool, device=stack.device)
         parts = list(stack.unbind(0))
     elif isinstance(manifolds, Sequence) and not isinstance(manifolds, (str, bytes)):
         parts = [as_tensor(m, f"manifolds[{i}]") for i, m in enumerate(manifolds)]
