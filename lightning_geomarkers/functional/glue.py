@@ -380,13 +380,16 @@ def _separable_probes(
     else:
         dep = torch.arange(n_groups, device=gram.device)  # any group may be dependent: all go on
     # Cheap sufficient certificates, tried before the exact test: a direction v = X^T c separates
-    # strictly when every margin sigma_i (K c)_i is positive. Two candidates per dichotomy, in
-    # coefficient space (one (n_t, T) x (T, T) product or solve per group):
+    # strictly when every margin sigma_i (K c)_i is positive. In coefficient space, each on what the
+    # ones before it leave open:
     #  - the signed class-mean direction, c = sum_mu y_mu (indicator of mu) / M_mu;
+    #  - the class means' interpolant (a P x P solve per group);
+    #  - without the caller's factor: the independence test (here, not above);
+    #  - the probes' own GLUE solutions (_residual_certificate);
     #  - the ridge least-squares fit of the signs, c = (K + eps I)^-1 sigma, which interpolates them
-    #    whenever the classes' affine spans are independent (low-dimensional clouds, P M > N).
+    #    whenever the classes' affine spans are independent (low-dimensional clouds, P M > N);
+    #  - a few Ho-Kashyap steps.
     # The margin threshold bounds the round-off of K c, so a certificate is never an artefact.
-    # Then a few Ho-Kashyap steps on what is left (below).
     gram_d = gram if dep.numel() == n_groups else gram[dep]
     fmask = mask[dep].to(labels.dtype)  # (D, P, M)
     n_dep, n_pts = dep.numel(), gram_d.shape[-1]
@@ -398,15 +401,17 @@ def _separable_probes(
     mean_coef = fmask / fmask.sum(-1, keepdim=True).clamp_min(1)  # (D, P, M)
 
     def check(
-        kc: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | slice = slice(None)
+        kc: torch.Tensor, weight: torch.Tensor, part: tuple[torch.Tensor, ...] = (sig, norm_d, real)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Margins sigma_i (K c)_i from ``kc`` = K c and whether all clear the round-off bound, for the
-        groups ``g`` (indices into the D groups); ``weight`` = sum_j ||x_j|| |c_j| (D, n_t, 1)."""
-        margins = sig[g] * kc
+        """Margins sigma_i (K c)_i from ``kc`` = K c and whether all clear the round-off bound;
+        ``weight`` = sum_j ||x_j|| |c_j| (D, n_t, 1); ``part``: the signs, point norms and real-point
+        masks of the groups checked (all D by default)."""
+        signs, norms, points_real = part
+        margins = signs * kc
         # Round-off of (K c)_i (and of K itself) is at most ~(T + N) u ||x_i|| sum_j ||x_j|| |c_j|
         # (u = 1.1e-16): 1e-12 T covers it for N up to ~10^4 T.
-        slack = 1e-12 * n_pts * norm_d[g] * weight
-        return margins, (torch.where(real[g], margins > slack, True).all(-1)) & (weight[..., 0] > 0)
+        slack = 1e-12 * n_pts * norms * weight
+        return margins, (torch.where(points_real, margins > slack, True).all(-1)) & (weight[..., 0] > 0)
 
     # The class-mean direction c = sum_mu y_mu 1_mu / M_mu: K c = sum_mu y_mu (K 1_mu / M_mu), from the P
     # class-mean columns of K, so no (n_t, T) x (T, T) product; sum_j ||x_j|| |c_j| is the same for every
@@ -462,16 +467,16 @@ def _separable_probes(
         open_groups = (~certified).any(1).nonzero().squeeze(1)
         # All of them: views, no copies.
         sub: torch.Tensor | slice = slice(None) if open_groups.numel() == n_dep else open_groups
-        gram_s = gram_d[sub]
+        gram_s, part = gram_d[sub], (sig[sub], norm_d[sub], real[sub])
 
         def check_coef(coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return check(coef @ gram_s, (coef.abs() * norm_d[sub]).sum(-1, keepdim=True), sub)
+            return check(coef @ gram_s, (coef.abs() * part[1]).sum(-1, keepdim=True), part)
 
         ridge = gram_s.clone()
         ridge.diagonal(dim1=-2, dim2=-1).add_(1e-8 * k_max[sub, :, 0])
         ridge_chol, ridge_info = torch.linalg.cholesky_ex(ridge)
         factored = (ridge_info == 0)[:, None, None]
-        coef = torch.cholesky_solve(sig[sub].transpose(1, 2), ridge_chol).transpose(1, 2)
+        coef = torch.cholesky_solve(part[0].transpose(1, 2), ridge_chol).transpose(1, 2)
         certified[sub] |= check_coef(coef * factored)[1]
         # Then Ho-Kashyap on what is left (at most _HO_KASHYAP_STEPS steps, stopping as soon as everything
         # is certified: one host read per step, outside the NNLS loop): least squares towards positive
@@ -480,15 +485,15 @@ def _separable_probes(
         # every dichotomy is certified within 2-3 steps; the other 17 steps were a third of the
         # separability test's time.
         if not bool(certified.all()):
-            targets = real[sub].to(gram.dtype).expand(-1, n_t, -1)
+            targets = part[2].to(gram.dtype).expand(-1, n_t, -1)
             for _ in range(_HO_KASHYAP_STEPS):
-                coef = torch.cholesky_solve((sig[sub] * targets).transpose(1, 2), ridge_chol).transpose(1, 2)
+                coef = torch.cholesky_solve((part[0] * targets).transpose(1, 2), ridge_chol).transpose(1, 2)
                 margins, ok = check_coef(coef * factored)
                 certified[sub] |= ok
                 if bool(certified.all()):
                     break
                 excess = margins - targets
-                targets = targets + (excess + excess.abs()) * real[sub]
+                targets = targets + (excess + excess.abs()) * part[2]
     open_rows = (~certified).nonzero()
     if open_rows.shape[0] == 0:
         return separable.reshape(-1)

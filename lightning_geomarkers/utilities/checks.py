@@ -217,8 +217,8 @@ def as_manifolds(
 
     Accepts a (P, M, N) tensor/array or a sequence of P tensors of shape (M_mu, N) (unequal M allowed).
     Returns ``points`` (P, M_max, N) with zero rows as padding and ``mask`` (P, M_max) bool, True on real
-    points. The dtype is floating; the device is that of the input. A floating (P, M, N) tensor is
-    returned as it is (no copy: callers only read it).
+    points. The dtype is floating; the device is that of the input. A finite float32 or float64
+    (P, M, N) tensor is returned as it is (no copy: callers only read it).
     """
     if isinstance(manifolds, (torch.Tensor, np.ndarray)):
         stack = as_tensor(manifolds, "manifolds")
