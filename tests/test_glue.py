@@ -228,6 +228,31 @@ def test_float32_and_float64_inputs_agree():
     np.testing.assert_allclose(_markers(r32), _markers(r64_orig), rtol=1e-4)
 
 
+def test_results_are_ordinary_tensors_though_computed_in_inference_mode():
+    """The engine runs under ``torch.inference_mode`` for speed; what it returns must still behave as
+    ordinary tensors (in-place edits, autograd-free use), for inputs with and without ``requires_grad``,
+    and the anchors must still be the multipliers' weighted means of the points (checked directly)."""
+    x, t, y = _setup()
+    res = glue(x.clone().requires_grad_(True), probes=t, dichotomies=y, return_anchors=True)
+    fields = [getattr(res, name) for name in (*GLUE_MARKERS, "a", "b", "c", "active", "anchors")]
+    for value in fields:
+        assert not value.is_inference() and not value.requires_grad
+    res.capacity.add_(1.0)  # raises on an inference tensor outside inference mode
+    res.anchors.mul_(1.0)
+    # Anchors from the reference's multipliers: s = sum_i lambda_i x_i / sum_i lambda_i per manifold.
+    ref = reference_glue(list(x.numpy()), t.numpy(), y.numpy())
+    np.testing.assert_allclose(res.anchors.numpy(), ref["anchors"], atol=1e-7)
+    pairs = glue_pairs(
+        x.reshape(-1, x.shape[-1]),
+        torch.arange(x.shape[0]).repeat_interleave(x.shape[1]),
+        n_t=20,
+        generator=0,
+    )
+    for value in (pairs.capacity, *pairs.per_pair.values(), *pairs.std.values()):
+        assert not value.is_inference()
+        value.add_(0.0)
+
+
 def test_reproducible_with_fixed_generator():
     x, _, _ = _setup()
     a = glue(x, n_t=40, generator=123)

@@ -537,30 +537,37 @@ def _glue_groups(
         beyond the two products with them.
     """
     n_groups, n_man, m_max, n_feat = points.shape
-    gram, scale = _normalised_gram(points, mask)
-    factor = None
-    if probes is None:
-        factor = _padded_cholesky(gram, mask)
-        h, t_norm = _span_probes(gram, mask, factor, n_feat, labels.shape[1], generators)
-    else:
-        h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
-        h, t_norm = h.reshape(-1, n_man * m_max), probes.norm(dim=-1).reshape(-1)
-    # With many points in few dimensions (T > 2 N) the solver's products K u are cheaper through the
-    # (normalised) points than through the Gram.
-    nnls_points = points.flatten(1, 2) / scale[:, None, None] if n_man * m_max > 2 * n_feat else None
-    out = _glue_from_gram(
-        gram,
-        mask,
-        h,
-        t_norm,
-        labels,
-        eigen_cutoff=eigen_cutoff,
-        max_iter=max_iter,
-        anchor_points=points if return_anchors else None,
-        factor=factor,
-        nnls_points=nnls_points,
-        n_feat=n_feat,
-    )
+    # The solver issues hundreds of small ops per iteration: inference mode skips autograd's bookkeeping
+    # in each of them (8-9% of the time, see docs/performance.md). Nothing here needs gradients; the
+    # results leave as ordinary tensors (cloned, or computed after the block), so callers may modify them.
+    with torch.inference_mode():
+        gram, scale = _normalised_gram(points, mask)
+        factor = None
+        if probes is None:
+            factor = _padded_cholesky(gram, mask)
+            h, t_norm = _span_probes(gram, mask, factor, n_feat, labels.shape[1], generators)
+        else:
+            h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
+            h, t_norm = h.reshape(-1, n_man * m_max), probes.norm(dim=-1).reshape(-1)
+        # With many points in few dimensions (T > 2 N) the solver's products K u are cheaper through the
+        # (normalised) points than through the Gram.
+        nnls_points = points.flatten(1, 2) / scale[:, None, None] if n_man * m_max > 2 * n_feat else None
+        out = _glue_from_gram(
+            gram,
+            mask,
+            h,
+            t_norm,
+            labels,
+            eigen_cutoff=eigen_cutoff,
+            max_iter=max_iter,
+            factor=factor,
+            nnls_points=nnls_points,
+            n_feat=n_feat,
+        )
+    weights = out.pop("weights")
+    out = {name: v.clone() if isinstance(v, torch.Tensor) else v for name, v in out.items()}
+    # Anchors s = w X, formed outside inference mode (an ordinary tensor, no copy of the largest output).
+    out["anchors"] = torch.einsum("bkpm,bpmn->bkpn", weights, points) if return_anchors else None
     return out
 
 
@@ -673,15 +680,13 @@ def _glue_from_gram(
     *,
     eigen_cutoff: float,
     max_iter: int | None,
-    anchor_points: torch.Tensor | None = None,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
     nnls_points: torch.Tensor | None = None,
     n_feat: int | None = None,
 ) -> dict[str, Any]:
     """GLUE from the groups' normalised Grams (B, T, T), the probes' products
-    ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. With
-    ``anchor_points`` (the groups' (B, P, M, N) points, in any units) the anchors are returned in those
-    units; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it;
+    ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. The dict also
+    holds ``weights``, the (B, n_t, P, M) normalised multipliers w of the anchors s = w X; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it;
     ``nnls_points`` the normalised (B, T, N) points behind ``gram``, for the solver's products where
     T > 2 N (see :func:`~lightning_geomarkers.functional._nnls.batched_nnls`); ``n_feat`` the points'
     dimension N, if known (groups with more points are dependent without a factorization)."""
@@ -693,8 +698,8 @@ def _glue_from_gram(
 
     # Everything below lives in coefficient space: an anchor is s = w X with w the (normalised) NNLS
     # multipliers of its manifold, so every inner product of anchors, centers and probes is a small
-    # contraction with the point Gram K and with h = X t. Nothing of size N is formed (unless anchors
-    # are requested), which is what keeps many-pair batches cheap.
+    # contraction with the point Gram K and with h = X t. Nothing of size N is formed (the caller forms
+    # the anchors, if asked for, from the returned weights), which is what keeps many-pair batches cheap.
     q_all = n_groups * n_t
     lam = sol.lam.reshape(q_all, n_man, m_max)
     weight = lam.sum(-1)  # (Q, P)
@@ -753,11 +758,6 @@ def _glue_from_gram(
     # s0_mu . s1_nu = s0_mu . s_nu - s0_mu . s0_nu
     c_s1 = (s_c.transpose(-1, -2) - c_c_k).reshape(n_groups, n_t, n_man, n_man)
     center_axis_al = _mean_abs_cos(c_s1, c_diag.expand(-1, n_t, -1), s1_sq, both, eigen_cutoff)
-    anchors = None
-    if anchor_points is not None:
-        coef = w.reshape(n_groups, n_t, n_man, m_max)
-        anchors = torch.einsum("bkpm,bpmn->bkpn", coef, anchor_points)
-
     separable = _separable_probes(gram, mask, labels, factor, (sol.lam, h, t_norm), n_feat=n_feat)
     degenerate = ~separable.reshape(n_groups, n_t)
     return {
@@ -772,7 +772,7 @@ def _glue_from_gram(
         "b": b,
         "c": c,
         "active": active,
-        "anchors": anchors,
+        "weights": w.reshape(n_groups, n_t, n_man, m_max),
         "n_degenerate": degenerate.sum(1),
         "iterations": sol.iterations,
         "kkt_violation": sol.kkt_violation.reshape(n_groups, n_t).amax(1),
