@@ -50,12 +50,15 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
     Duplicate rows have zero distances, which make the logarithms undefined: rows are de-duplicated first
     (exactly: rows are grouped by an integer hash of their float64 bit patterns and every group is checked
     for exact equality) and ``S`` above is the number of *distinct* points. Neighbours are selected from a
-    Gram-matrix distance computed in float64 blocks of the centred points, each block product serving
-    both of its row blocks (the Gram matrix is symmetric), with a running top-k per point; their distances
-    are then recomputed exactly from coordinate differences. Cost ``S^2 N / 2`` multiply-adds; memory
-    ``O(S k)`` plus a few 16 MiB blocks and at most 64 MiB of cached working blocks, whatever ``S`` (no
-    ``S x S`` matrix, no full float64 copy of the features). The estimate is scale invariant; it is
-    computed in float64.
+    Gram-matrix distance computed in blocks of the centred points, each block product serving both of its
+    row blocks (the Gram matrix is symmetric), with a running top-k per point; their distances are then
+    recomputed exactly from coordinate differences. The blocks are float64; large problems
+    (``S^2 N >= 2^30``, with float32 matmuls in IEEE precision) choose candidates with float32 blocks and
+    certify each point's choice against the float32 error bound, redoing in float64 the points where the
+    bound cannot rule out a nearer neighbour, so the result is the float64 search's. Cost ``S^2 N / 2``
+    multiply-adds; memory ``O(S k)`` plus a few 16 MiB blocks and at most 64 MiB of cached working
+    blocks, whatever ``S`` (no ``S x S`` matrix, no full float64 copy of the features). The estimate is
+    scale invariant; it is computed in float64.
 
     Args:
         features: ``(S, N)`` tensor or numpy array, rows are samples.
