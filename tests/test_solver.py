@@ -475,6 +475,29 @@ def test_failed_factorization_inside_the_inner_loop_keeps_the_iterate(monkeypatc
         np.testing.assert_allclose(sol.lam[q].numpy(), lam, atol=1e-7)
 
 
+@pytest.mark.parametrize("size", [12, nnls_module._TRIANGULAR_SOLVES_FROM + 16])
+def test_passive_solves_match_scipy_on_both_paths(size):
+    """``_solve_spd`` (cholesky_solve below ``_TRIANGULAR_SOLVES_FROM``, two triangular solves from
+    there on) against scipy's ``cho_factor``/``cho_solve`` per block, with the flags: a block with a
+    dependent column is singular (not broken), an indefinite one broken and solved as 0."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    rng = np.random.default_rng(size)
+    feats = rng.standard_normal((5, size, size + 7))
+    blocks = feats @ feats.transpose(0, 2, 1)
+    feats[3, -1] = feats[3, 0] + 1e-7 * rng.standard_normal(size + 7)  # nearly dependent: tiny pivot
+    blocks[3] = feats[3] @ feats[3].T
+    blocks[4] = -np.eye(size)  # indefinite: the factorization fails
+    rhs = rng.standard_normal((5, size))
+    sol, singular, broken = nnls_module._solve_spd(torch.from_numpy(blocks), torch.from_numpy(rhs))
+    for b in range(3):
+        ref = cho_solve(cho_factor(blocks[b], lower=True), rhs[b])
+        np.testing.assert_allclose(sol[b].numpy(), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    assert singular.tolist() == [False, False, False, True, True]
+    assert broken.tolist() == [False, False, False, False, True]
+    assert bool((sol[4] == 0).all())
+
+
 def _linprog_separable(mans: np.ndarray, labels: np.ndarray) -> list[bool]:
     n_man, m, n_feat = mans.shape
     pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)

@@ -58,6 +58,9 @@ KKT_CERTIFIED = 1e-6
 #: A passive set counts as linearly dependent when a relative Cholesky pivot falls below this.
 _DEPENDENT_PIVOT = 1e-9
 
+#: Passive blocks of at least this size are solved by two triangular solves, not ``cholesky_solve``.
+_TRIANGULAR_SOLVES_FROM = 64
+
 #: Most elements of the (rows, S, S) passive blocks formed at once (2^24: 128 MiB in float64, as much
 #: again for their gather indices); more rows are solved in row chunks.
 _PASSIVE_ELEMENTS = 2**24
@@ -76,7 +79,13 @@ def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, t
     factorization) and whether the factorization failed.
     """
     chol, info = torch.linalg.cholesky_ex(blocks)
-    sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+    if blocks.shape[-1] >= _TRIANGULAR_SOLVES_FROM:
+        # The same two substitutions as cholesky_solve (bit for bit), without its column-major copy of
+        # every factor: 2-4x faster from S = 64 on at 1 thread; below that the copy is cheap.
+        lower = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
+        sol = torch.linalg.solve_triangular(chol.mT, lower, upper=True).squeeze(-1)
+    else:
+        sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     # Relative pivots L_ii^2 / K_ii: each point's squared distance from the span of the slots before
     # it, relative to its norm; tiny means the passive set is (numerically) linearly dependent.
     pivots = chol.diagonal(dim1=-2, dim2=-1).square() / blocks.diagonal(dim1=-2, dim2=-1).clamp_min(
