@@ -12,7 +12,11 @@ and checks every marker agrees to 1e-6 relative (probes and dichotomies are draw
 runs, so the inputs are identical). It prints the times (GPU after one warm-up run) and exits 1 if a
 check fails. Without CUDA it prints "no CUDA device: nothing measured" and exits 0.
 
-Usage: python benchmarks/gpu_check.py [--markers all|glue] [--skip-monitor]
+``--self-test`` runs the same script with the CPU in the place of the GPU (no GPU needed): every case
+twice on the CPU, compared the same way. The test suite runs it, so the script is known to work before
+a GPU's limited time is spent on it.
+
+Usage: python benchmarks/gpu_check.py [--markers all|glue] [--skip-monitor] [--self-test]
 """
 
 from __future__ import annotations
@@ -98,13 +102,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markers", default="all", help="markers of the monitor case: all or glue")
     parser.add_argument("--skip-monitor", action="store_true", help="only the two GLUE bench cases")
+    parser.add_argument(
+        "--self-test", action="store_true", help="the CPU in the place of the GPU: checks the script itself"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    other = "cpu" if args.self_test else "cuda"
+    if other == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing measured")
         return 0
-    print(
-        f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}"
-    )
+    device_name = "CPU (self-test)" if args.self_test else torch.cuda.get_device_name(0)
+    print(f"device: {device_name}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     cases = [
         ("(a) joint P=10 M=50 N=512 n_t=200", case_joint),
         ("(b) 45 pairs M=50 N=512 n_t=200", case_pairs),
@@ -119,11 +126,13 @@ def main() -> int:
     ok = True
     for name, fn in cases:
         cpu_s, cpu = timed(lambda fn=fn: fn("cpu"), "cpu")
-        fn("cuda")  # warm-up: CUDA context, kernels, allocator
-        gpu_s, gpu = timed(lambda fn=fn: fn("cuda"), "cuda")
-        print(f"{name}: CPU {cpu_s * 1e3:.1f} ms, CUDA {gpu_s * 1e3:.1f} ms ({cpu_s / gpu_s:.1f}x)")
+        fn(other)  # warm-up: CUDA context, kernels, allocator
+        gpu_s, gpu = timed(lambda fn=fn: fn(other), other)
+        label = "CPU again" if args.self_test else "CUDA"
+        print(f"{name}: CPU {cpu_s * 1e3:.1f} ms, {label} {gpu_s * 1e3:.1f} ms ({cpu_s / gpu_s:.1f}x)")
         ok &= compare(name, cpu, gpu)
-    print("all CUDA results equal the CPU results" if ok else "MISMATCH between CUDA and CPU results")
+    label = "CPU self-test" if args.self_test else "CUDA"
+    print(f"all {label} results equal the CPU results" if ok else f"MISMATCH between {label} and CPU results")
     return 0 if ok else 1
 
 

@@ -1,0 +1,42 @@
+"""``benchmarks/gpu_check.py`` is only ever run when a GPU is lent, with little device time: its self-test
+(the CPU in the place of the GPU) and its comparison are checked here, so a broken script is found
+before that time is spent."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_gpu_check_compare_flags_differences_and_nan(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    assert gpu_check.compare("same", {"a": 1.0, "b": math.nan}, {"a": 1.0 + 1e-9, "b": math.nan})
+    assert not gpu_check.compare("off", {"a": 1.0}, {"a": 1.0 + 1e-5})  # above the 1e-6 tolerance
+    assert not gpu_check.compare("nan", {"a": 1.0}, {"a": math.nan})  # NaN where the CPU has a value
+    assert not gpu_check.compare("missing", {"a": 1.0}, {})  # a marker the GPU run did not return
+
+
+@pytest.mark.slow
+def test_gpu_check_self_test_runs_the_glue_cases():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--self-test", "--skip-monitor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("device: CPU (self-test)")
+    assert sum(line.strip().endswith(": OK") for line in lines) == 2  # cases (a) and (b)
+    assert lines[-1] == "all CPU self-test results equal the CPU results"
