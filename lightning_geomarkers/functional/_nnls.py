@@ -94,7 +94,7 @@ def _solve_spd(blocks: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, t
     )
     broken = info != 0
     singular = broken | (pivots.amin(-1) <= _DEPENDENT_PIVOT)
-    return torch.where(broken[:, None], torch.zeros_like(sol), sol), singular, broken
+    return sol.masked_fill(broken[:, None], 0.0), singular, broken
 
 
 def _extended_gram(gram: torch.Tensor, jitter: float) -> torch.Tensor:
@@ -140,6 +140,7 @@ class _WorkingSet:
     sigma: torch.Tensor
     rank_one: torch.Tensor | None
     t_norm: torch.Tensor
+    enter_tol: torch.Tensor  # (rows, 1) tol ||t||: a point enters while its w_i exceeds it
     sig_inv: torch.Tensor  # (rows, T) sigma / the norm of each point's column (0 for padding, zero columns)
     ineligible: torch.Tensor  # (rows, T) padding points (sigma = 0), never added
     excluded: torch.Tensor  # ineligible or blocked (a single added point that got no positive multiplier)
@@ -196,31 +197,36 @@ class _WorkingSet:
         n_rows, n_slots = self.slots.shape
         step = max(1, _PASSIVE_ELEMENTS // (n_slots * n_slots))
         if step >= n_rows:
-            return self._solve_rows(gram_ext, slice(None))
+            return self._solve_rows(gram_ext, None)
         parts = [self._solve_rows(gram_ext, slice(start, start + step)) for start in range(0, n_rows, step)]
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def _solve_rows(
-        self, gram_ext: torch.Tensor, rows: slice
+        self, gram_ext: torch.Tensor, rows: slice | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`solve_passive` for the rows ``rows``."""
+        """:meth:`solve_passive` for the rows ``rows`` (None: all of them, without slicing every array)."""
+
+        def part(value: torch.Tensor) -> torch.Tensor:
+            return value if rows is None else value[rows]
+
         n_slots, n_ext = self.slots.shape[1], gram_ext.shape[-1]
-        slots, valid = self.slots[rows], self.valid[rows]
+        slots, valid = part(self.slots), part(self.valid)
         # K_FF gathered straight from the group's Gram by flat indices (Q S^2 elements, no row cache);
         # free slots read the zero sentinel point and get a unit diagonal (identity padding).
         # The flat indices are the largest array built per iteration (Q S^2): int32 where they fit, half
         # the memory traffic of int64 (the index computation is then 4x faster).
         index_dtype = torch.int32 if gram_ext.numel() < 2**31 else torch.int64
         sl = torch.where(valid, slots, n_ext - 1).to(index_dtype)
-        row = (self.group[rows].to(index_dtype) * n_ext)[:, None] + sl
+        # Each row's offset in the stacked Grams (none with one group).
+        row = sl if gram_ext.shape[0] == 1 else (part(self.group).to(index_dtype) * n_ext)[:, None] + sl
         flat = (row * n_ext)[:, :, None] + sl[:, None, :]
         blocks = gram_ext.view(-1).index_select(0, flat.view(-1)).view(-1, n_slots, n_slots)
         blocks.diagonal(dim1=-2, dim2=-1).add_(~valid)
         if self.rank_one is not None:
-            r1_f = torch.gather(self.rank_one[rows], 1, slots) * valid
+            r1_f = torch.gather(part(self.rank_one), 1, slots) * valid
             blocks = torch.baddbmm(blocks, r1_f[:, :, None], r1_f[:, None, :])
-        sig_f = torch.gather(self.sigma[rows], 1, slots) * valid
-        u, singular, broken = _solve_spd(blocks, torch.gather(self.h[rows], 1, slots) * valid)
+        sig_f = torch.gather(part(self.sigma), 1, slots) * valid
+        u, singular, broken = _solve_spd(blocks, torch.gather(part(self.h), 1, slots) * valid)
         return sig_f * u, singular, broken
 
     def dual(
@@ -444,6 +450,7 @@ def batched_nnls(
         sigma=sigma,
         rank_one=rank_one,
         t_norm=t_norm,
+        enter_tol=(tol * t_norm)[:, None],
         sig_inv=sig_inv,
         ineligible=sigma == 0,
         excluded=sigma == 0,
@@ -459,6 +466,7 @@ def batched_nnls(
     h_block = _h_block(h, pos, n_groups, capacity)  # X t in the GEMM layout (None for one group)
     layout_all = (pos, capacity)  # every row's layout, reused by the final certificate
     steps = torch.arange(k_add, device=device)
+    minus_inf, plus_inf = (torch.tensor(v, dtype=dtype, device=device) for v in (-torch.inf, torch.inf))
     iterations = 0
     while st.rows.numel() and iterations < max_iter:
         iterations += 1
@@ -466,7 +474,7 @@ def batched_nnls(
         # The passive set is the valid slots: knocked out of the score by one scatter over the slots
         # (free slots scatter +inf, which a minimum ignores), so no dense passive mask is kept.
         score = st.w.masked_fill(st.excluded, -torch.inf)
-        knock_out = torch.where(st.valid, -torch.inf, torch.inf).to(score.dtype)
+        knock_out = torch.where(st.valid, minus_inf, plus_inf)
         score.scatter_reduce_(1, st.slots, knock_out, "amin")
         if block_size > 1:  # the most violating point of each manifold, then the best manifolds
             b_best, b_arg = score.view(-1, n_blocks, block_size).max(2)
@@ -474,19 +482,18 @@ def batched_nnls(
             cand = b_pick * block_size + torch.gather(b_arg, 1, b_pick)
         else:
             best, cand = score.topk(k_add, dim=1)
-        violating = best > (tol * st.t_norm)[:, None]
+        violating = best > st.enter_tol
         outer = ~st.pending & ~st.done
         n_add = torch.minimum(violating.sum(1), st.budget) * outer
         st.done |= outer & (n_add == 0)
         # The one host synchronisation of the iteration: finished rows, the slots needed and the largest
-        # number of running rows in one group (the GEMM layout after a compaction).
-        n_done, need, left_capacity = torch.stack(
-            [
-                st.done.sum(),
-                (st.valid.sum(1) + n_add).max(),
-                _group_counts(st.group, n_groups, ~st.done).max(),
-            ]
-        ).tolist()
+        # number of running rows in one group (the GEMM layout after a compaction; with one group, simply
+        # the running rows).
+        counts = [st.done.sum(), (st.valid.sum(1) + n_add).max()]
+        if n_groups > 1:
+            counts.append(_group_counts(st.group, n_groups, ~st.done).max())
+        n_done, need, *capacities = torch.stack(counts).tolist()
+        left_capacity = capacities[0] if capacities else st.rows.numel() - n_done
         if n_done == st.rows.numel():
             break
         if 4 * n_done >= st.rows.numel():
@@ -533,10 +540,11 @@ def batched_nnls(
         moved = ~single_bad & ~st.done
         # Feasible: accept. Infeasible: step towards z until a multiplier hits zero (fresh points with
         # z <= 0 have ratio 0 and are dropped without moving the others).
-        ratio = torch.where(infeasible, st.x / (st.x - z).clamp_min(torch.finfo(dtype).tiny), torch.inf)
-        alpha = torch.where(all_pos, torch.ones_like(ratio[:, 0]), ratio.min(1).values.clamp(0, 1))
-        new_x = torch.where(all_pos[:, None], z, st.x + alpha[:, None] * (z - st.x))
-        hit = (~all_pos)[:, None] & infeasible & (ratio <= alpha[:, None])
+        gap = st.x - z
+        ratio = torch.where(infeasible, st.x / gap.clamp_min(torch.finfo(dtype).tiny), torch.inf)
+        alpha = torch.where(all_pos, 1.0, ratio.min(1).values.clamp(0, 1))[:, None]
+        new_x = torch.where(all_pos[:, None], z, st.x - alpha * gap)  # x + alpha (z - x), exactly
+        hit = infeasible & (ratio <= alpha)  # infeasible rows are exactly the rows not all positive
         # Multipliers per unit column norm (mu = lambda ||x||, in the units of ||t||): round-off zeros.
         mu = new_x / torch.gather(st.sig_inv, 1, st.slots).abs().clamp_min(torch.finfo(dtype).tiny)
         x_tol = 1e-14 * torch.maximum(mu.abs().amax(1), st.t_norm)[:, None]
