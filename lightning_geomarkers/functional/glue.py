@@ -538,8 +538,9 @@ def _glue_groups(
     """
     n_groups, n_man, m_max, n_feat = points.shape
     # The solver issues hundreds of small ops per iteration: inference mode skips autograd's bookkeeping
-    # in each of them (8-9% of the time, see docs/performance.md). Nothing here needs gradients; the
-    # results leave as ordinary tensors (cloned, or computed after the block), so callers may modify them.
+    # in each of them (0-9% of the time, typically 5-8%: docs/performance.md). Nothing here needs
+    # gradients; the results leave as ordinary tensors (cloned, or computed after the block), so callers
+    # may modify them.
     with torch.inference_mode():
         gram, scale = _normalised_gram(points, mask)
         factor = None
@@ -686,7 +687,8 @@ def _glue_from_gram(
 ) -> dict[str, Any]:
     """GLUE from the groups' normalised Grams (B, T, T), the probes' products
     ``h = X t`` (B * n_t, T) and norms (B * n_t,): the probes themselves are never needed. The dict also
-    holds ``weights``, the (B, n_t, P, M) normalised multipliers w of the anchors s = w X; ``factor`` is :func:`_padded_cholesky` of ``gram`` when the caller already has it;
+    holds ``weights``, the (B, n_t, P, M) normalised multipliers w of the anchors s = w X; ``factor`` is
+    :func:`_padded_cholesky` of ``gram`` when the caller already has it;
     ``nnls_points`` the normalised (B, T, N) points behind ``gram``, for the solver's products where
     T > 2 N (see :func:`~lightning_geomarkers.functional._nnls.batched_nnls`); ``n_feat`` the points'
     dimension N, if known (groups with more points are dependent without a factorization)."""
