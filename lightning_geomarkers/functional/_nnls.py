@@ -61,8 +61,8 @@ _DEPENDENT_PIVOT = 1e-9
 #: Passive blocks of at least this size are solved by two triangular solves, not ``cholesky_solve``.
 _TRIANGULAR_SOLVES_FROM = 40
 
-#: Most elements of the (rows, S, S) passive blocks formed at once (2^24: 128 MiB in float64, as much
-#: again for their gather indices); more rows are solved in row chunks.
+#: Most elements of the (rows, S, S) passive blocks formed at once (2^24: 128 MiB in float64, half as
+#: much again for their int32 gather indices); more rows are solved in row chunks.
 _PASSIVE_ELEMENTS = 2**24
 
 
