@@ -268,10 +268,13 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_solver_reads_the_host_once_per_iteration():
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["dense-products", "sparse-products"])
+def test_solver_reads_the_host_once_per_iteration(monkeypatch, fraction):
     """GPU readiness: inside the iteration loop the only host read is the one convergence check per
     iteration, also when finished rows are compacted away (several groups finishing at different
-    iterations). Before and after the loop a fixed handful (layout, final write-back)."""
+    iterations). Before and after the loop a fixed handful (layout, final write-back). Both routes of
+    the products K u: the dense GEMMs (the only one on CUDA) and the sparse products (CPU)."""
+    monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", fraction)
     rng = np.random.default_rng(11)
     mans = geometry_clouds(rng, 6, 20, 96, 10, 1.5)
     x = torch.from_numpy(mans.reshape(3, 2, 20, 96)).flatten(1, 2)
@@ -603,6 +606,7 @@ def test_products_through_the_points_when_points_outnumber_twice_the_dimensions(
         return real_times_gram(block, gram, points, minus_from)
 
     monkeypatch.setattr(nnls_module, "_times_gram", spy)
+    monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", 0.0)  # the dense products (as on CUDA)
     res = glue(
         torch.from_numpy(mans), probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y), warn=False
     )
@@ -751,3 +755,91 @@ def test_separability_with_glue_solutions_matches_linprog_on_random_small_sets()
             )
         assert got.tolist() == _linprog_separable(mans, labels), trial
     assert sum(certified) > 0 and sum(offered) > sum(certified)
+
+
+def _nnls_case(case: str, rng: np.random.Generator):
+    """Inputs of ``batched_nnls`` (gram, group, h, sigma, t_norm, block size, points) and the signed
+    constraint matrices G_q (T, N) of each row, for the product-route tests."""
+    if case == "pairs":  # several groups: 4 class pairs of 2 x 15 points in 40 dimensions
+        x = torch.from_numpy(geometry_clouds(rng, 8, 15, 40, 6, 1.5).reshape(4, 30, 40))
+        n_t, m = 12, 15
+    elif case == "joint":  # one group: 6 classes of 20 points in 150 dimensions
+        x = torch.from_numpy(geometry_clouds(rng, 6, 20, 150, 10, 2.0).reshape(1, 120, 150))
+        n_t, m = 40, 20
+    else:  # "points": 12 classes of 20 points in 48 dimensions, T = 240 > 2 N
+        x = torch.from_numpy(geometry_clouds(rng, 12, 20, 48, 4, 0.5).reshape(1, 240, 48))
+        n_t, m = 30, 20
+    n_groups, n_points, n_feat = x.shape
+    x = x / x.square().sum(-1).mean().sqrt()
+    t = torch.from_numpy(rng.standard_normal((n_groups, n_t, n_feat)))
+    y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(n_groups * n_t, n_points // m)))
+    sigma = y.repeat_interleave(m, dim=1)
+    group = torch.arange(n_groups).repeat_interleave(n_t)
+    h = torch.einsum("btn,bqn->bqt", x, t).reshape(-1, n_points)
+    signed = sigma[:, :, None] * x[group]  # (Q, T, N)
+    return (x @ x.mT, group, h, sigma, t.norm(dim=-1).reshape(-1), m, x), signed, t.reshape(-1, n_feat)
+
+
+@pytest.mark.parametrize("case", ["pairs", "joint", "points"])
+def test_sparse_and_dense_products_give_scipys_solution(monkeypatch, case):
+    """The products K u (each iteration's dual and the final certificate) go through a sparse matrix of
+    the multipliers on the CPU when the supports are small, through dense GEMMs otherwise (and always
+    on CUDA). Forced either way, on several groups, one group and the route through the points
+    (T > 2 N), the solver gives scipy's NNLS solution, and the two routes the same multipliers."""
+    (gram, group, h, sigma, t_norm, m, x), signed, t = _nnls_case(case, np.random.default_rng(3))
+    calls = []
+    real_sparse = nnls_module._minus_sparse_times
+
+    def spy(*args):
+        calls.append(1)
+        return real_sparse(*args)
+
+    monkeypatch.setattr(nnls_module, "_minus_sparse_times", spy)
+    solutions = {}
+    for route, fraction in (("dense", 0.0), ("sparse", 1.0)):
+        monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", fraction)
+        calls.clear()
+        sol = batched_nnls(
+            gram, group, h, sigma, t_norm, block_size=m, points=x if case == "points" else None
+        )
+        assert bool(sol.converged.all()) and float(sol.kkt_violation.max()) < 1e-10
+        assert (len(calls) > 0) == (route == "sparse")  # the route really taken
+        solutions[route] = sol
+    torch.testing.assert_close(solutions["sparse"].lam, solutions["dense"].lam, rtol=1e-9, atol=1e-12)
+    for q in range(0, h.shape[0], 7):
+        lam_ref = nnls(signed[q].numpy().T, t[q].numpy())[0]
+        g = signed[q].numpy()
+        np.testing.assert_allclose(g.T @ solutions["sparse"].lam[q].numpy(), g.T @ lam_ref, atol=1e-9)
+        if case != "points":  # with more points than dimensions only the projection is unique
+            np.testing.assert_allclose(solutions["sparse"].lam[q].numpy(), lam_ref, atol=1e-7)
+
+
+def test_sparse_products_in_the_separability_test(monkeypatch):
+    """The exact separability test (the solver with a rank-one term) gives the same answers on both
+    routes of the products, and they agree with a linear program."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(geometry_clouds(rng, 6, 10, 6, 6, 2.0).reshape(3, 20, 6))
+    x = x / x.norm(dim=-1, keepdim=True)
+    sigma = torch.from_numpy(rng.choice([-1.0, 1.0], size=(3 * 8, 2))).repeat_interleave(10, dim=1)
+    group = torch.arange(3).repeat_interleave(8)
+    flags = {}
+    for fraction in (0.0, 1.0):
+        monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", fraction)
+        flags[fraction] = separable_dichotomies(x @ x.mT, group, sigma)
+    assert torch.equal(flags[0.0], flags[1.0])
+    assert 0 < int(flags[1.0].sum()) < len(group)  # both answers occur
+    for q in range(len(group)):  # sigma_i <v, x_i> >= 1 feasible?
+        a = -(sigma[q, :, None] * x[group[q]]).numpy()
+        lp = linprog(np.zeros(6), A_ub=a, b_ub=-np.ones(20), bounds=[(None, None)] * 6, method="highs")
+        assert bool(flags[1.0][q]) == (lp.status == 0), q
+
+
+def test_sparse_products_only_on_the_cpu_and_for_small_supports():
+    """The route of the products: sparse on the CPU up to a sixth of the dense product's inner size
+    (T, or 2 N through the points), never on CUDA (a sparse product there reads its size on the host)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert nnls_module._sparse_products(cpu, 16, 100, None)
+    assert not nnls_module._sparse_products(cpu, 17, 100, None)
+    assert not nnls_module._sparse_products(cpu, 16, 500, 40)  # through the points: inner size 80
+    assert nnls_module._sparse_products(cpu, 13, 500, 40)
+    assert not nnls_module._sparse_products(cuda, 1, 1000, None)

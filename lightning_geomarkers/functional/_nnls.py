@@ -61,6 +61,13 @@ _DEPENDENT_PIVOT = 1e-9
 #: Passive blocks of at least this size are solved by two triangular solves, not ``cholesky_solve``.
 _TRIANGULAR_SOLVES_FROM = 40
 
+#: On the CPU the products K u (each iteration's dual and the final certificate) go through a sparse
+#: matrix of the rows' multipliers when a row has at most this fraction of the dense product's inner size
+#: (T points, or 2 N through the points) as non-zeros. Measured per call at 1 thread: the sparse product
+#: wins from about T / 6 down (2-3x at S = T / 20), loses below T / 4 (it runs at ~4 G multiply-adds
+#: per second against ~15-20 for a GEMM).
+_SPARSE_PRODUCT_FRACTION = 1 / 6
+
 #: Most elements of the (rows, S, S) passive blocks formed at once (2^24: 128 MiB in float64, half as
 #: much again for their int32 gather indices); more rows are solved in row chunks.
 _PASSIVE_ELEMENTS = 2**24
@@ -235,30 +242,39 @@ class _WorkingSet:
         capacity: int,
         h_block: torch.Tensor | None,
         points: torch.Tensor | None = None,
+        gram_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """w = sigma * (X t - K (sigma * lambda)) / ||x|| for every running row, by one dense GEMM (two
-        through ``points`` where that is cheaper, see :func:`_times_gram`).
+        """w = sigma * (X t - K (sigma * lambda)) / ||x|| for every running row.
 
-        The rows' signed multipliers are scattered straight into a (groups, capacity, T) block (the
-        layout of ``pos``), and ``h_block`` (the rows' X t in that layout; None for one group) is the
+        Given ``gram_rows`` (the Grams stacked as (B T, T)), by one sparse product over the passive
+        slots (:func:`_minus_sparse_times`: S T multiply-adds per row instead of T^2). Otherwise by one
+        dense GEMM (two through ``points`` where that is cheaper, see :func:`_times_gram`): the rows'
+        signed multipliers are scattered straight into a (groups, capacity, T) block (the layout of
+        ``pos``), and ``h_block`` (the rows' X t in that layout; required for several groups) is the
         GEMM's accumulator, so X t - K u comes out of one ``baddbmm``: four passes over (rows, T)
         arrays per iteration instead of eight (the cost of the early, full-width iterations).
         """
         n_groups, n_points = gram.shape[0], gram.shape[-1]
         vals = self.x * torch.gather(self.sigma, 1, self.slots) * self.valid  # (rows, S) signed
-        spots = torch.where(self.valid, self.slots, n_points)  # free slots -> the spare column
-        if h_block is None:  # one group: rows in their own order
-            u = vals.new_zeros((vals.shape[0], n_points + 1)).scatter_(1, spots, vals)
-            resid = _times_gram(u[None, :, :n_points], gram, points, minus_from=self.h[None])[0]
+        if gram_rows is not None:  # free slots carry 0, so their (stale) columns add nothing
+            cols = self.slots if n_groups == 1 else self.group[:, None] * n_points + self.slots
+            resid = _minus_sparse_times(self.h, gram_rows, cols, vals)
         else:
-            block = vals.new_zeros((n_groups * capacity, n_points + 1))
-            block.view(-1).scatter_(0, (self.pos[:, None] * (n_points + 1) + spots).view(-1), vals.view(-1))
-            block3 = block.view(n_groups, capacity, n_points + 1)[:, :, :n_points]
-            resid = (
-                _times_gram(block3, gram, points, minus_from=h_block)
-                .view(-1, n_points)
-                .index_select(0, self.pos)
-            )
+            spots = torch.where(self.valid, self.slots, n_points)  # free slots -> the spare column
+            if n_groups == 1:  # rows in their own order
+                u = vals.new_zeros((vals.shape[0], n_points + 1)).scatter_(1, spots, vals)
+                resid = _times_gram(u[None, :, :n_points], gram, points, minus_from=self.h[None])[0]
+            else:
+                assert h_block is not None, "several groups need the rows' X t in the GEMM layout"
+                block = vals.new_zeros((n_groups * capacity, n_points + 1))
+                flat = (self.pos[:, None] * (n_points + 1) + spots).view(-1)
+                block.view(-1).scatter_(0, flat, vals.view(-1))
+                block3 = block.view(n_groups, capacity, n_points + 1)[:, :, :n_points]
+                resid = (
+                    _times_gram(block3, gram, points, minus_from=h_block)
+                    .view(-1, n_points)
+                    .index_select(0, self.pos)
+                )
         if self.rank_one is not None:
             r_dot_u = (torch.gather(self.rank_one, 1, self.slots) * vals).sum(1, keepdim=True)
             resid = resid - self.rank_one * r_dot_u
@@ -281,6 +297,38 @@ class _WorkingSet:
         rows = self.rows.index_select(0, sel)
         lam_out.index_copy_(0, rows, dense[:, :n_points])
         done_out.index_fill_(0, rows, certified)
+
+
+def _sparse_products(device: torch.device, n_support: int, n_points: int, n_feat: int | None) -> bool:
+    """Whether products K u with at most ``n_support`` non-zeros per row of u go through a sparse matrix:
+    on the CPU only (on CUDA a sparse COO product first coalesces its indices, which reads their number
+    on the host, and dense GEMMs are fast there), and only for supports up to
+    ``_SPARSE_PRODUCT_FRACTION`` of the dense product's inner size (``n_points``, or ``2 n_feat`` when
+    the dense product goes through the points)."""
+    inner = n_points if n_feat is None else min(n_points, 2 * n_feat)
+    return device.type == "cpu" and n_support <= _SPARSE_PRODUCT_FRACTION * inner
+
+
+def _minus_sparse_times(
+    minus_from: torch.Tensor, gram_rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor
+) -> torch.Tensor:
+    """(rows, T) ``minus_from`` - U K, with U the sparse (rows, B T) matrix holding vals[r, c] in column
+    cols[r, c] of row r, and K = ``gram_rows`` (B T, T), the B Grams stacked: row r of the product is
+    sum_c vals[r, c] K_{cols[r, c]}, the Gram rows of its points (its group's block of ``gram_rows``).
+
+    U is an uncoalesced COO matrix: repeated columns (free slots, whose value is 0) are summed, as
+    documented for that format. The product costs rows x (non-zeros per row) x T multiply-adds instead
+    of the GEMM's rows x T^2.
+    """
+    n_rows, n_cols = cols.shape
+    row_index = torch.arange(n_rows, device=cols.device)[:, None].expand(n_rows, n_cols)
+    u = torch.sparse_coo_tensor(
+        torch.stack([row_index.reshape(-1), cols.reshape(-1)]),
+        vals.reshape(-1),
+        size=(n_rows, gram_rows.shape[0]),
+        check_invariants=False,  # the indices are in range by construction; the product checks them too
+    )
+    return torch.addmm(minus_from, u, gram_rows, alpha=-1.0)
 
 
 def _group_counts(group: torch.Tensor, n_groups: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -437,8 +485,10 @@ def batched_nnls(
     n_groups = gram.shape[0]
     if points is not None and n_points <= 2 * points.shape[-1]:
         points = None  # K u by the Gram is cheaper
+    n_feat = None if points is None else points.shape[-1]  # the dense products' route (see _sparse_products)
     pos, capacity = _layout(group, n_groups)
     gram_ext = _extended_gram(gram, cutoff)
+    gram_rows = gram.reshape(-1, n_points)  # the Grams stacked, for the sparse products
 
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
     # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
@@ -463,8 +513,9 @@ def batched_nnls(
         budget=torch.full((n_probs,), k_add, dtype=torch.long, device=device),
         pos=pos,
     )
-    h_block = _h_block(h, pos, n_groups, capacity)  # X t in the GEMM layout (None for one group)
+    h_block = None  # X t in the dense GEMM's layout, built when that product is used (several groups)
     layout_all = (pos, capacity)  # every row's layout, reused by the final certificate
+    widest = 0  # the largest passive set so far: no row has more non-zero multipliers
     steps = torch.arange(k_add, device=device)
     minus_inf, plus_inf = (torch.tensor(v, dtype=dtype, device=device) for v in (-torch.inf, torch.inf))
     iterations = 0
@@ -506,10 +557,11 @@ def batched_nnls(
             n_add, cand = n_add.index_select(0, keep), cand.index_select(0, keep)
             st.compress(keep)
             st.pos, capacity = _layout(st.group, n_groups, left_capacity)
-            h_block = _h_block(st.h, st.pos, n_groups, capacity)
+            h_block = None
         # Exactly the slots this step needs (the largest passive set after adding): padded slots cost
         # O(S^3) in every factorization, while compacting the (rows, S) slot arrays is cheap.
         need = max(need, 1)
+        widest = max(widest, need)
         if need > st.slots.shape[1]:
             st.grow(need)
         elif need < st.slots.shape[1]:
@@ -558,17 +610,34 @@ def batched_nnls(
         st.pending = moved & ~all_pos
         st.excluded = torch.where(moved[:, None], st.ineligible, st.excluded)  # unblock after a move
         # Fresh dual (negative gradient) for the next outer step.
-        st.w = st.dual(gram, capacity, h_block, points)
+        if _sparse_products(device, st.slots.shape[1], n_points, n_feat):
+            st.w = st.dual(gram, capacity, None, points, gram_rows)
+        else:
+            if h_block is None:
+                h_block = _h_block(st.h, st.pos, n_groups, capacity)
+            st.w = st.dual(gram, capacity, h_block, points)
     # After the loop: the finished rows certified, any others (iteration cap) with their feasible
     # iterate, uncertified.
     st.write_back(st.done.nonzero().squeeze(1), lam_out, done_out, n_points)
     st.write_back((~st.done).nonzero().squeeze(1), lam_out, done_out, n_points, certified=False)
     lam = lam_out
     # Certificate: dual feasibility off the support, stationarity on it, primal feasibility; the
-    # gradient is recomputed from scratch for every problem by one batched product with the Grams (not
-    # the loop's dual code). Padding and zero columns have w = 0 exactly (sigma or 1/||x|| is 0 there).
+    # gradient is recomputed from scratch for every problem by one product with the Grams, from the
+    # dense multipliers (not the loop's slots). Padding and zero columns have w = 0 exactly (sigma or
+    # 1/||x|| is 0 there).
     u = lam * sigma
-    w = sig_inv * (h - _gram_times(gram, u, *layout_all, rank_one, points))
+    if _sparse_products(device, widest, n_points, n_feat):
+        # No row has more than `widest` non-zeros, so its `widest` largest |u| hold them all (the rest
+        # are zeros, which add nothing): a sparse product without reading the support size.
+        cols = u.abs().topk(max(1, min(widest, n_points)), dim=1).indices
+        vals = u.gather(1, cols)
+        cols = cols if n_groups == 1 else group[:, None] * n_points + cols
+        resid = _minus_sparse_times(h, gram_rows, cols, vals)
+        if rank_one is not None:
+            resid = resid - rank_one * (rank_one * u).sum(1, keepdim=True)
+    else:
+        resid = h - _gram_times(gram, u, *layout_all, rank_one, points)
+    w = sig_inv * resid
     kkt = torch.where(lam > 0, w.abs(), w.clamp_min(0)).amax(1) / t_norm.clamp_min(torch.finfo(dtype).tiny)
     proj_norm2 = (u * h).sum(1)
     # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
