@@ -268,7 +268,7 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["dense-products", "sparse-products"])
+@pytest.mark.parametrize("fraction", [(0.0, 0.0), (1.0, 1.0)], ids=["dense-products", "sparse-products"])
 def test_solver_reads_the_host_once_per_iteration(monkeypatch, fraction):
     """GPU readiness: inside the iteration loop the only host read is the one convergence check per
     iteration, also when finished rows are compacted away (several groups finishing at different
@@ -606,7 +606,7 @@ def test_products_through_the_points_when_points_outnumber_twice_the_dimensions(
         return real_times_gram(block, gram, points, minus_from)
 
     monkeypatch.setattr(nnls_module, "_times_gram", spy)
-    monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", 0.0)  # the dense products (as on CUDA)
+    monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", (0.0, 0.0))  # dense products (as on CUDA)
     res = glue(
         torch.from_numpy(mans), probes=torch.from_numpy(t), dichotomies=torch.from_numpy(y), warn=False
     )
@@ -796,7 +796,7 @@ def test_sparse_and_dense_products_give_scipys_solution(monkeypatch, case):
 
     monkeypatch.setattr(nnls_module, "_minus_sparse_times", spy)
     solutions = {}
-    for route, fraction in (("dense", 0.0), ("sparse", 1.0)):
+    for route, fraction in (("dense", (0.0, 0.0)), ("sparse", (1.0, 1.0))):
         monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", fraction)
         calls.clear()
         sol = batched_nnls(
@@ -824,7 +824,7 @@ def test_sparse_products_in_the_separability_test(monkeypatch):
     group = torch.arange(3).repeat_interleave(8)
     flags = {}
     for fraction in (0.0, 1.0):
-        monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", fraction)
+        monkeypatch.setattr(nnls_module, "_SPARSE_PRODUCT_FRACTION", (fraction, fraction))
         flags[fraction] = separable_dichotomies(x @ x.mT, group, sigma)
     assert torch.equal(flags[0.0], flags[1.0])
     assert 0 < int(flags[1.0].sum()) < len(group)  # both answers occur
@@ -835,11 +835,16 @@ def test_sparse_products_in_the_separability_test(monkeypatch):
 
 
 def test_sparse_products_only_on_the_cpu_and_for_small_supports():
-    """The route of the products: sparse on the CPU up to a sixth of the dense product's inner size
-    (T, or 2 N through the points), never on CUDA (a sparse product there reads its size on the host)."""
+    """The route of the products: sparse on the CPU up to an eighth of the dense product's inner size
+    (T, or 2 N through the points) with one group (divided by the threads), a quarter with several;
+    never on CUDA (a sparse product there reads its size on the host)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert nnls_module._sparse_products(cpu, 16, 100, None)
-    assert not nnls_module._sparse_products(cpu, 17, 100, None)
-    assert not nnls_module._sparse_products(cpu, 16, 500, 40)  # through the points: inner size 80
-    assert nnls_module._sparse_products(cpu, 13, 500, 40)
-    assert not nnls_module._sparse_products(cuda, 1, 1000, None)
+    route = nnls_module._sparse_products
+    with limit_threads(1):
+        assert route(cpu, 62, 500, None, 1) and not route(cpu, 63, 500, None, 1)
+        assert route(cpu, 25, 100, None, 45) and not route(cpu, 26, 100, None, 45)
+        assert route(cpu, 10, 500, 40, 1) and not route(cpu, 11, 500, 40, 1)  # through the points: 80
+        assert not route(cuda, 1, 1000, None, 1)
+    with limit_threads(2):  # one group's GEMM has two threads, the sparse product one: half the fraction
+        assert route(cpu, 31, 500, None, 1) and not route(cpu, 32, 500, None, 1)
+        assert route(cpu, 25, 100, None, 45) and not route(cpu, 26, 100, None, 45)

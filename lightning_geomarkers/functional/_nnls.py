@@ -63,10 +63,15 @@ _TRIANGULAR_SOLVES_FROM = 40
 
 #: On the CPU the products K u (each iteration's dual and the final certificate) go through a sparse
 #: matrix of the rows' multipliers when a row has at most this fraction of the dense product's inner size
-#: (T points, or 2 N through the points) as non-zeros. Measured per call at 1 thread: the sparse product
-#: wins from about T / 6 down (2-3x at S = T / 20), loses below T / 4 (it runs at ~4 G multiply-adds
-#: per second against ~15-20 for a GEMM).
-_SPARSE_PRODUCT_FRACTION = 1 / 6
+#: (T points, or 2 N through the points) as non-zeros: (one group, several groups). Measured per call at
+#: 1 thread on the benchmark cases: with one group (T = 500) the two break even at S = T / 7 and the
+#: sparse product is 1.5-3x faster below T / 12; with several groups (45 pairs, T = 100), whose dense
+#: product also pays for the groups' padded layout, sparse is 1.7-3.8x faster up to S = T / 4, the
+#: largest support seen there. The sparse product runs at ~4 G multiply-adds per second, a GEMM at 15-20
+#: per thread. The sparse product is serial, so with one group the fraction is divided by the intra-op
+#: threads; with several it is not (the dense route's layout passes are no faster with two threads: at 2
+#: threads 1/4 gave 1.08-1.31x on the pairs, 1/8 0.95-1.19x).
+_SPARSE_PRODUCT_FRACTION = (1 / 8, 1 / 4)
 
 #: Most elements of the (rows, S, S) passive blocks formed at once (2^24: 128 MiB in float64, half as
 #: much again for their int32 gather indices); more rows are solved in row chunks.
@@ -299,33 +304,43 @@ class _WorkingSet:
         done_out.index_fill_(0, rows, certified)
 
 
-def _sparse_products(device: torch.device, n_support: int, n_points: int, n_feat: int | None) -> bool:
-    """Whether products K u with at most ``n_support`` non-zeros per row of u go through a sparse matrix:
-    on the CPU only (on CUDA a sparse COO product first coalesces its indices, which reads their number
-    on the host, and dense GEMMs are fast there), and only for supports up to
-    ``_SPARSE_PRODUCT_FRACTION`` of the dense product's inner size (``n_points``, or ``2 n_feat`` when
-    the dense product goes through the points)."""
+def _sparse_products(
+    device: torch.device, n_support: int, n_points: int, n_feat: int | None, n_groups: int
+) -> bool:
+    """Whether products K u with ``n_support`` non-zeros per row of u go through a sparse matrix: on the
+    CPU only (on CUDA a sparse COO product first coalesces its indices, which reads their number on the
+    host, and dense GEMMs are fast there), and only for supports up to ``_SPARSE_PRODUCT_FRACTION`` of
+    the dense product's inner size (``n_points``, or ``2 n_feat`` when it goes through the points),
+    with one group divided by the intra-op threads (which its GEMM uses and the sparse product does not)."""
     inner = n_points if n_feat is None else min(n_points, 2 * n_feat)
-    return device.type == "cpu" and n_support <= _SPARSE_PRODUCT_FRACTION * inner
+    threads = 1 if n_groups > 1 else max(1, torch.get_num_threads())
+    fraction = _SPARSE_PRODUCT_FRACTION[n_groups > 1] / threads
+    return device.type == "cpu" and n_support <= fraction * inner
 
 
 def _minus_sparse_times(
-    minus_from: torch.Tensor, gram_rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor
+    minus_from: torch.Tensor,
+    gram_rows: torch.Tensor,
+    cols: torch.Tensor,
+    vals: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(rows, T) ``minus_from`` - U K, with U the sparse (rows, B T) matrix holding vals[r, c] in column
-    cols[r, c] of row r, and K = ``gram_rows`` (B T, T), the B Grams stacked: row r of the product is
-    sum_c vals[r, c] K_{cols[r, c]}, the Gram rows of its points (its group's block of ``gram_rows``).
+    """(R, T) ``minus_from`` - U K, with U the sparse (R, B T) matrix holding ``vals`` at (``rows``,
+    ``cols``) and K = ``gram_rows`` (B T, T), the B Grams stacked: row r of the product is the sum of
+    vals times the Gram rows K_cols of its entries (each in its group's block of ``gram_rows``). Without
+    ``rows``, ``cols`` and ``vals`` are (R, S): row r's entries are cols[r], vals[r].
 
-    U is an uncoalesced COO matrix: repeated columns (free slots, whose value is 0) are summed, as
-    documented for that format. The product costs rows x (non-zeros per row) x T multiply-adds instead
-    of the GEMM's rows x T^2.
+    U is an uncoalesced COO matrix: repeated entries (free slots, whose value is 0) are summed, as
+    documented for that format. The product costs (non-zeros) x T multiply-adds instead of the GEMM's
+    R x T^2.
     """
-    n_rows, n_cols = cols.shape
-    row_index = torch.arange(n_rows, device=cols.device)[:, None].expand(n_rows, n_cols)
+    if rows is None:
+        n_rows, n_cols = cols.shape
+        rows = torch.arange(n_rows, device=cols.device)[:, None].expand(n_rows, n_cols)
     u = torch.sparse_coo_tensor(
-        torch.stack([row_index.reshape(-1), cols.reshape(-1)]),
+        torch.stack([rows.reshape(-1), cols.reshape(-1)]),
         vals.reshape(-1),
-        size=(n_rows, gram_rows.shape[0]),
+        size=(minus_from.shape[0], gram_rows.shape[0]),
         check_invariants=False,  # the indices are in range by construction; the product checks them too
     )
     return torch.addmm(minus_from, u, gram_rows, alpha=-1.0)
@@ -476,11 +491,11 @@ def batched_nnls(
     # Every tolerance is relative to ||t|| and to each point's own norm (the norm of its NNLS column,
     # with the rank-one coordinate): the method runs as on unit-norm columns, so one large point (an
     # outlier) does not loosen the tests, the jitter or the certificate for the others.
-    col2 = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).index_select(0, group)
+    col2 = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0)  # (B, T): per group, then per row
     if rank_one is not None:
-        col2 = col2 + rank_one.square()
+        col2 = col2.index_select(0, group) + rank_one.square()
     inv_norm = torch.where(col2 > 0, col2.rsqrt(), torch.zeros_like(col2))  # a zero column never enters
-    sig_inv = sigma * inv_norm
+    sig_inv = sigma * (inv_norm if rank_one is not None else inv_norm.index_select(0, group))
 
     n_groups = gram.shape[0]
     if points is not None and n_points <= 2 * points.shape[-1]:
@@ -515,7 +530,6 @@ def batched_nnls(
     )
     h_block = None  # X t in the dense GEMM's layout, built when that product is used (several groups)
     layout_all = (pos, capacity)  # every row's layout, reused by the final certificate
-    widest = 0  # the largest passive set so far: no row has more non-zero multipliers
     steps = torch.arange(k_add, device=device)
     minus_inf, plus_inf = (torch.tensor(v, dtype=dtype, device=device) for v in (-torch.inf, torch.inf))
     iterations = 0
@@ -561,7 +575,6 @@ def batched_nnls(
         # Exactly the slots this step needs (the largest passive set after adding): padded slots cost
         # O(S^3) in every factorization, while compacting the (rows, S) slot arrays is cheap.
         need = max(need, 1)
-        widest = max(widest, need)
         if need > st.slots.shape[1]:
             st.grow(need)
         elif need < st.slots.shape[1]:
@@ -610,7 +623,7 @@ def batched_nnls(
         st.pending = moved & ~all_pos
         st.excluded = torch.where(moved[:, None], st.ineligible, st.excluded)  # unblock after a move
         # Fresh dual (negative gradient) for the next outer step.
-        if _sparse_products(device, st.slots.shape[1], n_points, n_feat):
+        if _sparse_products(device, st.slots.shape[1], n_points, n_feat, n_groups):
             st.w = st.dual(gram, capacity, None, points, gram_rows)
         else:
             if h_block is None:
@@ -626,13 +639,15 @@ def batched_nnls(
     # dense multipliers (not the loop's slots). Padding and zero columns have w = 0 exactly (sigma or
     # 1/||x|| is 0 there).
     u = lam * sigma
-    if _sparse_products(device, widest, n_points, n_feat):
-        # No row has more than `widest` non-zeros, so its `widest` largest |u| hold them all (the rest
-        # are zeros, which add nothing): a sparse product without reading the support size.
-        cols = u.abs().topk(max(1, min(widest, n_points)), dim=1).indices
-        vals = u.gather(1, cols)
-        cols = cols if n_groups == 1 else group[:, None] * n_points + cols
-        resid = _minus_sparse_times(h, gram_rows, cols, vals)
+    # On the CPU the product goes through the exact non-zeros of u when the mean support is small
+    # (reading their number, which costs nothing there; CUDA keeps the dense product, no device waits).
+    nonzero = u.nonzero() if device.type == "cpu" else None
+    mean_support = 0 if nonzero is None else -(-nonzero.shape[0] // max(1, n_probs))
+    if nonzero is not None and _sparse_products(device, mean_support, n_points, n_feat, n_groups):
+        rows, cols = nonzero.unbind(1)
+        vals = u[rows, cols]
+        cols = cols if n_groups == 1 else group.index_select(0, rows) * n_points + cols
+        resid = _minus_sparse_times(h, gram_rows, cols, vals, rows)
         if rank_one is not None:
             resid = resid - rank_one * (rank_one * u).sum(1, keepdim=True)
     else:
