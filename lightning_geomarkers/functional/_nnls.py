@@ -159,7 +159,6 @@ class _WorkingSet:
     slots: torch.Tensor
     valid: torch.Tensor
     x: torch.Tensor
-    w: torch.Tensor
     pending: torch.Tensor
     done: torch.Tensor
     budget: torch.Tensor  # points the next outer step may add (halved after an overshoot, else doubled)
@@ -283,7 +282,7 @@ class _WorkingSet:
         if self.rank_one is not None:
             r_dot_u = (torch.gather(self.rank_one, 1, self.slots) * vals).sum(1, keepdim=True)
             resid = resid - self.rank_one * r_dot_u
-        return self.sig_inv * resid
+        return resid.mul_(self.sig_inv)  # resid is a fresh array
 
     def write_back(
         self,
@@ -508,6 +507,7 @@ def batched_nnls(
     # Working state of the rows still running; `rows` maps them to problem indices. Finished rows ride
     # along unchanged and are compacted away once they are a quarter of the batch (fewer copies).
     n_slots0 = min(2 * k_add, n_points) + k_add
+    w = sig_inv * h  # the dual (negative gradient) at lambda = 0, per unit column norm, of the running rows
     st = _WorkingSet(
         rows=torch.arange(n_probs, device=device),
         group=group,
@@ -522,7 +522,6 @@ def batched_nnls(
         slots=torch.zeros((n_probs, n_slots0), dtype=torch.long, device=device),
         valid=torch.zeros((n_probs, n_slots0), dtype=torch.bool, device=device),
         x=torch.zeros((n_probs, n_slots0), dtype=dtype, device=device),
-        w=sig_inv * h,  # negative gradient at lambda = 0, per unit column norm
         pending=torch.zeros(n_probs, dtype=torch.bool, device=device),
         done=torch.zeros(n_probs, dtype=torch.bool, device=device),
         budget=torch.full((n_probs,), k_add, dtype=torch.long, device=device),
@@ -538,7 +537,8 @@ def batched_nnls(
         # Outer step for the rows not inside an inner loop: add the most violating points.
         # The passive set is the valid slots: knocked out of the score by one scatter over the slots
         # (free slots scatter +inf, which a minimum ignores), so no dense passive mask is kept.
-        score = st.w.masked_fill(st.excluded, -torch.inf)
+        # The score is the dual itself, modified in place: it is recomputed at the end of the iteration.
+        score = w.masked_fill_(st.excluded, -torch.inf)
         knock_out = torch.where(st.valid, minus_inf, plus_inf)
         score.scatter_reduce_(1, st.slots, knock_out, "amin")
         if block_size > 1:  # the most violating point of each manifold, then the best manifolds
@@ -624,11 +624,11 @@ def batched_nnls(
         st.excluded = torch.where(moved[:, None], st.ineligible, st.excluded)  # unblock after a move
         # Fresh dual (negative gradient) for the next outer step.
         if _sparse_products(device, st.slots.shape[1], n_points, n_feat, n_groups):
-            st.w = st.dual(gram, capacity, None, points, gram_rows)
+            w = st.dual(gram, capacity, None, points, gram_rows)
         else:
             if h_block is None:
                 h_block = _h_block(st.h, st.pos, n_groups, capacity)
-            st.w = st.dual(gram, capacity, h_block, points)
+            w = st.dual(gram, capacity, h_block, points)
     # After the loop: the finished rows certified, any others (iteration cap) with their feasible
     # iterate, uncertified.
     st.write_back(st.done.nonzero().squeeze(1), lam_out, done_out, n_points)
