@@ -848,3 +848,35 @@ def test_sparse_products_only_on_the_cpu_and_for_small_supports():
     with limit_threads(2):  # one group's GEMM has two threads, the sparse product one: half the fraction
         assert route(cpu, 31, 500, None, 1) and not route(cpu, 32, 500, None, 1)
         assert route(cpu, 25, 100, None, 45) and not route(cpu, 26, 100, None, 45)
+
+
+@pytest.mark.parametrize("n_groups,n_man,radius", [(6, 2, 1.0), (2, 3, 1.0), (2, 4, 0.5)])
+def test_class_mean_certificates_once_per_sign_pattern(monkeypatch, n_groups, n_man, radius):
+    """With fewer sign patterns (2^(P-1), up to a global sign) than probes, the class-mean certificates
+    run once per pattern and are read off per probe: the same answers as running them per probe, and
+    the exact test's. On these clouds the class means certify some patterns and not others, and some
+    dichotomies are not separable, so a probe read off the wrong pattern would be caught."""
+    rng = np.random.default_rng(8)
+    m, n_feat, n_t = 12, 6, 40  # T = P M > N: dependent points, so the certificates decide
+    mans = geometry_clouds(rng, n_groups * n_man, m, n_feat, 6, radius)
+    points = torch.from_numpy(mans.reshape(n_groups, n_man, m, n_feat))
+    mask = torch.ones(points.shape[:3], dtype=torch.bool)
+    gram, _ = _normalised_gram(points, mask)
+    labels = torch.from_numpy(rng.choice([-1.0, 1.0], size=(n_groups, n_t, n_man)))
+    real_patterns = glue_module._sign_patterns
+    calls = []
+
+    def spy(y):
+        calls.append(y.shape)
+        return real_patterns(y)
+
+    monkeypatch.setattr(glue_module, "_sign_patterns", spy)
+    by_pattern = _separable_probes(gram, mask, labels)
+    assert calls  # the pattern path ran
+    monkeypatch.setattr(glue_module, "_sign_patterns", lambda y: (y, None))  # per probe
+    per_probe = _separable_probes(gram, mask, labels)
+    assert torch.equal(by_pattern, per_probe)
+    sigma = labels.repeat_interleave(m, dim=2).reshape(n_groups * n_t, -1)
+    exact = separable_dichotomies(gram, torch.arange(n_groups).repeat_interleave(n_t), sigma)
+    assert torch.equal(by_pattern, exact)
+    assert 0 < int(exact.sum()) < exact.numel()  # both answers occur

@@ -345,6 +345,26 @@ def _residual_certificate(
     return torch.where(real, margins > slack, True).all(1) & factored & (eps > 0)
 
 
+def _sign_patterns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2^(P-1) sign patterns of P classes up to a global sign (first class +1), as (D, 2^(P-1), P)
+    for the D groups of ``labels`` (D, n_t, P) (entries +-1), and each probe's pattern index (D, n_t):
+    y and -y share one.
+
+    Example:
+        >>> y = torch.tensor([[[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]])
+        >>> table, code = _sign_patterns(y)
+        >>> table[0].tolist(), code.tolist()
+        ([[1.0, -1.0], [1.0, 1.0]], [[0, 0, 1]])
+    """
+    n_groups, _, n_man = labels.shape
+    bits = 2 ** torch.arange(n_man - 1, device=labels.device)
+    code = (((labels * labels[..., :1])[..., 1:] > 0).long() * bits).sum(-1)
+    index = torch.arange(2 ** (n_man - 1), device=labels.device)
+    rest = torch.where((index[:, None] & bits) > 0, 1.0, -1.0).to(labels.dtype)
+    table = torch.cat([torch.ones_like(rest[:, :1]), rest], 1)
+    return table.expand(n_groups, -1, -1), code
+
+
 def _separable_probes(
     gram: torch.Tensor,
     mask: torch.Tensor,
@@ -413,12 +433,23 @@ def _separable_probes(
         slack = 1e-12 * n_pts * norms * weight
         return margins, (torch.where(points_real, margins > slack, True).all(-1)) & (weight[..., 0] > 0)
 
+    # The two class-mean certificates depend on a dichotomy only up to sign (y and -y give the same
+    # margins): with few classes (2^(P-1) sign patterns, fewer than the probes: the pairs have 2) they
+    # run once per pattern and are read off per probe.
+    y_dep = labels[dep]  # (D, n_t, P)
+    patterns, code = _sign_patterns(y_dep) if 2 ** (n_man - 1) < n_t else (y_dep, None)
+    n_pat = patterns.shape[1]
+    pattern_part = (
+        (sig, norm_d, real)
+        if code is None
+        else ((patterns[..., None] * fmask[:, None]).reshape(n_dep, n_pat, n_pts), norm_d, real)
+    )
     # The class-mean direction c = sum_mu y_mu 1_mu / M_mu: K c = sum_mu y_mu (K 1_mu / M_mu), from the P
     # class-mean columns of K, so no (n_t, T) x (T, T) product; sum_j ||x_j|| |c_j| is the same for every
     # dichotomy.
     mean_k = torch.einsum("dpm,dpmt->dpt", mean_coef, gram_d.reshape(n_dep, n_man, -1, n_pts))  # (D, P, T)
     mean_weight = (mean_coef * norm_d.view(n_dep, n_man, -1)).sum((-1, -2))[:, None, None]
-    certified = check(labels[dep] @ mean_k, mean_weight.expand(-1, n_t, -1))[1]
+    certified = check(patterns @ mean_k, mean_weight.expand(-1, n_pat, -1), pattern_part)[1]
     # The class means' interpolant: the direction v = sum_mu a_mu m_mu with <v, m_mu> = y_mu for every
     # class mean m_mu (a from the P x P Gram of the means, slightly ridged), c = sum_mu a_mu 1_mu / M_mu.
     # Each point's margin is then 1 plus its offset from its class mean along v: it certifies tight
@@ -431,10 +462,13 @@ def _separable_probes(
         top = means_gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)
         means_gram.diagonal(dim1=-2, dim2=-1).add_(1e-10 * top[:, None])
         means_chol, means_info = torch.linalg.cholesky_ex(means_gram)
-        interp = torch.cholesky_solve(labels[dep].transpose(1, 2), means_chol).transpose(1, 2)  # (D, n_t, P)
+        interp = torch.cholesky_solve(patterns.transpose(1, 2), means_chol).transpose(1, 2)  # (D, n_pat, P)
         interp = interp * (means_info == 0)[:, None, None]
         class_weight = (mean_coef * norm_d.view(n_dep, n_man, -1)).sum(-1)  # (D, P): sum_j ||x_j|| / M_mu
-        certified |= check(interp @ mean_k, (interp.abs() * class_weight[:, None]).sum(-1, keepdim=True))[1]
+        interp_weight = (interp.abs() * class_weight[:, None]).sum(-1, keepdim=True)
+        certified |= check(interp @ mean_k, interp_weight, pattern_part)[1]
+    if code is not None:
+        certified = certified.gather(1, code)  # (D, n_t): each probe's pattern
     # Without the caller's factor: the independence test for the groups still open that can be
     # independent. One host read.
     if factor is None and not bool(certified.all()):
