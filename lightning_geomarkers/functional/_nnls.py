@@ -454,6 +454,10 @@ def batched_nnls(
     never increase it, and a row whose steps make no progress halves its budget down to one, so no
     passive set repeats and the method terminates, at a point certified by the KKT conditions.
 
+    The products K u (each iteration's dual and the final certificate) are dense GEMMs, or on the CPU,
+    while the passive sets are small, sparse products over the non-zero multipliers
+    (:func:`_sparse_products`); the two routes give the same multipliers up to round-off.
+
     Args:
         gram: (B, T, T) Gram matrices X_b X_b^T (float64; padding rows/cols are zero).
         group: (Q,) int64 index of each problem's Gram matrix.
@@ -472,8 +476,8 @@ def batched_nnls(
             step takes the most violating point of each of the ``add_per_iteration`` most violating
             manifolds, so the points added together are not near-duplicates of one another.
         points: optional (B, T, N) points with ``gram`` = points points^T (up to round-off). Where
-            T > 2 N the products K u (each iteration's dual and the final certificate) go through them,
-            (u X) X^T, which is cheaper; the passive blocks always come from ``gram``.
+            T > 2 N the dense products K u go through them, (u X) X^T, which is cheaper; the passive
+            blocks and the sparse products always come from ``gram``.
 
     Returns:
         An :class:`NNLSSolution`.
