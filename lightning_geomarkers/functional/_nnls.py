@@ -251,7 +251,7 @@ class _WorkingSet:
         """w = sigma * (X t - K (sigma * lambda)) / ||x|| for every running row.
 
         Given ``gram_rows`` (the Grams stacked as (B T, T)), by one sparse product over the passive
-        slots (:func:`_minus_sparse_times`: S T multiply-adds per row instead of T^2). Otherwise by one
+        slots (:func:`_sparse_times`: S T multiply-adds per row instead of T^2). Otherwise by one
         dense GEMM (two through ``points`` where that is cheaper, see :func:`_times_gram`): the rows'
         signed multipliers are scattered straight into a (groups, capacity, T) block (the layout of
         ``pos``), and ``h_block`` (the rows' X t in that layout; required for several groups) is the
@@ -262,7 +262,7 @@ class _WorkingSet:
         vals = self.x * torch.gather(self.sigma, 1, self.slots) * self.valid  # (rows, S) signed
         if gram_rows is not None:  # free slots carry 0, so their (stale) columns add nothing
             cols = self.slots if n_groups == 1 else self.group[:, None] * n_points + self.slots
-            resid = _minus_sparse_times(self.h, gram_rows, cols, vals)
+            resid = _sparse_times(gram_rows, cols, vals, minus_from=self.h)
         else:
             spots = torch.where(self.valid, self.slots, n_points)  # free slots -> the spare column
             if n_groups == 1:  # rows in their own order
@@ -317,17 +317,20 @@ def _sparse_products(
     return device.type == "cpu" and n_support <= fraction * inner
 
 
-def _minus_sparse_times(
-    minus_from: torch.Tensor,
+def _sparse_times(
     gram_rows: torch.Tensor,
     cols: torch.Tensor,
     vals: torch.Tensor,
     rows: torch.Tensor | None = None,
+    *,
+    n_rows: int | None = None,
+    minus_from: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(R, T) ``minus_from`` - U K, with U the sparse (R, B T) matrix holding ``vals`` at (``rows``,
-    ``cols``) and K = ``gram_rows`` (B T, T), the B Grams stacked: row r of the product is the sum of
-    vals times the Gram rows K_cols of its entries (each in its group's block of ``gram_rows``). Without
-    ``rows``, ``cols`` and ``vals`` are (R, S): row r's entries are cols[r], vals[r].
+    """(R, T) U K, or ``minus_from`` - U K, with U the sparse (R, B T) matrix holding ``vals`` at
+    (``rows``, ``cols``) and K = ``gram_rows`` (B T, T), the B Grams stacked: row r of the product is
+    the sum of vals times the Gram rows K_cols of its entries (each in its group's block of
+    ``gram_rows``). Without ``rows``, ``cols`` and ``vals`` are (R, S): row r's entries are cols[r],
+    vals[r]; with them, R is ``n_rows`` (or ``minus_from``'s).
 
     U is an uncoalesced COO matrix: repeated entries (free slots, whose value is 0) are summed, as
     documented for that format. The product costs (non-zeros) x T multiply-adds instead of the GEMM's
@@ -336,12 +339,17 @@ def _minus_sparse_times(
     if rows is None:
         n_rows, n_cols = cols.shape
         rows = torch.arange(n_rows, device=cols.device)[:, None].expand(n_rows, n_cols)
+    elif n_rows is None:
+        assert minus_from is not None, "the number of rows: n_rows or minus_from"
+        n_rows = minus_from.shape[0]
     u = torch.sparse_coo_tensor(
         torch.stack([rows.reshape(-1), cols.reshape(-1)]),
         vals.reshape(-1),
-        size=(minus_from.shape[0], gram_rows.shape[0]),
+        size=(n_rows, gram_rows.shape[0]),
         check_invariants=False,  # the indices are in range by construction; the product checks them too
     )
+    if minus_from is None:
+        return torch.sparse.mm(u, gram_rows)
     return torch.addmm(minus_from, u, gram_rows, alpha=-1.0)
 
 
@@ -395,10 +403,26 @@ def _gram_times(
     rank_one: torch.Tensor | None,
     points: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(rows, T) products K_{group(r)} u_r (+ v_r (v_r . u_r) with a rank-one term), by scattering the
-    rows into the (groups, capacity) layout and one batched GEMM (two through ``points``, see
-    :func:`_times_gram`)."""
+    """(rows, T) products K_{group(r)} u_r (+ v_r (v_r . u_r) with a rank-one term).
+
+    On the CPU, when the mean number of non-zeros per row of u is small (:func:`_sparse_products`), by
+    one sparse product over the exact non-zeros (reading their number, which costs nothing there).
+    Otherwise, and always on CUDA (no device waits), by scattering the rows into the (groups, capacity)
+    layout and one batched GEMM (two through ``points``, see :func:`_times_gram`)."""
     n_groups, n_points = gram.shape[0], gram.shape[-1]
+    nonzero = u.nonzero() if u.device.type == "cpu" else None
+    if nonzero is not None:
+        mean_support = -(-nonzero.shape[0] // max(1, u.shape[0]))
+        n_feat = None if points is None else points.shape[-1]
+        if _sparse_products(u.device, mean_support, n_points, n_feat, n_groups):
+            rows, cols = nonzero.unbind(1)
+            vals = u[rows, cols]
+            if n_groups > 1:  # each row's group, from its place in the layout
+                cols = torch.div(pos.index_select(0, rows), capacity, rounding_mode="floor") * n_points + cols
+            ku = _sparse_times(gram.reshape(-1, n_points), cols, vals, rows, n_rows=u.shape[0])
+            if rank_one is not None:
+                ku = ku + rank_one * (rank_one * u).sum(1, keepdim=True)
+            return ku
     if n_groups == 1:
         ku = _times_gram(u[None], gram, points)[0]
     else:
@@ -643,20 +667,7 @@ def batched_nnls(
     # dense multipliers (not the loop's slots). Padding and zero columns have w = 0 exactly (sigma or
     # 1/||x|| is 0 there).
     u = lam * sigma
-    # On the CPU the product goes through the exact non-zeros of u when the mean support is small
-    # (reading their number, which costs nothing there; CUDA keeps the dense product, no device waits).
-    nonzero = u.nonzero() if device.type == "cpu" else None
-    mean_support = 0 if nonzero is None else -(-nonzero.shape[0] // max(1, n_probs))
-    if nonzero is not None and _sparse_products(device, mean_support, n_points, n_feat, n_groups):
-        rows, cols = nonzero.unbind(1)
-        vals = u[rows, cols]
-        cols = cols if n_groups == 1 else group.index_select(0, rows) * n_points + cols
-        resid = _minus_sparse_times(h, gram_rows, cols, vals, rows)
-        if rank_one is not None:
-            resid = resid - rank_one * (rank_one * u).sum(1, keepdim=True)
-    else:
-        resid = h - _gram_times(gram, u, *layout_all, rank_one, points)
-    w = sig_inv * resid
+    w = sig_inv * (h - _gram_times(gram, u, *layout_all, rank_one, points))
     kkt = torch.where(lam > 0, w.abs(), w.clamp_min(0)).amax(1) / t_norm.clamp_min(torch.finfo(dtype).tiny)
     proj_norm2 = (u * h).sum(1)
     # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
