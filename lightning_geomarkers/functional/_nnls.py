@@ -330,7 +330,7 @@ def _sparse_times(
     (``rows``, ``cols``) and K = ``gram_rows`` (B T, T), the B Grams stacked: row r of the product is
     the sum of vals times the Gram rows K_cols of its entries (each in its group's block of
     ``gram_rows``). Without ``rows``, ``cols`` and ``vals`` are (R, S): row r's entries are cols[r],
-    vals[r]; with them, R is ``n_rows`` (or ``minus_from``'s).
+    vals[r]; with them, R is ``n_rows``.
 
     U is an uncoalesced COO matrix: repeated entries (free slots, whose value is 0) are summed, as
     documented for that format. The product costs (non-zeros) x T multiply-adds instead of the GEMM's
@@ -339,9 +339,7 @@ def _sparse_times(
     if rows is None:
         n_rows, n_cols = cols.shape
         rows = torch.arange(n_rows, device=cols.device)[:, None].expand(n_rows, n_cols)
-    elif n_rows is None:
-        assert minus_from is not None, "the number of rows: n_rows or minus_from"
-        n_rows = minus_from.shape[0]
+    assert n_rows is not None, "entries given by (rows, cols) need the number of rows"
     u = torch.sparse_coo_tensor(
         torch.stack([rows.reshape(-1), cols.reshape(-1)]),
         vals.reshape(-1),
