@@ -660,14 +660,8 @@ def batched_nnls(
     st.write_back(st.done.nonzero().squeeze(1), lam_out, done_out, n_points)
     st.write_back((~st.done).nonzero().squeeze(1), lam_out, done_out, n_points, certified=False)
     lam = lam_out
-    # Certificate: dual feasibility off the support, stationarity on it, primal feasibility; the
-    # gradient is recomputed from scratch for every problem by one product with the Grams, from the
-    # dense multipliers (not the loop's slots). Padding and zero columns have w = 0 exactly (sigma or
-    # 1/||x|| is 0 there).
-    u = lam * sigma
-    w = sig_inv * (h - _gram_times(gram, u, *layout_all, rank_one, points))
-    kkt = torch.where(lam > 0, w.abs(), w.clamp_min(0)).amax(1) / t_norm.clamp_min(torch.finfo(dtype).tiny)
-    proj_norm2 = (u * h).sum(1)
+    # The certificate, from the dense multipliers (not the loop's slots), for every row.
+    kkt, proj_norm2 = _certificate(gram, lam, h, sigma, sig_inv, t_norm, layout_all, rank_one, points)
     # Certified: the loop stopped on its own test AND the independent KKT check passes. The loop only
     # tests dual feasibility of the points it may still add; the check also covers stationarity on the
     # support and points blocked against round-off.
@@ -675,6 +669,37 @@ def batched_nnls(
     return NNLSSolution(
         lam=lam, proj_norm2=proj_norm2, kkt_violation=kkt, iterations=iterations, converged=converged
     )
+
+
+def _certificate(
+    gram: torch.Tensor,
+    lam: torch.Tensor,
+    h: torch.Tensor,
+    sigma: torch.Tensor,
+    sig_inv: torch.Tensor,
+    t_norm: torch.Tensor,
+    layout: tuple[torch.Tensor, int],
+    rank_one: torch.Tensor | None,
+    points: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q,) KKT violations and (Q,) projections lambda . (G t) of any non-negative (Q, T) multipliers.
+
+    With u = sigma lambda and w = sigma (h - K u) / ||x|| (``sig_inv`` = sigma / ||x||, 0 on padding and
+    zero columns, whose w is then exactly 0), the violation is max_i (|w_i| if lambda_i > 0 else
+    max(w_i, 0)) / ||t||: stationarity on the support, dual feasibility off it. The gradient is
+    recomputed from scratch by one product with the Grams (:func:`_gram_times`, ``layout`` the rows'
+    (positions, capacity)). The projection equals ||G^T lambda||^2 at the optimum.
+
+    One (Q, T) buffer, updated in place, holds K u, then w, then u h: two (Q, T) arrays (u and it)
+    instead of eight temporaries. With thousands of rows each is megabytes, and new memory can cost
+    more than the arithmetic on it (page faults after the allocator has returned freed memory to the OS).
+    """
+    u = lam * sigma
+    w = _gram_times(gram, u, *layout, rank_one, points)
+    w = torch.sub(h, w, out=w).mul_(sig_inv)
+    w.masked_fill_((lam <= 0) & (w < 0), 0.0)  # a negative w_i off the support is feasible
+    kkt = w.abs_().amax(1) / t_norm.clamp_min(torch.finfo(w.dtype).tiny)
+    return kkt, torch.mul(u, h, out=w).sum(1)
 
 
 def separable_dichotomies(
