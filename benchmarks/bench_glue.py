@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from machine import machine_line
 
 from lightning_geomarkers.functional import GLUE_MARKERS, glue
 from lightning_geomarkers.functional.glue import _glue_groups
@@ -185,10 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = [int(v) for v in args.threads.split(",")]
     rng = np.random.default_rng(args.seed)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"device {args.device}, load average at start {os.getloadavg()[0]:.1f}"
-    )
+    print(machine_line(args.device))
     print(
         f"{'case':<36} {'thr':>3} {'load':>5} {'ours ms':>9} {'scipy ms':>9} {'ratio':>8} {'tgt':>5} "
         f"{'verdict':>8} {'max rel':>9} {'KKT':>8}"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ import warnings
 
 import lightning.pytorch as L
 import torch
+from machine import machine_line
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
@@ -311,10 +311,7 @@ def main() -> None:
             result = large_worker(args.worker, args.workers[0], args.device)
         print(json.dumps(result))
         return
-    print(
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, device {args.device}, load {os.getloadavg()[0]:.2f}"
-    )
+    print(f"{machine_line(args.device)}; threads {torch.get_num_threads()}")
     if args.case == "large":
         main_large(args)
         return

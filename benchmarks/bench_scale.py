@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from machine import machine_line
 
 CASE_ENV = "GLUE_BENCH_CASE"
 
@@ -128,12 +129,8 @@ def main() -> None:
     parser.add_argument("--skip-contention", action="store_true")
     args = parser.parse_args()
     threads = [int(v) for v in args.threads.split(",")]
-    import torch
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"load average at start {os.getloadavg()[0]:.1f}"
-    )
+    print(machine_line())
     base = {"kind": "joint", "P": 10, "M": 50, "N": 512, "n_t": 200, "repeats": args.repeats, "threads": 1}
     curves = []
     for p in (5, 10, 20) + ((40, 100) if args.full else ()):
