@@ -520,7 +520,7 @@ def batched_nnls(
     if rank_one is not None:
         col2 = col2.index_select(0, group) + rank_one.square()
     inv_norm = torch.where(col2 > 0, col2.rsqrt(), torch.zeros_like(col2))  # a zero column never enters
-    sig_inv = sigma * (inv_norm if rank_one is not None else inv_norm.index_select(0, group))
+    sig_inv = (inv_norm if rank_one is not None else inv_norm.index_select(0, group)).mul_(sigma)  # fresh
 
     n_groups = gram.shape[0]
     if points is not None and n_points <= 2 * points.shape[-1]:

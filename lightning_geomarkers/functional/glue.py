@@ -582,7 +582,7 @@ def _glue_groups(
             factor = _padded_cholesky(gram, mask)
             h, t_norm = _span_probes(gram, mask, factor, n_feat, labels.shape[1], generators)
         else:
-            h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes) / scale[:, None, None]
+            h = torch.einsum("btn,bqn->bqt", points.flatten(1, 2), probes).div_(scale[:, None, None])
             h, t_norm = h.reshape(-1, n_man * m_max), probes.norm(dim=-1).reshape(-1)
         # With many points in few dimensions (T > 2 N) the solver's products K u are cheaper through the
         # (normalised) points than through the Gram.
