@@ -40,3 +40,19 @@ def test_gpu_check_self_test_runs_the_glue_cases():
     assert lines[0].startswith("device: CPU (self-test)")
     assert sum(line.strip().endswith(": OK") for line in lines) == 2  # cases (a) and (b)
     assert lines[-1] == "all CPU self-test results equal the CPU results"
+
+
+def test_machine_line_reports_the_allocator_settings(monkeypatch):
+    """Every benchmark's first line names the allocator's settings, which move the solver's times."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import machine
+
+    for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD"]:
+        monkeypatch.delenv(key, raising=False)
+    assert machine.allocator().endswith("default settings")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "268435456")
+    line = machine.machine_line("cpu")
+    assert line.startswith("machine: ") and "device cpu" in line
+    assert line.endswith("MALLOC_TRIM_THRESHOLD_=268435456")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert "LD_PRELOAD=/usr/lib/libjemalloc.so.2" in machine.allocator()
