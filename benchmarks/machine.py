@@ -1,6 +1,6 @@
-"""The line every benchmark prints first: the CPU, its cores, torch, the device, the load average and the
-memory allocator's settings (which move the solver's times: see docs/performance.md, "Memory
-allocator")."""
+"""The line every benchmark prints first: the CPU, its cores, torch, the device, the load average, the
+memory allocator's settings and OpenMP's wait policy (both move the solver's times: see
+docs/performance.md, "Memory allocator" and "OpenMP wait policy")."""
 
 from __future__ import annotations
 
@@ -22,8 +22,17 @@ def allocator() -> str:
     return f"{name} malloc, " + (", ".join(tunables) if tunables else "default settings")
 
 
+def openmp() -> str:
+    """OpenMP settings that change how intra-op threads wait for each other (``OMP_WAIT_POLICY``,
+    ``GOMP_SPINCOUNT``; read by the OpenMP runtime when torch loads it), or "default wait policy"."""
+    keys = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    settings = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return ", ".join(settings) if settings else "default wait policy"
+
+
 def machine_line(device: str | None = None) -> str:
-    """``machine: <cpu>, <n> CPUs, torch <version>[, device <device>], load <1-min average>; allocator: ...``"""
+    """``machine: <cpu>, <n> CPUs, torch <version>[, device <device>], load <1-min average>; allocator: ...;
+    OpenMP: ...``"""
     import torch  # here, so that importing this module costs nothing (bench_scale imports torch late)
 
     parts = [
@@ -34,4 +43,4 @@ def machine_line(device: str | None = None) -> str:
     if device is not None:
         parts.append(f"device {device}")
     parts.append(f"load average at start {os.getloadavg()[0]:.1f}")
-    return f"machine: {', '.join(parts)}; allocator: {allocator()}"
+    return f"machine: {', '.join(parts)}; allocator: {allocator()}; OpenMP: {openmp()}"

@@ -42,17 +42,39 @@ def test_gpu_check_self_test_runs_the_glue_cases():
     assert lines[-1] == "all CPU self-test results equal the CPU results"
 
 
-def test_machine_line_reports_the_allocator_settings(monkeypatch):
-    """Every benchmark's first line names the allocator's settings, which move the solver's times."""
+def test_machine_line_reports_the_allocator_and_openmp_settings(monkeypatch):
+    """Every benchmark's first line names the allocator's settings and OpenMP's wait policy, which move
+    the solver's times."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import machine
 
     for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD"]:
         monkeypatch.delenv(key, raising=False)
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(key, raising=False)
     assert machine.allocator().endswith("default settings")
+    assert machine.machine_line().endswith("; OpenMP: default wait policy")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "268435456")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     line = machine.machine_line("cpu")
     assert line.startswith("machine: ") and "device cpu" in line
-    assert line.endswith("MALLOC_TRIM_THRESHOLD_=268435456")
+    assert line.endswith("MALLOC_TRIM_THRESHOLD_=268435456; OpenMP: OMP_WAIT_POLICY=PASSIVE")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert "LD_PRELOAD=/usr/lib/libjemalloc.so.2" in machine.allocator()
+
+
+@pytest.mark.slow
+def test_bench_scale_runs_a_case_with_its_environment_setting(monkeypatch):
+    """The contention rows with ``OMP_WAIT_POLICY`` set must run their child under that setting (OpenMP
+    reads it when the child loads torch): the child reports the setting it ran under."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)]))
+    import bench_scale
+
+    tiny = {"kind": "joint", "P": 2, "M": 5, "N": 8, "n_t": 5, "repeats": 1, "threads": 2}
+    with_env = dict(tiny, env=bench_scale.PASSIVE)
+    assert bench_scale.describe(with_env) == "joint P=2 M=5 N=8 n_t=5 OMP_WAIT_POLICY=PASSIVE"
+    assert bench_scale.in_subprocess(with_env)["openmp"] == "OMP_WAIT_POLICY=PASSIVE"
+    result = bench_scale.in_subprocess(tiny)
+    assert result["openmp"] == "default wait policy" and result["ours_s"] > 0
