@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from lightning_geomarkers.functional import (
     effective_rank,
@@ -372,18 +373,14 @@ def test_metric_uses_given_keys_to_pick_the_same_inputs_whatever_the_features():
 
 
 def test_forward_and_merge_state_accumulate_like_update():
-    """torchmetrics' forward() (batch value + accumulation) and merge_state() concatenate list states; the
-    sample re-selects on the next read, so both equal plain updates."""
+    """forward() (``metric(x, y)``) adds the batch like update() and returns None; merge_state()
+    concatenates list states; the sample re-selects on the next read, so both equal plain updates."""
     x, y = gaussian_classes(n_classes=4, per_class=30, dim=8)
     plain = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
     plain.update(x, y)
     stepped = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
     for part in torch.arange(120).split(40):
-        batch_value = stepped(x[part], y[part])
-        alone = GeometryMarkers(markers=["participation_ratio", "nc1"], samples_per_class=10, max_classes=3)
-        alone.update(x[part], y[part])
-        assert batch_value.keys() == alone.compute().keys()
-        assert all(torch.equal(batch_value[m], alone.compute()[m]) for m in batch_value)
+        assert stepped(x[part], y[part]) is None
     halves = [PerClassSample(10, 3, seed=0), PerClassSample(10, 3, seed=0)]
     halves[0].update(x[::2], y[::2])
     halves[1].update(x[1::2], y[1::2])
@@ -392,6 +389,30 @@ def test_forward_and_merge_state_accumulate_like_update():
         for a, b in zip(got.state(), plain.state(), strict=True):
             assert torch.equal(a, b)
         assert got.n_seen == plain.n_seen == {c: 30 for c in range(4)}
+    assert torch.equal(stepped.compute()["nc1"], plain.compute()["nc1"])
+
+
+@pytest.mark.parametrize("cls", [LocalIntrinsicDimension, NeuralCollapse])
+def test_forward_keeps_earlier_batches_where_one_batch_alone_has_no_value(cls):
+    """A batch with too few points (LID's k) or a single class (NC1) has no marker value of its own.
+    torchmetrics' default forward computed it on the batch alone and, when that raised, left only the
+    batch in the state; forward now only accumulates, so the epoch's value is the one of every batch."""
+    x, y = gaussian_classes(n_classes=3, per_class=40, dim=16)
+    kwargs = dict(k=20) if cls is LocalIntrinsicDimension else {}
+    reference = cls(samples_per_class=40, **kwargs)
+    reference.update(x, y)
+    stepped = cls(samples_per_class=40, **kwargs)
+    for part in torch.arange(120).split(16):  # 16 < k + 1 points; the first batches hold one class
+        stepped(x[part], y[part])
+    assert stepped.num_stored == 120
+    assert torch.equal(stepped.compute(), reference.compute())
+    with pytest.raises(ValueError):  # what the old forward ran on the first batch (one class, 16 rows)
+        alone = cls(samples_per_class=40, **kwargs)
+        alone.update(x[:16], y[:16])
+        alone.compute()
+    stepped.sync(should_sync=True, distributed_available=lambda: True, dist_sync_fn=lambda t, group=None: [t])
+    with pytest.raises(TorchMetricsUserError, match="unsync"):
+        stepped(x[:4], y[:4])
 
 
 def test_metric_collection_shares_a_sample_only_between_equal_configurations():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from lightning_geomarkers.metrics.sample import PerClassSample
 from lightning_geomarkers.utilities.checks import as_tensor, check_finite
@@ -47,6 +48,27 @@ class LabelledFeatureMetric(PerClassSample):
         if x.ndim == 2 and x.shape[0] > 0:
             check_finite(x, "features")
         super().update(x, labels, keys)
+
+    def forward(self, features: torch.Tensor, labels: Any, keys: torch.Tensor | None = None) -> None:
+        """``metric(features, labels)``: add the batch exactly as :meth:`update`, and return None.
+
+        The markers are defined on the accumulated sample (an epoch's), not on one batch, which may hold too
+        few points or classes for them. torchmetrics' default ``forward`` computes the metric on the batch
+        alone (here the whole marker computation, on every batch) and, where that raises, leaves only the
+        batch in the state: the samples accumulated before would be lost. Call :meth:`compute` at the end
+        of the epoch, or log the metric object with ``self.log(name, metric, on_step=False,
+        on_epoch=True)``.
+
+        Raises:
+            torchmetrics.utilities.exceptions.TorchMetricsUserError: the states are synced (call
+                ``unsync()`` first), as torchmetrics' own ``forward``.
+        """
+        if self._is_synced:
+            raise TorchMetricsUserError(
+                f"{type(self).__name__} is synced: call `unsync()` before passing more batches."
+            )
+        self.update(features, labels, keys)
+        self._forward_cache = None
 
     def compute(self) -> Any:
         features, labels, _ = self.state()
