@@ -642,3 +642,28 @@ def test_min_standard_errors_is_validated():
         MarkerAlert("glue_dimension", relative_drop=0.2, min_standard_errors=0)
     with pytest.raises(ValueError, match=r"only the GLUE markers"):
         MarkerAlert("participation_ratio", relative_drop=0.2, min_standard_errors=2.0)
+
+
+# ------------------------------------------------------------------ 11. found in review (eleventh session)
+
+
+def test_a_batch_skipped_before_its_features_were_taken_does_not_drop_the_next(tmp_path):
+    """A batch whose labels cannot be read is skipped; its features, already captured by the hook, must
+    go with it, or the next batch gets twice its rows and is skipped too (it was, with a misleading
+    "called several times per step?" warning). The value is that of every other batch's samples."""
+    x, y = gaussian_classes()  # 5 classes of 40, batches of 32: only batch 1 (rows 32-63) holds classes 0 and 1
+
+    def label_fn(batch):
+        labels = batch[1]
+        if int(labels[0]) == 0 and int(labels[-1]) == 1:
+            raise ValueError("unlabelled batch")
+        return labels
+
+    monitor = GeometryMonitor(label_fn=label_fn, **CHEAP)
+    with pytest.warns(MonitorWarning, match="could not use validation batch 1") as record:
+        tr, model = fit(tmp_path, [monitor])
+    assert not [w for w in record if "feature rows for a batch" in str(w.message)]
+    kept = torch.cat([torch.arange(32), torch.arange(64, 200)])
+    feats = penultimate(model, x)[kept]
+    expected = geometry_markers(feats, y[kept], markers=["participation_ratio"]).values["participation_ratio"]
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(float(expected), rel=1e-5)

@@ -528,6 +528,10 @@ class FeatureHook:
             self._fail(RuntimeError(f"captures of one step have incompatible shapes {shapes} ({err})"))
             return None
 
+    def drop(self) -> None:
+        """Drop buffered features (those of a batch that was skipped), keeping :attr:`calls`."""
+        self._buffer = []
+
     def clear(self) -> None:
         """Drop buffered features and reset :attr:`calls`."""
         self._buffer = []

@@ -597,6 +597,11 @@ class GeometryMonitor(L.Callback):
             if self.strict:
                 raise
             self._problem(f"capture:{type(err).__name__}", f"{what} and skipped it: {err}")
+        finally:
+            # A batch that failed before its features were taken (labels, inputs) must not leave them
+            # buffered: the next batch would get twice its rows and be skipped too.
+            for hook in self._hooks.values():
+                hook.drop()
 
     def _capture_batch(self, batch: Any, trainer: L.Trainer | None = None) -> None:
         labels = extract_labels(batch, self.label_fn)
