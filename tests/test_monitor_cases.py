@@ -651,7 +651,9 @@ def test_a_batch_skipped_before_its_features_were_taken_does_not_drop_the_next(t
     """A batch whose labels cannot be read is skipped; its features, already captured by the hook, must
     go with it, or the next batch gets twice its rows and is skipped too (it was, with a misleading
     "called several times per step?" warning). The value is that of every other batch's samples."""
-    x, y = gaussian_classes()  # 5 classes of 40, batches of 32: only batch 1 (rows 32-63) holds classes 0 and 1
+    x, y = (
+        gaussian_classes()
+    )  # 5 classes of 40, batches of 32: only batch 1 (rows 32-63) holds classes 0 and 1
 
     def label_fn(batch):
         labels = batch[1]
@@ -666,4 +668,6 @@ def test_a_batch_skipped_before_its_features_were_taken_does_not_drop_the_next(t
     kept = torch.cat([torch.arange(32), torch.arange(64, 200)])
     feats = penultimate(model, x)[kept]
     expected = geometry_markers(feats, y[kept], markers=["participation_ratio"]).values["participation_ratio"]
-    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
+        float(expected), rel=1e-5
+    )
