@@ -461,6 +461,27 @@ def test_resume_with_an_equivalent_layer_spec_keeps_the_history(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
 
 
+def test_a_checkpoint_saved_after_fit_keeps_the_resolved_state_key(tmp_path):
+    """``trainer.save_checkpoint`` once fit has returned (after teardown) stored the monitor's state under
+    the unresolved ``layers`` argument, so a resume with an equivalent layer spec lost the history and
+    Lightning warned about a missing callback."""
+    first = GeometryMonitor(layers=None, **CHEAP)
+    tr, _ = fit(tmp_path / "a", [first], max_epochs=1)
+    tr.save_checkpoint(tmp_path / "final.ckpt")
+    saved = torch.load(tmp_path / "final.ckpt", weights_only=False)["callbacks"]
+    assert "GeometryMonitor{'prefix': 'geometry', 'layers': ['fc:input']}" in saved
+    resumed = GeometryMonitor(layers="fc:input", **CHEAP)
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "b", [resumed], max_epochs=2, logger=False).fit(
+            TinyMLP(), *loaders(x, y), ckpt_path=str(tmp_path / "final.ckpt")
+        )
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
+
+
 def test_checkpoints_with_the_former_state_key_still_restore(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     first = GeometryMonitor(**CHEAP)

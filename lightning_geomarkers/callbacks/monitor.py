@@ -347,6 +347,7 @@ class GeometryMonitor(L.Callback):
         if stage == "fit":
             self._reset_run_state()
         resolved = resolve_layers(pl_module, self.layers)  # raises, listing names, on a bad layer
+        self._layer_ids = {}
         self._num_classes, self._head_name = None, None
         if self.layers is None:
             self._head_name, head = find_classifier_head(pl_module)
@@ -363,6 +364,7 @@ class GeometryMonitor(L.Callback):
             self._check_callbacks(trainer, pl_module)
         except Exception:
             self.remove_hooks()
+            self._layer_ids = {}
             raise
         if stage == "fit":
             self._check_schedule(trainer)
@@ -473,12 +475,15 @@ class GeometryMonitor(L.Callback):
         self.remove_hooks()
 
     def remove_hooks(self) -> None:
-        """Detach every forward hook from the model (idempotent; done automatically at teardown)."""
+        """Detach every forward hook from the model (idempotent; done automatically at teardown).
+
+        The resolved layers stay known to :attr:`state_key`, so a checkpoint saved after ``fit`` (e.g.
+        ``trainer.save_checkpoint`` once it returns) stores this monitor's state under the same key as
+        one saved during it."""
         for hook in self._hooks.values():
             hook.remove()
         self._hooks.clear()
         self._samplers.clear()
-        self._layer_ids.clear()
         self._capturing = False
 
     # ------------------------------------------------------------------ offline
