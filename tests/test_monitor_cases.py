@@ -692,3 +692,52 @@ def test_a_batch_skipped_before_its_features_were_taken_does_not_drop_the_next(t
     assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
         float(expected), rel=1e-5
     )
+
+
+def test_prefer_higher_takes_one_key_as_a_string_and_refuses_non_keys(tmp_path):
+    """``prefer_higher="key"`` was split into one-letter keys, none of them ever logged: nothing was
+    saved and nothing said so."""
+    runs = {}
+    for name, prefer in (
+        ("string", "geometry/participation_ratio"),
+        ("list", ["geometry/participation_ratio"]),
+    ):
+        ckpt = MarkerCheckpoint(prefer_higher=prefer, dirpath=tmp_path / name)
+        fit(tmp_path / name, [GeometryMonitor(**CHEAP), ckpt], max_epochs=2)
+        assert ckpt.prefer_higher == ["geometry/participation_ratio"] and ckpt.best_model_path
+        runs[name] = ckpt.kept_marker_values
+    assert runs["string"] == runs["list"] and set(runs["list"]) == {"geometry/participation_ratio"}
+    for bad in ([""], ["geometry/participation_ratio", 3]):
+        with pytest.raises(ValueError, match="non-empty strings"):
+            MarkerCheckpoint(prefer_higher=bad)
+
+
+def test_marker_checkpoints_that_differ_in_schedule_share_a_trainer_and_old_keys_restore(tmp_path):
+    """The state key holds ModelCheckpoint's schedule, as ModelCheckpoint's own: two instances that
+    differ only in every_n_epochs were refused by Lightning as duplicates. A checkpoint written with the
+    former key (no schedule) still restores the kept marker values."""
+    every = [
+        MarkerCheckpoint(
+            prefer_higher=["geometry/participation_ratio"], dirpath=tmp_path / f"e{n}", every_n_epochs=n
+        )
+        for n in (1, 2)
+    ]
+    last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True)
+    fit(tmp_path / "a", [GeometryMonitor(**CHEAP), *every, last], max_epochs=2)
+    assert every[0].state_key != every[1].state_key
+    assert all(c.best_model_path and c.kept_marker_values for c in every)
+    path = tmp_path / "last" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    states = saved["callbacks"]
+    assert {c.state_key for c in every} <= set(states)
+    legacy = every[0]._legacy_state_key  # the former format: no schedule (the same key for both)
+    assert legacy == every[1]._legacy_state_key and legacy not in states
+    states[legacy] = states.pop(every[0].state_key)
+    del states[every[1].state_key]
+    torch.save(saved, path)
+    resumed = MarkerCheckpoint(prefer_higher=["geometry/participation_ratio"], dirpath=tmp_path / "r")
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes()
+    tr = trainer(tmp_path / "b", [GeometryMonitor(**CHEAP), resumed], max_epochs=2, logger=False)
+    tr.fit(TinyMLP(), *loaders(x, y), ckpt_path=str(path))
+    assert resumed.kept_marker_values == every[0].kept_marker_values  # restored (no epoch left to run)

@@ -57,7 +57,11 @@ class MarkerCheckpoint(ModelCheckpoint):
                     raise ValueError(
                         f"`{name}` must map logged keys to finite numbers, got {key!r}: {value!r}."
                     )
-        self.prefer_higher = list(prefer_higher or [])
+        # One key is a key, not a sequence of one-letter keys.
+        self.prefer_higher = [prefer_higher] if isinstance(prefer_higher, str) else list(prefer_higher or [])
+        bad = [key for key in self.prefer_higher if not isinstance(key, str) or not key]
+        if bad:
+            raise ValueError(f"`prefer_higher` must be logged keys (non-empty strings), got {bad!r}.")
         if self.prefer_higher:
             if kwargs.get("monitor") is not None:
                 raise ValueError("`prefer_higher` replaces `monitor`; pass one or the other.")
@@ -72,6 +76,23 @@ class MarkerCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
+        """The ``ModelCheckpoint`` key's fields (its schedule included, so two instances that differ only
+        in ``every_n_epochs`` or the like can be used together, as two ``ModelCheckpoint``) and the
+        floors, ceilings and ``prefer_higher`` keys."""
+        return self._generate_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=self._every_n_epochs,
+            train_time_interval=self._train_time_interval,
+            floors=self.floors,
+            ceilings=self.ceilings,
+            prefer=self.prefer_higher,
+        )
+
+    @property
+    def _legacy_state_key(self) -> Any:  # Lightning's fallback key when loading a checkpoint
+        """The key of checkpoints written before ``state_key`` held the schedule, so they still restore."""
         return self._generate_state_key(
             monitor=self.monitor,
             mode=self.mode,
