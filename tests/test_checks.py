@@ -12,7 +12,7 @@ from lightning_geomarkers.callbacks._labels import extract_labels
 from lightning_geomarkers.functional import geometry_markers, neural_collapse
 from lightning_geomarkers.functional._hashing import class_priority, sample_keys
 from lightning_geomarkers.metrics import ParticipationRatio
-from lightning_geomarkers.utilities import check_labels, check_protocol
+from lightning_geomarkers.utilities import as_generator, check_labels, check_protocol, check_seed
 
 
 def test_check_labels_accepts_class_ids_in_every_container() -> None:
@@ -179,3 +179,22 @@ def test_as_manifolds_stack_without_copy_and_errors_that_name_the_manifold() -> 
         as_manifolds(stack[:1])
     with pytest.raises(ValueError, match="Manifold 0 has 0 point"):
         as_manifolds(stack[:, :0])
+
+
+def test_seeds_outside_the_64_bit_range_are_refused_everywhere_with_the_fix() -> None:
+    """A seed torch cannot take (2**64 and more, below -2**63) was accepted, and every later draw failed
+    (the monitor then skipped every computation with a warning). The edges of the range work."""
+    x, y = torch.randn(20, 4), torch.arange(2).repeat_interleave(10)
+    for edge in (2**64 - 1, -(2**63)):
+        assert check_seed(edge) == edge
+        assert as_generator(edge).initial_seed() == edge % 2**64
+        assert sample_keys(x, y, seed=edge).shape == (20,)
+    for bad in (2**64, -(2**63) - 1):
+        for make in (
+            check_seed,
+            as_generator,
+            lambda s: GeometryMonitor(seed=s),
+            lambda s: ParticipationRatio(seed=s),
+        ):
+            with pytest.raises(ValueError, match=r"64-bit integer.*% 2\*\*64"):
+                make(bad)

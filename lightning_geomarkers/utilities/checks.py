@@ -277,11 +277,29 @@ def as_manifolds(
     return points, mask
 
 
+#: The seeds torch's generators take (``torch.Generator.manual_seed``): 64-bit, signed or unsigned.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def check_seed(seed: Any, name: str = "seed") -> int:
-    """Validate an integer seed (bools rejected) and return it as ``int``."""
+    """Validate an integer seed in the 64-bit range torch takes (bools rejected) and return it as ``int``.
+
+    Raises:
+        TypeError: not an integer. ValueError: outside the 64-bit range (every draw would then fail).
+
+    Example:
+        >>> check_seed(2**64 - 1), check_seed(-1)
+        (18446744073709551615, -1)
+    """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"`{name}` must be an integer, got {seed!r}.")
-    return int(seed)
+    value = int(seed)
+    if not _SEED_RANGE[0] <= value <= _SEED_RANGE[1]:
+        raise ValueError(
+            f"`{name}` must be a 64-bit integer, from -2**63 to 2**64 - 1 (what torch.manual_seed takes), "
+            f"got {value}. Reduce it, e.g. `{name} % 2**64`."
+        )
+    return value
 
 
 #: The GLUE measurement protocols (see ``functional.protocols``).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lightning_geomarkers.utilities.checks import check_seed
+
 __all__ = ["as_generator", "split_seeds", "child_generators"]
 
 
@@ -25,7 +27,7 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     if generator is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     elif isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        seed = int(generator)
+        seed = check_seed(generator, "generator")
     else:
         raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {generator!r}.")
     g = torch.Generator()
