@@ -741,3 +741,50 @@ def test_marker_checkpoints_that_differ_in_schedule_share_a_trainer_and_old_keys
     tr = trainer(tmp_path / "b", [GeometryMonitor(**CHEAP), resumed], max_epochs=2, logger=False)
     tr.fit(TinyMLP(), *loaders(x, y), ckpt_path=str(path))
     assert resumed.kept_marker_values == every[0].kept_marker_values  # restored (no epoch left to run)
+
+
+class LazyMLP(TinyMLP):
+    """TinyMLP whose layers are built in ``configure_model()`` (Lightning's pattern for large models),
+    which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self):
+        L.LightningModule.__init__(self)
+        self.body = self.fc = None
+        self.lr, self.collapse_at = 1e-2, None
+
+    def configure_model(self):
+        if self.fc is None:
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+            self.fc = nn.Linear(32, 5)
+
+
+def test_a_model_that_builds_its_layers_in_configure_model_is_monitored(tmp_path):
+    """The monitor (and MarkerCheckpoint's key check) resolved the layers at setup, before Lightning
+    built them: the run crashed where it trains without the monitor. They now resolve at the first hook
+    after configure_model; the values are those of the built layers."""
+    monitor = GeometryMonitor(**CHEAP)
+    ckpt = MarkerCheckpoint(
+        prefer_higher=["geometry/participation_ratio"], dirpath=tmp_path / "ck", save_last=True
+    )
+    tr, model = fit(tmp_path / "a", [monitor, ckpt], model=LazyMLP(), max_epochs=2)
+    x, y = gaussian_classes()
+    expected = geometry_markers(penultimate(model, x), y, markers=["participation_ratio"]).values
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
+        float(expected["participation_ratio"]), rel=1e-5
+    )
+    assert ckpt.best_model_path and [h["epoch"] for h in monitor.history] == [0, 1]
+    # resumed with an equivalent layer spec: the state is found under the resolved key
+    resumed = GeometryMonitor(layers="fc:input", **CHEAP)
+    L.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "b", [resumed], max_epochs=3, logger=False)
+    tr.fit(LazyMLP(), *loaders(x, y), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    # trainer.validate on a fresh lazy model, and a layer that does not exist even once it is built
+    check = GeometryMonitor(**CHEAP)
+    trainer(tmp_path / "c", [check], logger=False).validate(LazyMLP(), loaders(x, y)[1], verbose=False)
+    assert len(check.history) == 1
+    with pytest.raises(ValueError, match="nope"):
+        fit(tmp_path / "d", [GeometryMonitor(layers="nope", **CHEAP)], model=LazyMLP())
+    with pytest.raises(ValueError, match="nope"):  # a model built in __init__ is still refused at setup
+        fit(tmp_path / "e", [GeometryMonitor(layers="nope", **CHEAP)])

@@ -29,6 +29,7 @@ __all__ = [
     "check_pooling",
     "pool_features",
     "FeatureHook",
+    "builds_layers_later",
 ]
 
 Where = Literal["input", "output"]
@@ -204,6 +205,17 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 # ------------------------------------------------------------------------------------------ layers
+
+
+def builds_layers_later(model: nn.Module) -> bool:
+    """Whether ``model`` is a LightningModule that may build layers after the callbacks' ``setup``: it
+    overrides ``configure_model()`` or ``setup()``, which Lightning calls after them."""
+    import lightning.pytorch as L
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return isinstance(model, L.LightningModule) and any(
+        is_overridden(hook, model, L.LightningModule) for hook in ("configure_model", "setup")
+    )
 
 
 def metric_name(display_name: str) -> str:

@@ -73,6 +73,7 @@ class MarkerCheckpoint(ModelCheckpoint):
             )
         super().__init__(**kwargs)
         self.kept_marker_values: dict[str, float] | None = None
+        self._keys_checked = False  # the marker keys checked against the monitors (at setup or later)
 
     @property
     def state_key(self) -> str:
@@ -103,6 +104,15 @@ class MarkerCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._keys_checked = False
+        self._check_keys(trainer, pl_module)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._check_keys(trainer, pl_module)  # if a monitor resolved its layers only after setup
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
         self._check_keys(trainer, pl_module)
 
     def _watched_keys(self) -> list[str]:
@@ -115,7 +125,12 @@ class MarkerCheckpoint(ModelCheckpoint):
         from lightning_geomarkers.callbacks.monitor import GeometryMonitor
         from lightning_geomarkers.functional.suite import MARKERS
 
+        if self._keys_checked:
+            return
         monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GeometryMonitor)]
+        if any(m._deferred is not None for m in monitors):
+            return  # a monitor waits for the model's layers (configure_model): checked at on_fit_start
+        self._keys_checked = True
         valid = [k for m in monitors for k in m.logged_keys(pl_module)]
         prefixes = {m.prefix + "/" for m in monitors}
         for key in self._watched_keys():

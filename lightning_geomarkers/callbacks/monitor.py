@@ -21,6 +21,7 @@ from lightning_geomarkers.callbacks._heatmap import class_view, write_class_heat
 from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels
 from lightning_geomarkers.callbacks._layers import (
     FeatureHook,
+    builds_layers_later,
     check_pooling,
     find_classifier_head,
     metric_name,
@@ -230,6 +231,7 @@ class GeometryMonitor(L.Callback):
         self._epoch_problems: set[str] = set()
         self._run_warnings: set[str] = set()
         self._layout_written = False
+        self._deferred: str | None = None  # the setup stage whose layer resolution waits for the model
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -346,6 +348,35 @@ class GeometryMonitor(L.Callback):
             return
         if stage == "fit":
             self._reset_run_state()
+        self._deferred = None
+        try:
+            self._attach(trainer, pl_module, stage)
+        except Exception:
+            if not builds_layers_later(pl_module):
+                raise
+            # The module builds its layers in configure_model() or setup(), which Lightning runs after the
+            # callbacks' setup: resolve them at the first hook after that (see _attach_deferred).
+            self._deferred = stage
+
+    def _attach_deferred(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resolve the layers of a module that builds them in ``configure_model()`` / ``setup()``, at the
+        first hook after those (restoring a checkpoint, ``on_fit_start``, ``on_validation_start``); a layer
+        that still does not exist raises now, with the same message as at setup."""
+        if self._deferred is not None:
+            stage, self._deferred = self._deferred, None
+            self._attach(trainer, pl_module, stage)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning reads state_key right after this hook: the layers must be resolved by then.
+        self._attach_deferred(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._attach_deferred(trainer, pl_module)
+
+    def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve the layers, register the hooks and check the set-up (the work of :meth:`setup`)."""
         resolved = resolve_layers(pl_module, self.layers)  # raises, listing names, on a bad layer
         self._layer_ids = {}
         self._num_classes, self._head_name = None, None
@@ -390,7 +421,7 @@ class GeometryMonitor(L.Callback):
         for cb in getattr(trainer, "callbacks", []):
             if cb is self:
                 continue
-            if isinstance(cb, GeometryMonitor):
+            if isinstance(cb, GeometryMonitor) and cb._deferred is None:  # a deferred one checks when it attaches
                 clash = sorted(mine & set(cb.logged_keys(pl_module)))
                 if clash:
                     raise ValueError(
@@ -428,6 +459,7 @@ class GeometryMonitor(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a strict lr scheduler on a marker key (the optimizers exist only from here on)."""
+        self._attach_deferred(trainer, pl_module)
         if not self._hooks:
             return
         mine = set(self.logged_keys())
