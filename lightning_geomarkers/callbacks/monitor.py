@@ -421,7 +421,9 @@ class GeometryMonitor(L.Callback):
         for cb in getattr(trainer, "callbacks", []):
             if cb is self:
                 continue
-            if isinstance(cb, GeometryMonitor) and cb._deferred is None:  # a deferred one checks when it attaches
+            if (
+                isinstance(cb, GeometryMonitor) and cb._deferred is None
+            ):  # a deferred one checks when it attaches
                 clash = sorted(mine & set(cb.logged_keys(pl_module)))
                 if clash:
                     raise ValueError(
