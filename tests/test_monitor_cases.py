@@ -788,3 +788,23 @@ def test_a_model_that_builds_its_layers_in_configure_model_is_monitored(tmp_path
         fit(tmp_path / "d", [GeometryMonitor(layers="nope", **CHEAP)], model=LazyMLP())
     with pytest.raises(ValueError, match="nope"):  # a model built in __init__ is still refused at setup
         fit(tmp_path / "e", [GeometryMonitor(layers="nope", **CHEAP)])
+
+
+def test_a_key_the_module_also_logs_in_on_validation_epoch_end_is_reported(tmp_path):
+    """The module's on_validation_epoch_end runs after the callbacks': the monitor cannot see that log
+    coming, and Lightning averages the two values. It now says so once the validation ends, naming the
+    key, both values and the fix."""
+
+    class LogsOurKeyAtEpochEnd(TinyMLP):
+        def on_validation_epoch_end(self):
+            self.log("geometry/participation_ratio", 100.0)
+
+    monitor = GeometryMonitor(**CHEAP)
+    with pytest.warns(
+        MonitorWarning, match=r"'geometry/participation_ratio' = .*Lightning reports .*prefix="
+    ):
+        tr, _ = fit(tmp_path, [monitor], model=LogsOurKeyAtEpochEnd())
+    mine = monitor.history[-1]["participation_ratio"]
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
+        (mine + 100.0) / 2, rel=1e-5
+    )

@@ -232,6 +232,7 @@ class GeometryMonitor(L.Callback):
         self._run_warnings: set[str] = set()
         self._layout_written = False
         self._deferred: str | None = None  # the setup stage whose layer resolution waits for the model
+        self._logged_now: dict[str, float] = {}  # marker values logged at this validation (checked at its end)
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -847,6 +848,28 @@ class GeometryMonitor(L.Callback):
                     return
         pl_module.log(key, value, on_epoch=True, on_step=False, sync_dist=False)
         fresh.add(key)
+        self._logged_now[key] = value
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn where a value this monitor logged is not what Lightning reports: another source logged the
+        same key in the same hook (the module's ``on_validation_epoch_end`` runs after the callbacks'),
+        which :meth:`_log_value` cannot see coming, and Lightning averaged the two."""
+        logged, self._logged_now = self._logged_now, {}
+        metrics = getattr(trainer, "callback_metrics", None) or {}
+        for key, value in logged.items():
+            got = metrics.get(key)
+            if got is None or not math.isfinite(value):
+                continue
+            reported = float(got)
+            if not math.isclose(reported, value, rel_tol=1e-6, abs_tol=1e-12):  # float32 logging: ~6e-8
+                self._problem(
+                    f"mixed:{key}",
+                    f"GeometryMonitor logged {key!r} = {value:.6g}, but Lightning reports {reported:.6g}: "
+                    "something else logged the same key in the same hook (e.g. the LightningModule's "
+                    "on_validation_epoch_end) and Lightning averaged the two, so that key does not hold "
+                    f"the marker this epoch. Give the monitor another prefix (prefix='{self.prefix}_x') or "
+                    "rename the other metric.",
+                )
 
     def _compute_layer(
         self,
