@@ -232,7 +232,9 @@ class GeometryMonitor(L.Callback):
         self._run_warnings: set[str] = set()
         self._layout_written = False
         self._deferred: str | None = None  # the setup stage whose layer resolution waits for the model
-        self._logged_now: dict[str, float] = {}  # marker values logged at this validation (checked at its end)
+        self._logged_now: dict[
+            str, float
+        ] = {}  # marker values logged at this validation (checked at its end)
 
     # ------------------------------------------------------------------ identity and state
     @property
