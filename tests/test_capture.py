@@ -305,6 +305,22 @@ def test_hook_captures_head_input_when_enabled() -> None:
     assert not model.head._forward_pre_hooks
 
 
+def test_a_failed_capture_is_forgotten_at_the_next_clear_and_drop_keeps_the_call_count() -> None:
+    """The monitor clears its hooks at every epoch start: an earlier epoch's capture error must not be
+    quoted as the reason a later epoch captured nothing. drop() (a skipped batch) keeps the calls."""
+    lin = nn.Linear(3, 2)
+    hook = FeatureHook(lin, "output", pooling=lambda t: t[:, :, None], enabled=True)  # 3-D: pooling fails
+    with pytest.warns(MonitorWarning, match="failed and is skipped"):
+        lin(torch.randn(4, 3))
+    assert hook.error is not None and hook.pop() is None
+    hook.clear()
+    assert hook.error is None and hook.calls == 0
+    hook.pooling = "auto"
+    lin(torch.randn(4, 3))
+    hook.drop()
+    assert hook.calls == 1 and hook.pop() is None and hook.error is None
+
+
 def test_hook_output_and_pooling() -> None:
     model = SmallCNN()
     hook = FeatureHook(model.features, "output", enabled=True)

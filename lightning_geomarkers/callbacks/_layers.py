@@ -545,9 +545,10 @@ class FeatureHook:
         self._buffer = []
 
     def clear(self) -> None:
-        """Drop buffered features and reset :attr:`calls`."""
+        """Drop buffered features and reset :attr:`calls` and :attr:`error` (a new epoch's capture)."""
         self._buffer = []
         self.calls = 0
+        self.error = None
 
     def remove(self) -> None:
         """Remove the hook from the module (idempotent) and drop buffered features."""
