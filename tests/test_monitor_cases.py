@@ -788,6 +788,13 @@ def test_a_model_that_builds_its_layers_in_configure_model_is_monitored(tmp_path
         fit(tmp_path / "d", [GeometryMonitor(layers="nope", **CHEAP)], model=LazyMLP())
     with pytest.raises(ValueError, match="nope"):  # a model built in __init__ is still refused at setup
         fit(tmp_path / "e", [GeometryMonitor(layers="nope", **CHEAP)])
+    # offline the model is as built as it will be: a bad layer raises at once, a good one gives the values
+    with pytest.raises(ValueError, match="has no submodule named 'nope'"):
+        GeometryMonitor(layers="nope", **CHEAP).evaluate(model, loaders(x, y)[1])
+    offline = GeometryMonitor(**CHEAP).evaluate(model, loaders(x, y)[1])
+    assert offline["geometry/participation_ratio"] == pytest.approx(
+        float(expected["participation_ratio"]), rel=1e-5
+    )
 
 
 def test_a_key_the_module_also_logs_in_on_validation_epoch_end_is_reported(tmp_path):

@@ -186,6 +186,9 @@ def evaluate_model(
         for hook in monitor._hooks.values():  # a live fit's hooks must not capture our forward passes
             hook.enabled = False
         shadow.setup(None, model, "validate")  # type: ignore[arg-type]  # resolves layers, raises on bad ones
+        # A module that builds layers in configure_model()/setup() gets its resolution deferred by setup;
+        # offline the model is as built as it will be: resolve now, raising on a bad layer.
+        shadow._attach_deferred(None, model)  # type: ignore[arg-type]
         model.eval()
         batches: Iterable[Any] = loader
         if progress:
