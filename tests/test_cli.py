@@ -59,6 +59,30 @@ def needs_args(batch_size):
     return val_loader()
 
 
+def needs_keyword(*, batch_size):
+    return val_loader()
+
+
+def one_pass():
+    """A generator of batches: exhausted by the first checkpoint."""
+    return (batch for batch in val_loader())
+
+
+class BuildsOnlyForFit(L.LightningDataModule):
+    """Lightning's docs pattern that builds the validation set only in setup('fit')."""
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.val = val_loader()
+
+    def val_dataloader(self):
+        return self.val
+
+
+def dict_batches():
+    return [{"pixels": x, "target": y} for x, y in val_loader()]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Three checkpoints of a monitored fit, and the values the monitor logged at each epoch."""
@@ -281,6 +305,10 @@ def test_without_matplotlib_the_png_is_skipped_with_the_install_hint(run, tmp_pa
         (["--model", MODEL, "--data", DATA, "--floor", "glue_dim=2"], "no such marker was computed"),
         (["--model", MODEL, "--data", DATA, "--samples-per-class", "1"], "Invalid monitor settings"),
         (["--model", MODEL, "--data", DATA, "--layers", "body.9"], "no submodule named 'body.9'"),
+        (["--model", MODEL, "--data", "tests.test_cli:needs_keyword"], "callable without arguments"),
+        (["--model", MODEL, "--data", "tests.test_cli:one_pass"], "one-pass iterator"),
+        (["--model", MODEL, "--data", "tests.test_cli:BuildsOnlyForFit"], "setup('validate')"),
+        (["--model", MODEL, "--data", "tests.test_cli:dict_batches"], "forward_fn="),
     ],
 )
 def test_clear_errors_name_the_problem_and_the_fix(run, tmp_path, capsys, argv, message):
@@ -303,6 +331,7 @@ def test_clear_errors_name_the_problem_and_the_fix(run, tmp_path, capsys, argv, 
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("lightning-geomarkers rank: error:") and message in err, err
+    assert "Traceback" not in err
 
 
 def test_missing_checkpoint_bad_config_and_wrong_checkpoint(run, tmp_path, capsys):
@@ -519,3 +548,87 @@ def test_input_fn_in_a_config_file_points_to_the_python_api(tmp_path):
     )
     with pytest.raises(CLIError, match="input_fn is a callable.*rank_checkpoints"):
         monitor_from_config(config)
+
+
+def test_review_fixes_out_file_bare_state_dict_seed_warning_and_valueless_checkpoints(run, tmp_path, capsys):
+    """--out naming a file is refused before any checkpoint is measured; a bare state_dict is named as
+    such; the run's own monitor seed is pointed out when the ranking uses another; a checkpoint without
+    values is not eligible."""
+    paths, _ = run
+    base = ["--model", MODEL, "--data", DATA, "--quiet", "--device", "cpu", *OPTIONS]
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    measured = []
+    real = rank_module.evaluate_model
+    try:
+        rank_module.evaluate_model = lambda *a, **k: measured.append(1) or real(*a, **k)
+        assert main(["rank", paths[0], *base, "--out", a_file]) == 1
+    finally:
+        rank_module.evaluate_model = real
+    assert "cannot be used as the output directory" in capsys.readouterr().err and not measured
+    assert (
+        main(
+            [
+                "rank",
+                paths[0],
+                "--model",
+                MODEL,
+                "--data",
+                DATA,
+                "--quiet",
+                "--device",
+                "gpu0",
+                "--out",
+                tmp_path / "o",
+            ]
+        )
+        == 1
+    )
+    assert "'gpu0' is not a torch device" in capsys.readouterr().err
+    bare = tmp_path / "bare.pt"
+    torch.save(TinyMLP().state_dict(), bare)
+    assert main(["rank", bare, *base, "--out", tmp_path / "out"]) == 1
+    assert "without a 'state_dict' entry (a bare state_dict?)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"seed=1, and this ranking uses seed=0.*--seed 1"):
+        rank_checkpoints(
+            paths[:1],
+            TinyMLP,
+            val_loader,
+            monitor=GeometryMonitor(**{**SETTINGS, "seed": 0}),
+            out=None,
+            progress=False,
+        )
+    scores = [
+        CheckpointScore("a", {"geometry/glue_dimension": 2.0, "geometry/glue_utility": 0.3}),
+        CheckpointScore("b", {}),
+    ]
+    result = rank_scores(scores)
+    assert [s.eligible for s in result.scores] == [True, False] and result.choice.path == "a"
+    assert "not both measured" in result.table()
+
+
+def test_the_ranked_layer_and_ties_do_not_depend_on_the_checkpoint_order():
+    """D_eff/Psi_eff are the first monitored layer's (key_order) even where the first checkpoint lacks
+    them; an exact D_eff tie is broken by Psi_eff, so the choice stays on the Pareto front."""
+    a = {"geometry/fc/glue_dimension": 3.0, "geometry/fc/glue_utility": 0.3}
+    b = {"geometry/body/glue_dimension": 9.0, "geometry/body/glue_utility": 0.9}
+    b.update({"geometry/fc/glue_dimension": 1.0, "geometry/fc/glue_utility": 0.1})
+    c = {**b, "geometry/body/glue_dimension": 1.0, "geometry/fc/glue_dimension": 2.0}
+    order = ["geometry/fc/glue_dimension", "geometry/fc/glue_utility", "geometry/body/glue_dimension"]
+    choices = set()
+    for perm in itertools.permutations(
+        [("a", {"geometry/body/glue_dimension": 5.0} | a), ("b", b), ("c", c)]
+    ):
+        scores = [CheckpointScore(name, dict(v)) for name, v in perm]
+        for score in scores:  # checkpoint "a" lacks the body layer's utility: skipped there
+            score.values.pop("geometry/body/glue_utility", None) if score.path == "a" else None
+        result = rank_scores(scores, key_order=order)
+        assert result.dimension_key == "geometry/fc/glue_dimension"
+        choices.add(result.choice.path)
+    assert choices == {"a"}
+    tied = [
+        CheckpointScore("low", {"geometry/glue_dimension": 2.0, "geometry/glue_utility": 0.2}),
+        CheckpointScore("high", {"geometry/glue_dimension": 2.0, "geometry/glue_utility": 0.4}),
+    ]
+    result = rank_scores(tied)
+    assert result.choice.path == "high" and [s.path for s in result.pareto] == ["high"]

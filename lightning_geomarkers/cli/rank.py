@@ -161,7 +161,8 @@ def load_dataloader(data: Any) -> Any:
     or instance: ``prepare_data()``, ``setup("validate")``, then ``val_dataloader()``; or a loader itself.
 
     Raises:
-        CLIError: the spec cannot be imported, needs arguments, or gives no batches.
+        CLIError: the spec cannot be imported, needs arguments, gives no batches or a one-pass iterator
+            (a generator: every checkpoint needs the same batches), or its DataModule fails to set up.
     """
     obj = load_object(data, "--data") if isinstance(data, str) else data
     if inspect.isclass(obj):
@@ -182,22 +183,33 @@ def load_dataloader(data: Any) -> Any:
             params = list(inspect.signature(obj).parameters.values())
         except (TypeError, ValueError):
             params = []
-        if any(
-            p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params
-        ):
+        if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
             raise CLIError(
                 f"--data: {getattr(obj, '__name__', obj)!r} needs arguments; name a function callable without "
                 "arguments that returns the validation DataLoader (wrap yours in one)."
             )
         obj = obj()
     if isinstance(obj, L.LightningDataModule):
-        obj.prepare_data()
-        obj.setup("validate")
-        obj = obj.val_dataloader()
+        try:
+            obj.prepare_data()
+            obj.setup("validate")
+            obj = obj.val_dataloader()
+        except Exception as err:
+            raise CLIError(
+                f"--data: the LightningDataModule {type(obj).__name__} failed in prepare_data(), "
+                f"setup('validate') or val_dataloader() ({type(err).__name__}: {err}). Build the validation "
+                "set in setup() for the 'validate' stage (or for any stage), or name a function that "
+                "returns the validation DataLoader."
+            ) from err
     if obj is None or isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
         raise CLIError(
             f"--data gave {type(obj).__name__}, not a dataloader; the function must return an iterable of "
             "(inputs, labels) batches such as a torch DataLoader."
+        )
+    if iter(obj) is obj:  # a generator or other iterator: exhausted by the first checkpoint
+        raise CLIError(
+            f"--data gave a one-pass iterator ({type(obj).__name__}): every checkpoint is measured on the "
+            "same batches, so the second one would get none. Return a DataLoader or a list of batches."
         )
     return obj
 
@@ -328,8 +340,9 @@ def _expand(checkpoints: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _epoch_step(path: Path) -> tuple[int | None, int | None]:
-    """The checkpoint's ``epoch`` and ``global_step`` (None where absent).
+def _epoch_step(path: Path, prefix: str = "geometry") -> tuple[int | None, int | None, int | None]:
+    """The checkpoint's ``epoch``, ``global_step`` and the seed of the ``GeometryMonitor`` with this
+    ``prefix`` that logged during its run (None where absent).
 
     Raises:
         CLIError: the file cannot be read as a checkpoint (truncated, not a torch file), with its path.
@@ -344,13 +357,25 @@ def _epoch_step(path: Path) -> tuple[int | None, int | None]:
             f"Could not read {path} as a Lightning checkpoint ({type(err).__name__}: {err}). The file may be "
             "truncated (a run stopped while saving) or not a checkpoint; remove it from the list or save it again."
         ) from err
-    if not isinstance(ckpt, Mapping):
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CLIError(
-            f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint (a dict with 'state_dict'); pass "
-            "files written by ModelCheckpoint or trainer.save_checkpoint."
+            f"{path} holds a {type(ckpt).__name__}"
+            + (" without a 'state_dict' entry (a bare state_dict?)" if isinstance(ckpt, Mapping) else "")
+            + ", not a Lightning checkpoint (a dict with 'state_dict'); pass files written by ModelCheckpoint "
+            "or trainer.save_checkpoint."
         )
     epoch, step = ckpt.get("epoch"), ckpt.get("global_step")
-    return (int(epoch) if isinstance(epoch, int) else None, int(step) if isinstance(step, int) else None)
+    seeds = {
+        state.get("seed")
+        for key, state in (ckpt.get("callbacks") or {}).items()
+        if str(key).startswith(f"GeometryMonitor{{'prefix': {prefix!r}") and isinstance(state, Mapping)
+    }
+    seed = seeds.pop() if len(seeds) == 1 else None
+    return (
+        int(epoch) if isinstance(epoch, int) else None,
+        int(step) if isinstance(step, int) else None,
+        int(seed) if isinstance(seed, int) else None,
+    )
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -409,8 +434,9 @@ def rank_checkpoints(
 
     Raises:
         FileNotFoundError: a checkpoint does not exist.
-        CLIError: bad ``model``/``data`` specs, a checkpoint the model class cannot load, a threshold on a
-            marker that is not computed, or no checkpoint could be measured.
+        CLIError: bad ``model``/``data`` specs, a bad ``device`` or ``out``, a checkpoint the model class
+            cannot load, batches whose inputs cannot be found, a threshold on a marker that is not
+            computed, or no checkpoint could be measured.
 
     Example::
 
@@ -431,17 +457,40 @@ def rank_checkpoints(
             f"The ranking needs D_eff and Psi_eff, but the monitor's markers {list(monitor.markers)} lack "
             f"{missing}: --markers must include glue_dimension and glue_utility (or 'glue'/'all')."
         )
-    run_device = torch.device(device) if device is not None else _default_device()
+    try:
+        run_device = torch.device(device) if device is not None else _default_device()
+    except (RuntimeError, TypeError) as err:
+        raise CLIError(
+            f"--device {device!r} is not a torch device ({err}); e.g. cpu, cuda or cuda:1."
+        ) from err
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:  # before measuring: a bad --out must not waste every checkpoint's evaluation
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CLIError(f"--out {out_dir} cannot be used as the output directory ({err}).") from err
     loader = load_dataloader(data)
     labels = _labels(paths)
     scores: list[CheckpointScore] = []
     failures: dict[str, str] = {}
+    key_order: list[str] = []
+    seed_warned = False
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     bar = tqdm(paths, desc="checkpoints", unit="ckpt", disable=not progress, file=sys.stderr)
     for path, label in zip(bar, labels, strict=True):
         bar.set_postfix_str(label[-40:])
-        epoch, step = _epoch_step(path)
+        epoch, step, run_seed = _epoch_step(path, monitor.prefix)
+        if run_seed is not None and run_seed != monitor.seed and not seed_warned:
+            seed_warned = True
+            warnings.warn(
+                f"{path} was logged by a GeometryMonitor with seed={run_seed}, and this ranking uses "
+                f"seed={monitor.seed}: other subsamples and probes, so the values differ from the logged ones "
+                f"by their sampling noise. Pass --seed {run_seed} (or GeometryMonitor(seed={run_seed})) to "
+                "reproduce them.",
+                UserWarning,
+                stacklevel=2,
+            )
         try:
             net = model_cls.load_from_checkpoint(path, map_location=run_device)
         except Exception as err:
@@ -449,8 +498,18 @@ def rank_checkpoints(
                 f"Could not load {path} with {model_cls.__name__}.load_from_checkpoint ({type(err).__name__}: {err}). "
                 "Is --model the class the checkpoint was saved from?"
             ) from err
+        if not key_order:  # the monitor's layer order: D_eff and Psi_eff are the first layer's
+            try:
+                key_order = monitor.logged_keys(net)
+            except Exception:  # a bad layer: evaluate() below says so for this checkpoint
+                key_order = []
         try:
             values = evaluate_model(monitor, net, loader, forward_fn=forward_fn, device=run_device).values
+        except TypeError as err:  # the batches' inputs cannot be found: the same for every checkpoint
+            raise CLIError(
+                f"{err} From the command line, give --data batches of (inputs, labels) (or dicts with an "
+                "'input'-like key); from Python, pass rank_checkpoints(..., forward_fn=...)."
+            ) from err
         except (ValueError, RuntimeError) as err:
             failures[str(path)] = str(err)
             warnings.warn(f"{path}: no markers ({err})", UserWarning, stacklevel=2)
@@ -460,11 +519,14 @@ def rank_checkpoints(
     if len(failures) == len(paths):
         raise CLIError(f"No checkpoint could be measured: {failures}")
     result = rank_scores(
-        scores, prefix=monitor.prefix, floors=floors, ceilings=ceilings, settings=monitor_settings(monitor)
+        scores,
+        prefix=monitor.prefix,
+        floors=floors,
+        ceilings=ceilings,
+        settings=monitor_settings(monitor),
+        key_order=key_order,
     )
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
         order = [f"{monitor.prefix}/{m}" for m in MARKERS]
         result.files["csv"] = write_csv(scores, out_dir / "markers.csv", marker_order=order)
         result.files["md"] = write_markdown(result, out_dir / "ranking.md")

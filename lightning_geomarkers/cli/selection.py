@@ -215,13 +215,17 @@ def rank_scores(
     floors: Mapping[str, float] | None = None,
     ceilings: Mapping[str, float] | None = None,
     settings: Mapping[str, Any] | None = None,
+    key_order: Sequence[str] = (),
 ) -> RankingResult:
     """Rank measured checkpoints by the both-higher rule; mark the Pareto front and the thresholds.
 
     D_eff and Psi_eff are read under ``<prefix>/glue_dimension`` and ``<prefix>/glue_utility`` (with
-    several layers, those of the first monitored layer: the first layer whose keys appear in the scores'
-    ``values``, in their insertion order, which is the monitor's layer order). Threshold names may be
-    logged keys or bare marker names, resolved the same way.
+    several layers, those of the first monitored layer: pass the monitor's ``logged_keys`` as
+    ``key_order``; its keys that some checkpoint has come first, then the others in the order the
+    checkpoints hold them, so the choice does not depend on the order of the checkpoints). Threshold
+    names may be logged keys or bare marker names, resolved the same way. A checkpoint without both
+    values is not eligible. Among checkpoints with equal wins and losses the higher D_eff, then the higher
+    Psi_eff ranks first.
 
     Raises:
         ValueError: no checkpoint, no ``glue_dimension``/``glue_utility`` among the measured values, or a
@@ -237,7 +241,8 @@ def rank_scores(
     scores = list(scores)
     if not scores:
         raise ValueError("No checkpoints to rank; pass at least one checkpoint file.")
-    keys = list(dict.fromkeys(k for s in scores for k in s.values))  # as logged: first layer first
+    measured = list(dict.fromkeys(k for s in scores for k in s.values))
+    keys = list(dict.fromkeys([*(k for k in key_order if k in measured), *measured]))  # first layer first
     dim_key = _find_key(D_EFF, keys, prefix) if keys else f"{prefix}/{D_EFF}"
     util_key = _find_key(PSI_EFF, keys, prefix) if keys else f"{prefix}/{PSI_EFF}"
     if dim_key is None or util_key is None:
@@ -255,13 +260,16 @@ def rank_scores(
     front = pareto_front(d, u)
     for i, s in enumerate(scores):
         s.wins, s.losses, s.pareto = int(wins[i]), int(losses[i]), bool(front[i])
-        s.failed = [f"{k} >= {v:g}" for k, v in floors.items() if not s.get(k) >= v]
+        s.failed = (
+            [] if math.isfinite(d[i]) and math.isfinite(u[i]) else ["D_eff and Psi_eff not both measured"]
+        )
+        s.failed += [f"{k} >= {v:g}" for k, v in floors.items() if not s.get(k) >= v]
         s.failed += [f"{k} <= {v:g}" for k, v in ceilings.items() if not s.get(k) <= v]
         s.eligible = not s.failed
 
     def order(i: int) -> tuple[Any, ...]:
         known = math.isfinite(d[i]) and math.isfinite(u[i])
-        return (not known, -wins[i], losses[i], -d[i] if known else 0.0, i)
+        return (not known, -wins[i], losses[i], -d[i] if known else 0.0, -u[i] if known else 0.0, i)
 
     ranked = [scores[i] for i in sorted(range(len(scores)), key=order)]
     for r, s in enumerate(ranked, start=1):
