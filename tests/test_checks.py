@@ -9,7 +9,14 @@ import torch
 
 from lightning_geomarkers import GeometryMonitor
 from lightning_geomarkers.callbacks._labels import extract_labels
-from lightning_geomarkers.functional import geometry_markers, neural_collapse
+from lightning_geomarkers.functional import (
+    geometry_markers,
+    glue,
+    glue_joint,
+    glue_pairs,
+    make_dichotomies,
+    neural_collapse,
+)
 from lightning_geomarkers.functional._hashing import class_priority, sample_keys
 from lightning_geomarkers.metrics import ParticipationRatio
 from lightning_geomarkers.utilities import as_generator, check_labels, check_protocol, check_seed
@@ -198,3 +205,37 @@ def test_seeds_outside_the_64_bit_range_are_refused_everywhere_with_the_fix() ->
         ):
             with pytest.raises(ValueError, match=r"64-bit integer.*% 2\*\*64"):
                 make(bad)
+
+
+@pytest.mark.parametrize("cutoff", [-1.0, 0, float("nan"), float("inf"), True, "abc"])
+def test_every_glue_entry_point_refuses_a_bad_eigen_cutoff(cutoff) -> None:
+    """glue checked eigen_cutoff (but let inf and True through); glue_pairs used whatever it got, e.g. a
+    negative cut-off changed the alignments silently and NaN gave an infinite capacity."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 12, generator=g), torch.arange(3).repeat_interleave(10)
+    for call in (
+        lambda: glue(x.reshape(3, 10, 12), n_t=5, generator=0, eigen_cutoff=cutoff),
+        lambda: glue_pairs(x, y, points_per_class=5, n_t=5, generator=0, eigen_cutoff=cutoff),
+        lambda: glue_joint(x, y, points_per_class=5, n_t=5, generator=0, eigen_cutoff=cutoff),
+    ):
+        with pytest.raises((ValueError, TypeError), match="eigen_cutoff"):
+            call()
+
+
+def test_glue_solver_and_dichotomy_arguments_are_validated() -> None:
+    """max_iter 0, negative or fractional returned an infinite capacity with only a SolverWarning; probes
+    without rows and make_dichotomies' n_t / n_manifolds failed inside torch."""
+    points = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for max_iter, error in ((0, ValueError), (-5, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="max_iter"):
+            glue(points, n_t=5, generator=0, max_iter=max_iter)
+    assert glue(points, n_t=5, generator=0, max_iter=200).converged  # a positive cap is fine
+    with pytest.raises(ValueError, match=r"`probes` must have shape .* n_t >= 1, got \(0, 10\)"):
+        glue(points, probes=torch.zeros(0, 10))
+    for args, error, name in (
+        (("random", -1, 3), ValueError, "n_t"),
+        (("random", 2.0, 3), TypeError, "n_t"),
+        (("one_vs_rest", 3, 0), ValueError, "n_manifolds"),
+    ):
+        with pytest.raises(error, match=name):
+            make_dichotomies(*args, generator=0)

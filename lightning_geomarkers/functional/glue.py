@@ -39,6 +39,7 @@ from lightning_geomarkers.utilities.checks import (
     DICHOTOMY_KINDS,
     as_manifolds,
     as_tensor,
+    check_eigen_cutoff,
     check_finite,
     check_positive_int,
 )
@@ -123,9 +124,16 @@ def make_dichotomies(
 ) -> torch.Tensor:
     """(n_t, P) float64 tensor of +-1 labels: "random" (i.i.d. signs), "balanced" (half +1, random
     sign for odd P), "one_vs_rest" (+1 on one class, cycling through a random order), or an explicit
-    (n_t, P) array of +-1 (any numeric dtype). ``generator``: CPU generator, int seed or None."""
+    (n_t, P) array of +-1 (any numeric dtype). ``generator``: CPU generator, int seed or None.
+
+    Raises:
+        ValueError / TypeError: an unknown kind, ``n_t`` or ``n_manifolds`` not a positive integer, or an
+            explicit array of the wrong shape or with values other than +-1.
+    """
+    n_manifolds = check_positive_int(n_manifolds, "n_manifolds")
     generator = as_generator(generator)
     if isinstance(kind, str):
+        n_t = check_positive_int(n_t, "n_t")
         if kind not in DICHOTOMY_KINDS:
             raise ValueError(
                 f"Unknown dichotomies={kind!r}; use one of {DICHOTOMY_KINDS} or an (n_t, P) tensor."
@@ -862,8 +870,10 @@ def _prepare_probes(
             t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64)
     else:
         t = as_tensor(probes, "probes").double().cpu()
-        if t.ndim != 2 or t.shape[1] != n_feat:
-            raise ValueError(f"`probes` must have shape (n_t, N) = (n_t, {n_feat}), got {tuple(t.shape)}.")
+        if t.ndim != 2 or t.shape[1] != n_feat or t.shape[0] == 0:
+            raise ValueError(
+                f"`probes` must have shape (n_t, N) = (n_t, {n_feat}) with n_t >= 1, got {tuple(t.shape)}."
+            )
         check_finite(t, "probes")
         n_t = t.shape[0]
     y = make_dichotomies(dichotomies, n_t, n_man, g_y)
@@ -926,8 +936,9 @@ def glue(
         True
     """
     n_t = check_positive_int(n_t, "n_t")
-    if not (isinstance(eigen_cutoff, float | int) and eigen_cutoff > 0):
-        raise ValueError(f"`eigen_cutoff` must be a positive number, got {eigen_cutoff!r}.")
+    eigen_cutoff = check_eigen_cutoff(eigen_cutoff)
+    if max_iter is not None:
+        max_iter = check_positive_int(max_iter, "max_iter")
     points, mask = as_manifolds(manifolds)
     n_man, _, n_feat = points.shape
     gen = as_generator(generator)

@@ -30,7 +30,11 @@ from lightning_geomarkers.functional.glue import (
     warn_diagnostics,
 )
 from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2_
-from lightning_geomarkers.utilities.checks import check_features_labels, check_positive_int
+from lightning_geomarkers.utilities.checks import (
+    check_eigen_cutoff,
+    check_features_labels,
+    check_positive_int,
+)
 from lightning_geomarkers.utilities.seeds import as_generator
 from lightning_geomarkers.utilities.threads import (
     SharedWork,
@@ -199,6 +203,7 @@ def _glue_pairs(
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     points_per_class = check_positive_int(points_per_class, "points_per_class", minimum=2)
     n_t = check_positive_int(n_t, "n_t")
+    eigen_cutoff = check_eigen_cutoff(eigen_cutoff)
     if max_classes is not None:
         max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
     gen = as_generator(generator)

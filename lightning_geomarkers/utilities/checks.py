@@ -7,6 +7,7 @@ rules, so two entry points never accept different inputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "as_manifolds",
     "check_positive_int",
     "check_seed",
+    "check_eigen_cutoff",
 ]
 
 
@@ -84,6 +86,16 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
     return int(value)
+
+
+def check_eigen_cutoff(value: Any) -> float:
+    """Validate GLUE's ``eigen_cutoff`` (a finite positive real number; bools rejected) and return it as
+    ``float``: zero, negative, NaN or infinite cut-offs change every pseudo-inverse silently."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`eigen_cutoff` must be a positive number, got {value!r}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`eigen_cutoff` must be a finite positive number (default 1e-9), got {value!r}.")
+    return float(value)
 
 
 def check_features(features: Any, name: str = "features") -> torch.Tensor:
