@@ -337,7 +337,10 @@ def _expand(checkpoints: Sequence[str | os.PathLike[str]]) -> list[Path]:
         )
     if not paths:
         raise CLIError("No checkpoints given; pass one or more checkpoint files (or a directory of them).")
-    return list(dict.fromkeys(paths))
+    unique: dict[Path, Path] = {}  # one entry per file, however it was spelt (relative, absolute, a link)
+    for p in paths:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _epoch_step(path: Path, prefix: str = "geometry") -> tuple[int | None, int | None, int | None]:
