@@ -585,6 +585,10 @@ def test_review_fixes_out_file_bare_state_dict_seed_warning_and_valueless_checkp
         == 1
     )
     assert "'gpu0' is not a torch device" in capsys.readouterr().err
+    link = tmp_path / "same.ckpt"  # one file under three spellings is measured once
+    link.symlink_to(paths[0])
+    respelt = paths[0].parent / ".." / paths[0].parent.name / paths[0].name
+    assert rank_module._expand([paths[0], link, respelt]) == [paths[0]]
     bare = tmp_path / "bare.pt"
     torch.save(TinyMLP().state_dict(), bare)
     assert main(["rank", bare, *base, "--out", tmp_path / "out"]) == 1
