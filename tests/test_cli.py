@@ -566,24 +566,8 @@ def test_review_fixes_out_file_bare_state_dict_seed_warning_and_valueless_checkp
     finally:
         rank_module.evaluate_model = real
     assert "cannot be used as the output directory" in capsys.readouterr().err and not measured
-    assert (
-        main(
-            [
-                "rank",
-                paths[0],
-                "--model",
-                MODEL,
-                "--data",
-                DATA,
-                "--quiet",
-                "--device",
-                "gpu0",
-                "--out",
-                tmp_path / "o",
-            ]
-        )
-        == 1
-    )
+    argv = ["rank", paths[0], "--model", MODEL, "--data", DATA, "--quiet", "--out", tmp_path / "o"]
+    assert main([*argv, "--device", "gpu0"]) == 1
     assert "'gpu0' is not a torch device" in capsys.readouterr().err
     link = tmp_path / "same.ckpt"  # one file under three spellings is measured once
     link.symlink_to(paths[0])

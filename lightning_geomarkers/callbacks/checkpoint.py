@@ -80,27 +80,23 @@ class MarkerCheckpoint(ModelCheckpoint):
         """The ``ModelCheckpoint`` key's fields (its schedule included, so two instances that differ only
         in ``every_n_epochs`` or the like can be used together, as two ``ModelCheckpoint``) and the
         floors, ceilings and ``prefer_higher`` keys."""
-        return self._generate_state_key(
-            monitor=self.monitor,
-            mode=self.mode,
-            every_n_train_steps=self._every_n_train_steps,
-            every_n_epochs=self._every_n_epochs,
-            train_time_interval=self._train_time_interval,
-            floors=self.floors,
-            ceilings=self.ceilings,
-            prefer=self.prefer_higher,
-        )
+        return self._generate_state_key(**self._key_fields(schedule=True))
 
     @property
     def _legacy_state_key(self) -> Any:  # Lightning's fallback key when loading a checkpoint
         """The key of checkpoints written before ``state_key`` held the schedule, so they still restore."""
-        return self._generate_state_key(
-            monitor=self.monitor,
-            mode=self.mode,
-            floors=self.floors,
-            ceilings=self.ceilings,
-            prefer=self.prefer_higher,
-        )
+        return self._generate_state_key(**self._key_fields(schedule=False))
+
+    def _key_fields(self, *, schedule: bool) -> dict[str, Any]:
+        """The state key's fields, in the key's order (the legacy key: without the schedule)."""
+        fields: dict[str, Any] = {"monitor": self.monitor, "mode": self.mode}
+        if schedule:
+            fields.update(
+                every_n_train_steps=self._every_n_train_steps,
+                every_n_epochs=self._every_n_epochs,
+                train_time_interval=self._train_time_interval,
+            )
+        return {**fields, "floors": self.floors, "ceilings": self.ceilings, "prefer": self.prefer_higher}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
