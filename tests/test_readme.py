@@ -80,6 +80,15 @@ def test_readme_example_runs_verbatim(tmp_path):
     first = next((i for i in range(1, 5) if below[i] and below[i - 1]), None)
     assert first is not None, dims
     assert report["alerts"] and report["alerts"][0]["epoch"] == first
+    # The output the README shows is this code's (to the noise of other hardware: the block was stale
+    # once, after a change of how GLUE draws its probes, 3.92 shown where 4.00 was printed).
+    shown = re.search(r"It prints one line per epoch.*?```text\n(.*?)```", README.read_text(), re.S)
+    assert shown, "README lost its example output block"
+    rows = re.findall(r"^epoch (\d): D_eff (\S+), Psi_eff (\S+)$", shown.group(1), re.M)
+    assert [int(e) for e, _, _ in rows] == [h["epoch"] for h in history]
+    for (_, d_eff, psi), h in zip(rows, history, strict=True):
+        assert float(d_eff) == pytest.approx(h["glue_dimension"], abs=0.02)
+        assert float(psi) == pytest.approx(h["glue_utility"], abs=0.003)
 
 
 def test_ci_runs_exactly_the_readme_commands():
