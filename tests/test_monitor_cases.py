@@ -815,3 +815,19 @@ def test_a_key_the_module_also_logs_in_on_validation_epoch_end_is_reported(tmp_p
     assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
         (mine + 100.0) / 2, rel=1e-5
     )
+
+
+def test_a_callable_action_named_stop_does_not_stop_training(tmp_path):
+    """Whether to stop was read from the fired events' action labels, which for a callable is its
+    __name__: a notification hook named `stop` stopped the run once another alert had action="stop"."""
+    calls = []
+
+    def stop(event):  # a user's hook that happens to be named "stop"
+        calls.append(event.epoch)
+
+    alerts = [
+        MarkerAlert("participation_ratio", threshold=1000.0, mode="max", action=stop),  # fires at epoch 0
+        MarkerAlert("participation_ratio", threshold=-1.0, mode="max", action="stop"),  # never fires
+    ]
+    tr, _ = fit(tmp_path, [GeometryMonitor(alerts=alerts, **CHEAP)], max_epochs=3)
+    assert calls == [0] and tr.current_epoch == 3  # it fired (once: alerts re-arm on recovery); no stop

@@ -47,6 +47,11 @@ Layers = str | nn.Module | Sequence[str | nn.Module] | None
 _SIGN = {True: "higher", False: "lower", None: "sign varies"}
 
 
+def _stops(alert: MarkerAlert) -> bool:
+    """Whether the alert's action is the built-in ``"stop"`` (not a callable, whatever its name)."""
+    return isinstance(alert.action, str) and alert.action == "stop"
+
+
 class GeometryMonitor(L.Callback):
     """Compute geometry markers of the penultimate layer's class manifolds at validation time.
 
@@ -747,7 +752,7 @@ class GeometryMonitor(L.Callback):
             hook.enabled = False
         distributed = self._distributed(trainer)
         epoch, step = trainer.current_epoch, self._log_step(trainer)
-        fired: list[AlertEvent] = []
+        fired: list[tuple[MarkerAlert, AlertEvent]] = []
         computed_any = False
         fresh: set[str] = set()
         alert_flags: dict[str, float] = {}
@@ -781,8 +786,9 @@ class GeometryMonitor(L.Callback):
         self._no_fresh_values(trainer, fresh)
         if computed_any:
             self.last_computed_step = trainer.global_step
-        if any(a.action == "stop" for a in self.alerts):
-            stop = any(e.action == "stop" for e in fired)
+        if any(_stops(a) for a in self.alerts):
+            # Decided by the alerts themselves: a callable action whose name is "stop" does not stop.
+            stop = any(_stops(alert) for alert, _ in fired)
             if trainer.strategy.reduce_boolean_decision(stop, all=False):
                 trainer.should_stop = True
                 rank_zero_info(f"GeometryMonitor: stopping training at epoch {epoch} on a geometry alert.")
@@ -1038,7 +1044,8 @@ class GeometryMonitor(L.Callback):
         epoch: int,
         step: int,
         flags: dict[str, float],
-    ) -> list[AlertEvent]:
+    ) -> list[tuple[MarkerAlert, AlertEvent]]:
+        """Update the layer's alerts with this evaluation's values; act on and return the ones that fired."""
         fired = []
         for alert, (a_layer, marker) in zip(self.alerts, self._alert_targets, strict=True):
             if a_layer != layer or marker not in values:
@@ -1055,7 +1062,7 @@ class GeometryMonitor(L.Callback):
             flags[key] = max(flags.get(key, 0.0), float(event is not None))
             if event is None:
                 continue
-            fired.append(event)
+            fired.append((alert, event))
             self.alert_history.append(event.to_dict())
             if callable(alert.action):
                 try:
