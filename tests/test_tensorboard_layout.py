@@ -16,10 +16,10 @@ WATCHED += ["participation_ratio", "numerical_rank", "nc1"]
 SMALL = dict(markers=WATCHED, n_t=20, n_pairs=4, samples_per_class=20, lid_k=5)
 
 
-def _fit(tmp_path, monitor: GeometryMonitor):
+def _fit(tmp_path, monitor: GeometryMonitor | list[GeometryMonitor]):
     L.seed_everything(0, verbose=False)
     x, y = gaussian_classes(per_class=20)
-    tr = trainer(tmp_path, [monitor], max_epochs=2)
+    tr = trainer(tmp_path, monitor if isinstance(monitor, list) else [monitor], max_epochs=2)
     tr.fit(TinyMLP(), *loaders(x, y))
     return read_events(tr.logger.log_dir)
 
@@ -62,3 +62,26 @@ def test_no_layout_or_text_without_custom_scalars(tmp_path):
     assert acc.Tags()["tensors"] == []
     assert acc.Tags()["histograms"] == []
     assert "geometry/glue_dimension" in acc.Tags()["scalars"]
+
+
+def test_two_monitors_on_one_logger_share_one_layout_and_extras_follow_the_scalar_keys(tmp_path):
+    """TensorBoard shows the last custom-scalars layout of a run: each monitor wrote its own, so the
+    second hid the first's charts. With several layers the spectrum's tag used the raw layer name
+    ('fc:input') where the scalars use 'fc_input', so they landed in different sections."""
+    head = GeometryMonitor(layers="fc:input", prefix="head", **SMALL)
+    both = GeometryMonitor(layers=["fc:input", "body.1"], prefix="both", log_class_heatmap=False, **SMALL)
+    acc = _fit(tmp_path, [head, both])
+    configs = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(configs[-1].tensor_proto.string_val[0])  # the one TensorBoard shows
+    categories = [c.title for c in layout.category]
+    assert {"head: GLUE", "both fc_input: GLUE", "both body.1: GLUE"} <= set(categories), categories
+    tags = {t for c in layout.category for chart in c.chart for t in chart.multiline.tag}
+    assert {"head/glue_dimension", "both/fc_input/glue_dimension"} <= tags
+    histograms = set(acc.Tags()["histograms"])
+    assert {
+        "head/feature_spectrum",
+        "both/fc_input/feature_spectrum",
+        "both/body.1/feature_spectrum",
+    } <= histograms
+    assert "both/fc_input/glue_dimension" in acc.Tags()["scalars"]

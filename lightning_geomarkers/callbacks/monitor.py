@@ -47,6 +47,10 @@ Layers = str | nn.Module | Sequence[str | nn.Module] | None
 _SIGN = {True: "higher", False: "lower", None: "sign varies"}
 
 
+#: Attribute of a TensorBoard writer holding each monitor's custom-scalars layout (by prefix), merged.
+_LAYOUTS_ATTR = "_lightning_geomarkers_layouts"
+
+
 def _stops(alert: MarkerAlert) -> bool:
     """Whether the alert's action is the built-in ``"stop"`` (not a callable, whatever its name)."""
     return isinstance(alert.action, str) and alert.action == "stop"
@@ -1113,12 +1117,10 @@ class GeometryMonitor(L.Callback):
         step = self._log_step(trainer)
         single = len(self._hooks) == 1
         if self.log_spectrum and spectrum is not None:  # the markers' own decomposition, shared
-            tag = f"{self.prefix}/feature_spectrum" if single else f"{self.prefix}/{layer}/feature_spectrum"
+            tag = self._key(layer, "feature_spectrum", single=single)  # the scalars' section
             guarded("feature spectrum", lambda: writer.add_histogram(tag, spectrum.cpu(), step))
         if self.log_class_heatmap and view is not None:
-            heat = (
-                f"{self.prefix}/pairwise_capacity" if single else f"{self.prefix}/{layer}/pairwise_capacity"
-            )
+            heat = self._key(layer, "pairwise_capacity", single=single)
             guarded("pairwise-capacity heat map", lambda: write_class_heatmap(writer, heat, view, step))
         if self.custom_scalars and not self._layout_written:
             guarded("custom-scalars layout", lambda: self._write_layout(writer, step))
@@ -1131,7 +1133,16 @@ class GeometryMonitor(L.Callback):
             )
 
     def _write_layout(self, writer: Any, step: int) -> None:
-        writer.add_custom_scalars(self._layout())
+        # TensorBoard shows one custom-scalars layout per run, the last written: every monitor writing to
+        # this writer adds its categories to one merged layout kept on the writer, so none hides another's.
+        layouts = getattr(writer, _LAYOUTS_ATTR, None)
+        if not isinstance(layouts, dict):
+            layouts = {}
+            setattr(writer, _LAYOUTS_ATTR, layouts)
+        layouts[self.prefix] = self._layout()
+        writer.add_custom_scalars(
+            {category: charts for layout in layouts.values() for category, charts in layout.items()}
+        )
         # What each marker measures, readable in TensorBoard's Text tab next to the charts.
         rows = [
             f"| `{self._key(layer, m)}` | {MARKERS[m].description} | {_SIGN[MARKERS[m].higher_is_better]} |"
@@ -1157,7 +1168,7 @@ class GeometryMonitor(L.Callback):
         alignments = [m for m in self.markers if m in GLUE_MARKER_NAMES and "alignment" in m]
         layout: dict[str, dict[str, list[Any]]] = {}
         for layer in self._hooks:
-            head = f"{self.prefix} {layer}" if len(self._hooks) > 1 else self.prefix
+            head = f"{self.prefix} {metric_name(layer)}" if len(self._hooks) > 1 else self.prefix
             for group, names in groups.items():
                 if names:
                     layout[f"{head}: {group}"] = {
