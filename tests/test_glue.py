@@ -562,3 +562,26 @@ def test_make_dichotomies_accepts_an_int_seed():
     a = make_dichotomies("random", 20, 4, 7)
     b = make_dichotomies("random", 20, 4, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
+
+
+def test_the_scipy_reference_follows_the_documented_edge_conventions():
+    """The reference the solver is tested against follows docs/markers.md 3.7, 4.3 and 4.4 by itself (no
+    code shared): point manifolds and axis parts below the cut-off give D = R = Psi = 0 and NaN axis
+    alignments at any scale (it gave radius NaN and round-off alignments, e.g. 0.21 at scale 1e4),
+    and Psi = 0 when E[a] = 0 (it gave NaN)."""
+    rng = np.random.default_rng(0)
+    n_man, n_feat, n_t = 3, 20, 50
+    t = rng.standard_normal((n_t, n_feat))
+    y = rng.choice([-1.0, 1.0], size=(n_t, n_man))
+    points = rng.standard_normal((n_man, 1, n_feat))
+    centers = rng.standard_normal((n_man, n_feat))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    step = 1e-6 * rng.standard_normal((n_man, n_feat))  # squared extent ~2e-11, below the 1e-9 cut-off
+    tiny_segments = [np.stack([c + u, c - u]) for c, u in zip(centers, step, strict=True)]
+    for mans in (list(points), list(1e4 * points), tiny_segments):
+        ref = reference_glue(mans, t, y)
+        assert (ref["dimension"], ref["radius"], ref["utility"]) == (0.0, 0.0, 0.0)
+        assert math.isnan(ref["axis_alignment"]) and math.isnan(ref["center_axis_alignment"])
+        assert 0 <= ref["center_alignment"] <= 1 and ref["capacity"] > 0
+    ref = reference_glue(list(points), np.zeros((5, n_feat)), y[:5])
+    assert ref["utility"] == 0.0 and ref["capacity"] == math.inf

@@ -7,6 +7,8 @@ benchmark times.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.optimize import nnls
 
@@ -18,11 +20,21 @@ def _pinv_quad(gram: np.ndarray, vec: np.ndarray, cutoff: float) -> float:
     return float(np.sum(proj[keep] ** 2 / evals[keep]))
 
 
-def _abs_cos(u: np.ndarray, v: np.ndarray) -> float | None:
-    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
-    if nu < 1e-12 or nv < 1e-12:
+def _kept_part(gram: np.ndarray, vec: np.ndarray, cutoff: float) -> np.ndarray:
+    """``vec`` projected on the eigen-directions of ``gram`` above the cut-off (docs/markers.md 4.3: c
+    sees only the axis directions that b keeps)."""
+    evals, evecs = np.linalg.eigh(gram)
+    kept = evecs[:, evals > cutoff]
+    return kept @ (kept.T @ vec)
+
+
+def _abs_cos(u: np.ndarray, v: np.ndarray, cutoff: float) -> float | None:
+    """|cos(u, v)|, or None where a vector's squared norm is at or below the cut-off (no direction,
+    docs/markers.md 3.7)."""
+    uu, vv = float(u @ u), float(v @ v)
+    if uu <= cutoff or vv <= cutoff:
         return None
-    return abs(float(u @ v)) / float(nu * nv)
+    return abs(float(u @ v)) / math.sqrt(uu * vv)
 
 
 def reference_glue(
@@ -80,27 +92,28 @@ def reference_glue(
         t = probes[k]
         a[k] = _pinv_quad(s @ s.T, s @ t, cutoff)
         b[k] = _pinv_quad(s1 @ s1.T, s1 @ t, cutoff)
-        c[k] = _pinv_quad(s0 @ s0.T + s1 @ s1.T, s1 @ t, cutoff)
+        c[k] = _pinv_quad(s0 @ s0.T + s1 @ s1.T, _kept_part(s1 @ s1.T, s1 @ t, cutoff), cutoff)
 
     ea, eb, ec = a.mean(), b.mean(), c.mean()
     out = {
         "capacity": n_man / ea,
         "dimension": eb / n_man,
-        "radius": float(np.sqrt(ec / (eb - ec))) if ec > 0 else 0.0,
-        "utility": ec / ea,
+        # docs/markers.md 4.4: R = 0 when E[c] = 0, infinite when E[c] > 0 = E[b - c]; Psi = 0 when E[a] = 0
+        "radius": (math.sqrt(ec / (eb - ec)) if eb > ec else math.inf) if ec > 0 else 0.0,
+        "utility": ec / ea if ea > 0 else 0.0,
     }
     pairs = [(m, n) for m in range(n_man) for n in range(n_man) if m != n]
-    cen = [_abs_cos(centers[m], centers[n]) for m, n in pairs]
+    cen = [_abs_cos(centers[m], centers[n], cutoff) for m, n in pairs]
     out["center_alignment"] = float(np.mean([x for x in cen if x is not None]))
     axis_means, ca_means = [], []
     for m, n in pairs:
         ax, ca = [], []
         for k in range(n_t):
             if active[k, m] and active[k, n]:
-                v = _abs_cos(anchors[k, m] - centers[m], anchors[k, n] - centers[n])
+                v = _abs_cos(anchors[k, m] - centers[m], anchors[k, n] - centers[n], cutoff)
                 if v is not None:
                     ax.append(v)
-                v = _abs_cos(centers[m], anchors[k, n] - centers[n])
+                v = _abs_cos(centers[m], anchors[k, n] - centers[n], cutoff)
                 if v is not None:
                     ca.append(v)
         if ax:
