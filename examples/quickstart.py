@@ -4,7 +4,7 @@
 markers at the end of every validation epoch and logs them as ``geometry/<marker>``; a ``ModelCheckpoint``
 keeps the epoch with the highest GLUE effective dimension ``geometry/glue_dimension``.
 
-    python examples/quickstart.py                  # 15 epochs, ~20-40 s on 2 CPU cores
+    python examples/quickstart.py                  # 15 epochs, 10 s on an idle 2-core CPU, more when busy
     python examples/quickstart.py --fast           # 2 epochs, reduced GLUE settings (a smoke test)
     tensorboard --logdir runs/quickstart           # printed at the end, with the exact directory
 
