@@ -741,7 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         main(["rank", "ckpt/a.ckpt", "ckpt/b.ckpt", "--model", "pkg.models:Net", "--data", "pkg.data:val"])
     """
     parser = build_parser()
-    args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    try:
+        args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2): return it instead
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
