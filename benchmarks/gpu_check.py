@@ -8,15 +8,17 @@ On a machine with CUDA it runs, on the CPU and on the GPU with the same inputs a
       with the monitor's defaults (pairs protocol, n_pairs=100, n_t=100, points_per_class=50,
       max_classes=100, projection_dim=1000, generator=0)
 
-and checks every marker agrees to 1e-6 relative (probes and dichotomies are drawn on the CPU in both
-runs, so the inputs are identical). It prints the times (GPU after one warm-up run) and exits 1 if a
-check fails. Without CUDA it prints "no CUDA device: nothing measured" and exits 0.
+and checks every marker agrees to 1e-6 relative, with the same markers on both sides (probes and
+dichotomies are drawn on the CPU in both runs, so the inputs are identical). The inputs are built once,
+before any timing; each side is timed as the best of ``--repeats`` runs after one warm-up run (the
+device copy of the inputs included). It prints the machine line, the times, and exits 1 if a check
+fails. Without CUDA it prints "no CUDA device: nothing measured" and exits 0.
 
 ``--self-test`` runs the same script with the CPU in the place of the GPU (no GPU needed): every case
 twice on the CPU, compared the same way. The test suite runs it, so the script is known to work before
 a GPU's limited time is spent on it.
 
-Usage: python benchmarks/gpu_check.py [--markers all|glue] [--skip-monitor] [--self-test]
+Usage: python benchmarks/gpu_check.py [--markers all|glue] [--skip-monitor] [--self-test] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 import numpy as np
 import torch
 from bench_glue import class_features, pairs_engine, pairs_inputs  # noqa: E402  (this folder is on sys.path when run as a script)
+from machine import machine_line
 
 from lightning_geomarkers.functional import GLUE_MARKERS, geometry_markers, glue
 
@@ -46,46 +49,74 @@ def timed(fn, device: str):
 
 
 def compare(name: str, cpu: dict[str, float], gpu: dict[str, float]) -> bool:
-    worst, worst_key = 0.0, ""
+    """Every value of ``cpu`` has one in ``gpu`` within ``RTOL`` (relative), with the same key set; NaN
+    only where the CPU has NaN. Fails on a missing or extra key, a non-finite mismatch, or nothing to
+    compare."""
+    worst, worst_key, failed = 0.0, "", []
+    if not cpu:
+        failed.append("no values to compare")
+    missing, extra = sorted(set(cpu) - set(gpu)), sorted(set(gpu) - set(cpu))
+    if missing or extra:
+        failed.append(f"keys missing {missing[:3]} / extra {extra[:3]}")
     for key, ref in cpu.items():
-        got = gpu.get(key, math.nan)
-        if math.isnan(ref) and math.isnan(got):
+        if key not in gpu:
+            continue
+        got = gpu[key]
+        if math.isnan(ref) or math.isnan(got) or math.isinf(ref) or math.isinf(got):
+            if not (ref == got or (math.isnan(ref) and math.isnan(got))):
+                failed.append(f"{key}: {got} against {ref}")
             continue
         err = abs(got - ref) / max(abs(ref), 1e-12)
-        if not err <= worst:  # also catches NaN
+        if err > worst:
             worst, worst_key = err, key
-    ok = worst <= RTOL
+    if worst > RTOL:
+        failed.append(f"{worst_key}: relative difference {worst:.2e} > {RTOL:g}")
     print(
-        f"  {name}: largest relative difference {worst:.2e} ({worst_key or '-'}): {'OK' if ok else 'FAILED'}"
+        f"  {name}: {len(cpu)} values, largest relative difference {worst:.2e} ({worst_key or '-'}): "
+        + ("OK" if not failed else "FAILED: " + "; ".join(failed))
     )
-    return ok
+    return not failed
 
 
-def case_joint(device: str) -> dict[str, float]:
+def inputs_joint() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(0)
     mans = class_features(rng, 10, 50, 512)
     t = torch.from_numpy(rng.standard_normal((200, 512)))
     y = torch.from_numpy(rng.choice([-1.0, 1.0], size=(200, 10)))
-    x = torch.from_numpy(mans).to(device)
-    res = glue(x, probes=t.to(device), dichotomies=y.to(device))
+    return torch.from_numpy(mans), t, y
+
+
+def case_joint(inputs, device: str) -> dict[str, float]:
+    x, t, y = (v.to(device) for v in inputs)
+    res = glue(x, probes=t, dichotomies=y, num_threads=None)  # the process's threads, as printed
     return {k: float(getattr(res, k)) for k in GLUE_MARKERS}
 
 
-def case_pairs(device: str) -> dict[str, float]:
+def inputs_pairs():
     rng = np.random.default_rng(1)
-    pairs, _, _, points, mask, probes, dich = pairs_inputs(class_features(rng, 10, 50, 512), rng, 200, device)
+    pairs, _, _, points, mask, probes, dich = pairs_inputs(class_features(rng, 10, 50, 512), rng, 200, "cpu")
+    return len(pairs), points, mask, probes, dich
+
+
+def case_pairs(inputs, device: str) -> dict[str, float]:
+    n_pairs, *tensors = inputs
+    points, mask, probes, dich = (v.to(device) for v in tensors)
     out = pairs_engine(points, mask, probes, dich)
-    return {f"{k}[{i}]": float(out[k][i]) for k in GLUE_MARKERS for i in range(len(pairs))}
+    return {f"{k}[{i}]": float(out[k][i]) for k in GLUE_MARKERS for i in range(n_pairs)}
 
 
-def case_monitor(device: str, markers: str) -> dict[str, float]:
+def inputs_monitor() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(1000).repeat_interleave(50)
     feats = torch.randn(1000, 2048, generator=gen)[labels] + torch.randn(50_000, 2048, generator=gen)
-    feats = feats.relu()
+    return feats.relu(), labels
+
+
+def case_monitor(inputs, device: str, markers: str) -> dict[str, float]:
+    feats, labels = (v.to(device) for v in inputs)
     report = geometry_markers(
-        feats.to(device),
-        labels.to(device),
+        feats,
+        labels,
         markers=markers,
         glue_protocol="pairs",
         n_pairs=100,
@@ -102,6 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markers", default="all", help="markers of the monitor case: all or glue")
     parser.add_argument("--skip-monitor", action="store_true", help="only the two GLUE bench cases")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (the best is printed)")
     parser.add_argument(
         "--self-test", action="store_true", help="the CPU in the place of the GPU: checks the script itself"
     )
@@ -111,26 +143,44 @@ def main() -> int:
         print("no CUDA device: nothing measured")
         return 0
     device_name = "CPU (self-test)" if args.self_test else torch.cuda.get_device_name(0)
-    print(f"device: {device_name}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    print(machine_line(other))
+    print(
+        f"device: {device_name}, torch {torch.__version__}, CPU threads {torch.get_num_threads()} (every case "
+        "runs with the process's threads); inputs built before the timing and moved to the device inside it"
+    )
     cases = [
-        ("(a) joint P=10 M=50 N=512 n_t=200", case_joint),
-        ("(b) 45 pairs M=50 N=512 n_t=200", case_pairs),
+        ("(a) joint P=10 M=50 N=512 n_t=200", inputs_joint, case_joint),
+        ("(b) 45 pairs M=50 N=512 n_t=200", inputs_pairs, case_pairs),
     ]
     if not args.skip_monitor:
         cases.append(
             (
                 f"(c) 1000 classes x 50 x 2048, monitor defaults, markers={args.markers}",
-                lambda d: case_monitor(d, args.markers),
+                inputs_monitor,
+                lambda inputs, d: case_monitor(inputs, d, args.markers),
             )
         )
     ok = True
-    for name, fn in cases:
-        cpu_s, cpu = timed(lambda fn=fn: fn("cpu"), "cpu")
-        fn(other)  # warm-up: CUDA context, kernels, allocator
-        gpu_s, gpu = timed(lambda fn=fn: fn(other), other)
+    for name, make, fn in cases:
+        inputs = make()
+        times = {}
+        results = {}
+        for device in ("cpu", other):
+            fn(inputs, device)  # warm-up on both sides: CUDA context and kernels, caches, allocator
+            times[device], results[device] = min(
+                (
+                    timed(lambda fn=fn, inputs=inputs, device=device: fn(inputs, device), device)
+                    for _ in range(args.repeats)
+                ),
+                key=lambda r: r[0],
+            )
         label = "CPU again" if args.self_test else "CUDA"
-        print(f"{name}: CPU {cpu_s * 1e3:.1f} ms, {label} {gpu_s * 1e3:.1f} ms ({cpu_s / gpu_s:.1f}x)")
-        ok &= compare(name, cpu, gpu)
+        cpu_s, gpu_s = times["cpu"], times[other]
+        print(
+            f"{name}: CPU {cpu_s * 1e3:.1f} ms, {label} {gpu_s * 1e3:.1f} ms ({cpu_s / gpu_s:.1f}x; best of "
+            f"{args.repeats} after a warm-up, each side)"
+        )
+        ok &= compare(name, results["cpu"], results[other])
     label = "CPU self-test" if args.self_test else "CUDA"
     print(f"all {label} results equal the CPU results" if ok else f"MISMATCH between {label} and CPU results")
     return 0 if ok else 1

@@ -23,6 +23,14 @@ def test_gpu_check_compare_flags_differences_and_nan(monkeypatch):
     assert not gpu_check.compare("off", {"a": 1.0}, {"a": 1.0 + 1e-5})  # above the 1e-6 tolerance
     assert not gpu_check.compare("nan", {"a": 1.0}, {"a": math.nan})  # NaN where the CPU has a value
     assert not gpu_check.compare("missing", {"a": 1.0}, {})  # a marker the GPU run did not return
+    # A NaN, infinite or missing value is not forgotten when a later key has a finite error (it was:
+    # the worst error was replaced by the next finite one), nor are extra keys or an empty comparison.
+    assert not gpu_check.compare("nan first", {"a": 1.0, "b": 2.0}, {"a": math.nan, "b": 2.0})
+    assert not gpu_check.compare("inf first", {"r": 5.0, "b": 2.0}, {"r": math.inf, "b": 2.0})
+    assert not gpu_check.compare("missing first", {"a": 1.0, "b": 2.0}, {"b": 2.0})
+    assert not gpu_check.compare("extra", {"a": 1.0}, {"a": 1.0, "b": 2.0})
+    assert not gpu_check.compare("empty", {}, {})
+    assert gpu_check.compare("inf both", {"r": math.inf, "b": 2.0}, {"r": math.inf, "b": 2.0})
 
 
 @pytest.mark.slow
@@ -37,7 +45,8 @@ def test_gpu_check_self_test_runs_the_glue_cases():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("device: CPU (self-test)")
+    assert lines[0].startswith("machine: ") and "load average" in lines[0]
+    assert lines[1].startswith("device: CPU (self-test)")
     assert sum(line.strip().endswith(": OK") for line in lines) == 2  # cases (a) and (b)
     assert lines[-1] == "all CPU self-test results equal the CPU results"
 
