@@ -340,7 +340,8 @@ def main() -> None:
             f"workers {workers}: overhead {100 * (mon / base - 1):+.1f}% wall time (median of {args.repeats} "
             f"runs); monitor time per validation epoch: median {statistics.median(monitor_s[workers]):.3f} s, "
             f"max {max(monitor_s[workers]):.3f} s over {len(monitor_s[workers])} epochs (10-class head; "
-            f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f})"
+            f"training at {torch.get_num_threads()} torch threads, the monitor at its default num_threads=1 "
+            f"per worker; load {os.getloadavg()[0]:.2f})"
         )
 
 
