@@ -68,7 +68,14 @@ class ExampleParser(argparse.ArgumentParser):
     ``epochs`` from ``fast_epochs`` or ``full_epochs`` when ``--epochs`` is not given.
     """
 
-    def __init__(self, description: str, log_dir: str, full_epochs: int, fast_epochs: int) -> None:
+    def __init__(
+        self,
+        description: str,
+        log_dir: str,
+        full_epochs: int,
+        fast_epochs: int,
+        seed_help: str = "seeds data split, model and markers",
+    ) -> None:
         super().__init__(description=description)
         self.full_epochs, self.fast_epochs = full_epochs, fast_epochs
         self.add_argument(
@@ -81,9 +88,7 @@ class ExampleParser(argparse.ArgumentParser):
             default=None,
             help=f"epochs (default: {full_epochs}, or {fast_epochs} with --fast)",
         )
-        self.add_argument(
-            "--seed", type=int, default=0, help="seeds data split, model and markers (default: 0)"
-        )
+        self.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
 
     def parse_args(self, argv: Sequence[Any] | None = None) -> argparse.Namespace:  # type: ignore[override]
         args = super().parse_args(

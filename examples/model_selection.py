@@ -102,22 +102,28 @@ def train_variants(names: Sequence[str], epochs: int, out: Path, seed: int) -> l
     train_loader, val_loader = digits_loaders(
         batch_size=64, val_fraction=0.3, seed=DATA_SEED, classes=ID_CLASSES
     )
-    every = max(1, epochs // 2)
+    keep = {max(0, epochs // 2 - 1), epochs - 1}  # the middle and the last epoch (0-based)
     ckpt_dir = out / "checkpoints"
     saved: list[tuple[str, Path]] = []
     for name in names:
         for stale in ckpt_dir.glob(f"{name}-epoch=*.ckpt"):  # this script's own files from an earlier run
             stale.unlink()
         L.seed_everything(seed, workers=True, verbose=False)
+        # Every variant sees the same batch order: the loader's generator is reseeded for each (it would
+        # otherwise carry on from the variants trained before, so a variant's model depended on them).
+        train_loader.generator.manual_seed(DATA_SEED)
         model = DigitsCNN(num_classes=len(ID_CLASSES), **VARIANTS[name])
         ckpt = ModelCheckpoint(
-            dirpath=ckpt_dir, filename=f"{name}-{{epoch}}", save_top_k=-1, every_n_epochs=every
+            dirpath=ckpt_dir, filename=f"{name}-{{epoch}}", save_top_k=-1, every_n_epochs=1
         )
         trainer = make_trainer(epochs, [ckpt], logger=False, enable_checkpointing=True)
         with cpu_threads(1):
             trainer.fit(model, train_loader, val_loader)
         for path in sorted(ckpt_dir.glob(f"{name}-epoch=*.ckpt"), key=_epoch_of):
-            saved.append((name, path))
+            if _epoch_of(path) in keep:
+                saved.append((name, path))
+            else:
+                path.unlink()
     return saved
 
 
@@ -216,7 +222,13 @@ def format_table(rows: Sequence[dict[str, Any]], marks: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = ExampleParser(__doc__.splitlines()[0], "runs/model_selection", 8, 2)
+    parser = ExampleParser(
+        __doc__.splitlines()[0],
+        "runs/model_selection",
+        8,
+        2,
+        seed_help="seeds the models and the markers (the data split and the batch order are fixed)",
+    )
     args = parser.parse_args(argv)
     _quiet_lightning()
     out = Path(args.log_dir)

@@ -40,3 +40,22 @@ def test_model_selection_fast(tmp_path, monkeypatch, capsys):
     assert f"rule's choice:   {out['choice']}" in printed
     hits, pairs = out["rule_agreement"]
     assert 0 <= hits <= pairs
+
+
+def test_a_variant_trains_the_same_whatever_trained_before_it_and_the_last_epoch_is_kept(
+    tmp_path, monkeypatch
+):
+    """The train loader's shuffle generator carried on from the variants trained before, so a variant's
+    model depended on the run order; and with an odd number of epochs the last epoch was not saved."""
+    import torch
+
+    example = load_example("model_selection", monkeypatch)
+    alone = example.train_variants(["w16"], 3, tmp_path / "alone", seed=0)
+    after = example.train_variants(["w8", "w16"], 3, tmp_path / "after", seed=0)
+    assert [p.name for _, p in alone] == ["w16-epoch=0.ckpt", "w16-epoch=2.ckpt"]  # middle and last of 3
+    w16_after = [p for name, p in after if name == "w16"]
+    assert [p.name for p in w16_after] == [p.name for _, p in alone]
+    for (_, a), b in zip(alone, w16_after, strict=True):
+        sa = torch.load(a, map_location="cpu", weights_only=False)["state_dict"]
+        sb = torch.load(b, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
