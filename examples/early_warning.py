@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"Kept checkpoint (max geometry/{MARKER} = {float(checkpoint.best_model_score):.3f}) is from epoch "
-        f"{best_epoch}, before the degradation at epoch {degrade_epoch}: {checkpoint.best_model_path}"
+        f"{best_epoch}, {'before' if best_epoch is not None and best_epoch < degrade_epoch else 'NOT before'} "
+        f"the degradation at epoch {degrade_epoch}: {checkpoint.best_model_path}"
     )
     print(f"    tensorboard --logdir {log_dir}")
     return {
