@@ -6,7 +6,7 @@ import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -241,9 +241,9 @@ class GeometryMonitor(L.Callback):
         self._run_warnings: set[str] = set()
         self._layout_written = False
         self._deferred: str | None = None  # the setup stage whose layer resolution waits for the model
-        self._logged_now: dict[
-            str, float
-        ] = {}  # marker values logged at this validation (checked at its end)
+        self._deferred_module: nn.Module | None = None  # the module it waits for (for state_key meanwhile)
+        # Marker values logged at this validation (compared with what Lightning reports at its end).
+        self._logged_now: dict[str, float] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -251,8 +251,14 @@ class GeometryMonitor(L.Callback):
         """Identifies this monitor's state in a checkpoint: its prefix and the *resolved* layers once set
         up (``layers=None`` and ``layers="fc:input"`` watching the same input share one key), the
         ``layers`` argument before."""
-        if self._layer_ids:
-            return self._generate_state_key(prefix=self.prefix, layers=sorted(self._layer_ids.values()))
+        ids = self._layer_ids
+        if not ids and self._deferred_module is not None:  # resolution waits for configure_model()
+            try:  # Lightning compares keys when restoring, before on_load_checkpoint: the layers exist then
+                ids = self._layer_id_map(self._deferred_module)
+            except Exception:
+                ids = {}
+        if ids:
+            return self._generate_state_key(prefix=self.prefix, layers=sorted(ids.values()))
         return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
 
     @property
@@ -360,7 +366,7 @@ class GeometryMonitor(L.Callback):
             return
         if stage == "fit":
             self._reset_run_state()
-        self._deferred = None
+        self._deferred, self._deferred_module, self._layer_ids = None, None, {}
         try:
             self._attach(trainer, pl_module, stage)
         except Exception:
@@ -368,24 +374,37 @@ class GeometryMonitor(L.Callback):
                 raise
             # The module builds its layers in configure_model() or setup(), which Lightning runs after the
             # callbacks' setup: resolve them at the first hook after that (see _attach_deferred).
-            self._deferred = stage
+            self._deferred, self._deferred_module = stage, pl_module
 
     def _attach_deferred(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the layers of a module that builds them in ``configure_model()`` / ``setup()``, at the
         first hook after those (restoring a checkpoint, ``on_fit_start``, ``on_validation_start``); a layer
         that still does not exist raises now, with the same message as at setup."""
         if self._deferred is not None:
-            stage, self._deferred = self._deferred, None
+            stage, self._deferred, self._deferred_module = self._deferred, None, None
             self._attach(trainer, pl_module, stage)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # Lightning reads state_key right after this hook: the layers must be resolved by then.
+        # Lightning reads state_key again right after this hook to restore the state.
         self._attach_deferred(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._attach_deferred(trainer, pl_module)
+
+    def _layer_id_map(
+        self, model: nn.Module, resolved: Mapping[str, tuple[nn.Module, str]] | None = None
+    ) -> dict[str, str]:
+        """Display name -> ``"<module name>:<input|output>"`` of the watched layers (the resolved identity
+        behind :attr:`state_key`)."""
+        layers = resolve_layers(model, self.layers) if resolved is None else resolved
+        names_by_id: dict[int, str] = {}
+        for n, m in model.named_modules():
+            names_by_id.setdefault(id(m), n)
+        return {
+            name: f"{names_by_id.get(id(module), name)}:{where}" for name, (module, where) in layers.items()
+        }
 
     def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve the layers, register the hooks and check the set-up (the work of :meth:`setup`)."""
@@ -395,13 +414,10 @@ class GeometryMonitor(L.Callback):
         if self.layers is None:
             self._head_name, head = find_classifier_head(pl_module)
             self._num_classes = head.out_features
-        names_by_id: dict[int, str] = {}
-        for n, m in pl_module.named_modules():
-            names_by_id.setdefault(id(m), n)
         for name, (module, where) in resolved.items():
             self._hooks[name] = FeatureHook(module, where, self.pooling, name=name, strict=self.strict)
             self._samplers[name] = self._new_sampler()
-            self._layer_ids[name] = f"{names_by_id.get(id(module), name)}:{where}"
+        self._layer_ids = self._layer_id_map(pl_module, resolved)
         try:
             self._alert_targets = [self._alert_target(a) for a in self.alerts]
             self._check_callbacks(trainer, pl_module)
