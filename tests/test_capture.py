@@ -428,3 +428,62 @@ def test_batch_inputs() -> None:
     assert batch_inputs({"label": y}) is None
     assert batch_inputs(("text", y)) is None
     assert batch_inputs(object()) is None
+
+
+def test_sequence_first_and_channels_last_activations_are_pooled_per_sample() -> None:
+    """torch's recurrent and attention modules default to (L, B, D): their output was pooled over the
+    batch ('mean') or took every token of sample 0 ('cls'), silently when L == B. A channels-last
+    (B, H, W, C) activation of nn.LayerNorm / nn.Linear was averaged over W and C."""
+    torch.manual_seed(0)
+    seq = torch.randn(8, 8, 6)  # L = B = 8: the row count cannot reveal the mix-up
+    lstm = nn.LSTM(6, 5)  # batch_first=False
+    hook = FeatureHook(lstm, "output", enabled=True)
+    out, _ = lstm(seq)
+    assert torch.allclose(hook.pop(), out.mean(0))  # per sample (dim 1), over time (dim 0)
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0)
+    cls = FeatureHook(layer, "output", pooling="cls", enabled=True)
+    with torch.no_grad():
+        tokens = layer(seq)
+    assert torch.allclose(cls.pop(), tokens[0])  # token 0 of every sample, not sample 0's tokens
+    norm = nn.LayerNorm(32)
+    nhwc = torch.randn(4, 7, 7, 32)
+    last = FeatureHook(norm, "output", enabled=True)
+    with torch.no_grad():
+        normed = norm(nhwc)
+    assert torch.allclose(last.pop(), normed.mean((1, 2)))  # over H and W, per channel
+    conv = nn.Conv2d(3, 4, 3)  # channel-first maps are unchanged: mean over H and W
+    first = FeatureHook(conv, "output", enabled=True)
+    with torch.no_grad():
+        maps = conv(torch.randn(2, 3, 9, 9))
+    assert torch.allclose(first.pop(), maps.mean((2, 3)))
+
+
+def test_named_tuple_batches_are_read_by_field_name() -> None:
+    """A named tuple (input_ids, lengths, label) gave its lengths as labels (position 1)."""
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["input_ids", "lengths", "label"])
+    batch = Batch(torch.arange(8).reshape(4, 2), torch.tensor([10, 7, 3, 9]), torch.tensor([0, 1, 0, 1]))
+    assert extract_labels(batch).tolist() == [0, 1, 0, 1]
+    assert torch.equal(batch_inputs(batch), batch.input_ids)
+    Plain = namedtuple("Plain", ["a", "b"])  # no known field names: positions, as for a plain tuple
+    plain = Plain(torch.zeros(2, 3), torch.tensor([1, 0]))
+    assert extract_labels(plain).tolist() == [1, 0] and torch.equal(batch_inputs(plain), plain.a)
+
+
+def test_a_last_linear_that_feeds_further_layers_is_not_taken_for_the_head() -> None:
+    """With a convolutional classifier, the last nn.Linear can be a squeeze-excitation gate (followed by
+    a sigmoid): it was returned as the head, and labels 0..9 passed its 64-output range check."""
+
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 64, 3)
+            self.gate = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 64), nn.Sigmoid())
+            self.classifier = nn.Conv2d(64, 10, 1)
+
+    with pytest.raises(ValueError, match=r"'gate.2' \(Linear 16 -> 64\), feeds further layers"):
+        find_classifier_head(SE())
+    for tail in (nn.Softmax(dim=1), nn.Dropout(0.1), nn.LogSoftmax(dim=1)):  # output layers: still the head
+        head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10), tail)
+        assert find_classifier_head(head)[0] == "2"

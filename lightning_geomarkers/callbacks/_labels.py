@@ -38,8 +38,9 @@ def _as_labels(raw: Any, source: str) -> torch.Tensor:
 def extract_labels(batch: Any, label_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:
     """Return the batch's class labels as a 1-D int64 tensor (on the batch's device).
 
-    With ``label_fn``: ``label_fn(batch)``. Otherwise a tuple/list batch gives ``batch[1]`` and a dict
-    batch the first of the keys :data:`LABEL_KEYS` present. ``(B, 1)`` labels are squeezed, 0-d ones become
+    With ``label_fn``: ``label_fn(batch)``. Otherwise a dict batch gives the first of the keys
+    :data:`LABEL_KEYS` present, a named tuple the first such field (else ``batch[1]``), and a tuple/list
+    ``batch[1]``. ``(B, 1)`` labels are squeezed, 0-d ones become
     ``(1,)``, bool/integer/integral-float dtypes are converted; 2-D ``(B, C>1)`` (one-hot) and non-integer
     float labels are rejected with a message pointing to ``label_fn``.
     """
@@ -55,6 +56,11 @@ def extract_labels(batch: Any, label_fn: Callable[[Any], Any] | None = None) -> 
             f"Could not find labels in the batch: it is {_describe(batch)}, none of which is one of "
             f"{list(LABEL_KEYS)}. {_FIX}, e.g. label_fn=lambda batch: batch['my_key']."
         )
+    fields = _named_fields(batch)
+    if fields is not None:  # a named tuple: by field name first (its position 1 may be e.g. lengths)
+        for key in LABEL_KEYS:
+            if key in fields:
+                return _as_labels(getattr(batch, key), f"batch.{key}")
     if isinstance(batch, (tuple, list)):
         if len(batch) < 2:
             raise ValueError(
@@ -71,8 +77,8 @@ def extract_labels(batch: Any, label_fn: Callable[[Any], Any] | None = None) -> 
 def batch_inputs(batch: Any) -> torch.Tensor | None:
     """The input tensor of a batch if recognisable, else None.
 
-    A tuple/list gives ``batch[0]`` (if a tensor), a dict the first tensor under :data:`INPUT_KEYS`, a bare
-    tensor itself.
+    A tuple/list gives ``batch[0]`` (if a tensor), a dict or a named tuple the first tensor under
+    :data:`INPUT_KEYS` (a named tuple without such a field: ``batch[0]``), a bare tensor itself.
     """
     if isinstance(batch, torch.Tensor):
         return batch
@@ -82,6 +88,18 @@ def batch_inputs(batch: Any) -> torch.Tensor | None:
             if isinstance(value, torch.Tensor):
                 return value
         return None
+    fields = _named_fields(batch)
+    if fields is not None:
+        for key in INPUT_KEYS:
+            value = getattr(batch, key) if key in fields else None
+            if isinstance(value, torch.Tensor):
+                return value
     if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
         return batch[0]
     return None
+
+
+def _named_fields(batch: Any) -> tuple[str, ...] | None:
+    """The field names of a named tuple (``collections.namedtuple``, ``typing.NamedTuple``), else None."""
+    fields = getattr(type(batch), "_fields", None) if isinstance(batch, tuple) else None
+    return tuple(fields) if isinstance(fields, tuple) else None

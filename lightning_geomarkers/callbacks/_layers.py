@@ -120,6 +120,21 @@ def _describe_linear(name: str, lin: nn.Linear) -> str:
     return f"{name!r} (Linear {lin.in_features} -> {lin.out_features})"
 
 
+#: Modules that may follow a classifier head in its nn.Sequential (they turn logits into outputs).
+_OUTPUT_LAYERS: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Dropout)
+
+
+def _output_layers_follow(model: nn.Module, name: str) -> bool:
+    """Whether the modules after ``name`` in its ``nn.Sequential`` parent are all output layers
+    (softmax, identity, dropout): then it is still the head. Any other follower means it feeds layers."""
+    parent = model.get_submodule(_parent_name(name)) if name else None
+    if not isinstance(parent, nn.Sequential):
+        return True
+    keys = list(parent._modules)
+    after = keys[keys.index(name.rpartition(".")[2]) + 1 :]
+    return all(isinstance(parent._modules[k], _OUTPUT_LAYERS) for k in after)
+
+
 def head_candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers that look like the *end* of a network branch (possible classifier heads).
 
@@ -162,9 +177,13 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
     ``out_features`` (so they look like parallel heads, not a chain), the head is ambiguous and a
     ``ValueError`` naming the candidates is raised.
 
+    Refused too: a last candidate that feeds further layers (followed in its ``nn.Sequential`` by
+    anything but softmax, identity or dropout, e.g. a squeeze-excitation gate before a sigmoid, in a model
+    whose classifier is a convolution).
+
     Raises:
-        ValueError: no candidate ``nn.Linear`` exists (the message lists the model's leaf modules), or the
-            head is ambiguous: parallel heads as above, or several branch ends (:func:`head_candidates`,
+        ValueError: no candidate ``nn.Linear`` exists (the message lists the model's leaf modules), the last
+            one feeds further layers (above), or the head is ambiguous: parallel heads as above, or several branch ends (:func:`head_candidates`,
             e.g. a main and an auxiliary head of a multi-task model). Pass ``layers="<module name>"`` to
             the monitor in all cases.
     """
@@ -194,6 +213,14 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
                 'features) or layers="<module name>" to choose explicitly.'
             )
     ends = head_candidates(model)
+    if all(name != last_name for name, _ in ends) and not _output_layers_follow(model, last_name):
+        hint = f" The branch end found is {_describe_linear(*ends[0])}." if ends else ""
+        raise ValueError(
+            f"The last nn.Linear, {_describe_linear(last_name, last)}, feeds further layers (modules after it "
+            "in its nn.Sequential), so it is not a classifier head: e.g. a squeeze-excitation gate, in a "
+            f"model whose classifier may be a convolution.{hint} Pass the classifier's input explicitly, "
+            'e.g. layers="<classifier module>:input".'
+        )
     if len(ends) >= 2:
         names = ", ".join(_describe_linear(n, m) for n, m in ends)
         raise ValueError(
@@ -205,6 +232,18 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 # ------------------------------------------------------------------------------------------ layers
+
+
+def _sequence_first(module: nn.Module) -> bool:
+    """Whether ``module`` takes and returns ``(L, B, D)`` sequences: torch's recurrent, attention and
+    transformer modules with ``batch_first=False`` (their default)."""
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return _sequence_first(module.layers[0])
+    return False
 
 
 def builds_layers_later(model: nn.Module) -> bool:
@@ -369,7 +408,14 @@ def _reduce(t: torch.Tensor, dims: tuple[int, ...], how: str) -> torch.Tensor:
     return t.float().mean(dim=dims)
 
 
-def pool_features(x: Any, pooling: Pooling = "auto", *, channels_first: bool = False) -> torch.Tensor:
+def pool_features(
+    x: Any,
+    pooling: Pooling = "auto",
+    *,
+    channels_first: bool = False,
+    sequence_first: bool = False,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """Reduce a layer's activation to a detached floating ``(B, N)`` matrix.
 
     ``x`` is a tensor, or a tuple/list/dict (the first tensor in it is used, as for modules returning
@@ -377,10 +423,14 @@ def pool_features(x: Any, pooling: Pooling = "auto", *, channels_first: bool = F
 
     * 2-D ``(B, N)``: unchanged.
     * 3-D: a batch-first token sequence ``(B, L, D)``: ``"auto"``/``"mean"`` average the tokens, ``"cls"``
-      takes token 0, ``"max"`` takes the max over tokens. With ``channels_first=True`` it is ``(B, C, L)``
-      (Conv1d-style) and ``"auto"``/``"mean"``/``"max"`` reduce the last dim instead.
+      takes token 0, ``"max"`` takes the max over tokens (padding tokens included: watch a pooled layer or
+      pass a callable where batches are padded). With ``channels_first=True`` it is ``(B, C, L)``
+      (Conv1d-style) and ``"auto"``/``"mean"``/``"max"`` reduce the last dim instead; with
+      ``sequence_first=True`` it is ``(L, B, D)`` (recurrent and attention modules with
+      ``batch_first=False``) and is transposed first.
     * 4-D and more (``(B, C, H, W, ...)``): ``"auto"``/``"mean"`` average, ``"max"`` max, over every dim
-      after 1.
+      after 1; with ``channels_last=True`` (``(B, H, W, ..., C)``, the activations of ``nn.Linear`` and
+      ``nn.LayerNorm``, which act on the last dim) over every dim but the first and the last.
     * a callable ``pooling`` receives the raw ``x`` (not the extracted tensor) and must return ``(B, N)``.
 
     The result is detached and float32 (float64 stays float64).
@@ -394,6 +444,8 @@ def pool_features(x: Any, pooling: Pooling = "auto", *, channels_first: bool = F
             t = t.detach()
         else:
             t = _first_tensor(x).detach()
+            if t.ndim == 3 and sequence_first:
+                t = t.transpose(0, 1)
             if t.ndim == 3:
                 if pooling == "cls":
                     if channels_first:
@@ -410,7 +462,8 @@ def pool_features(x: Any, pooling: Pooling = "auto", *, channels_first: bool = F
                         f"pooling='cls' applies to token sequences (B, L, D), got a {t.ndim}-D activation "
                         f"{tuple(t.shape)}; use 'mean', 'max' or a callable."
                     )
-                t = _reduce(t, tuple(range(2, t.ndim)), "max" if pooling == "max" else "mean")
+                dims = tuple(range(1, t.ndim - 1)) if channels_last else tuple(range(2, t.ndim))
+                t = _reduce(t, dims, "max" if pooling == "max" else "mean")
         if t.ndim != 2:
             raise ValueError(
                 f"Captured features must be 2-D (batch, features) after pooling, got shape {tuple(t.shape)}. "
@@ -465,6 +518,8 @@ class FeatureHook:
         self.where: Where = where
         self.name = name if name is not None else type(module).__name__
         self.channels_first = isinstance(module, _CHANNEL_FIRST_1D)
+        self.sequence_first = _sequence_first(module)
+        self.channels_last = isinstance(module, (nn.Linear, nn.LayerNorm))
         self.enabled = bool(enabled)
         self.strict = bool(strict)
         self.calls = 0
@@ -497,7 +552,13 @@ class FeatureHook:
         try:
             if raw is None:
                 raise TypeError(f"layer {self.name!r} was called without a tensor input")
-            feats = pool_features(raw, self.pooling, channels_first=self.channels_first)
+            feats = pool_features(
+                raw,
+                self.pooling,
+                channels_first=self.channels_first,
+                sequence_first=self.sequence_first,
+                channels_last=self.channels_last,
+            )
         except Exception as err:
             if self.strict:
                 raise
