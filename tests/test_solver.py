@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -926,3 +927,65 @@ def test_kkt_certificate_matches_the_direct_formula_for_any_multipliers(
     # Not vacuous: for many rows the largest violation is a negative w_i on the support (feasible off
     # it), which a certificate that skipped stationarity there would miss.
     assert support_decides > n_rows // 10
+
+
+def test_a_chunk_owner_interrupted_before_its_turn_releases_the_threads_waiting_for_later_turns(monkeypatch):
+    """glue_pairs' chunks draw their randoms in turn. An owner interrupted while waiting for its turn
+    never advanced the turn, so with three or more threads a helper holding a later chunk waited forever
+    (and the caller with it). Now the interrupt is raised and no thread is left waiting."""
+
+    class Interrupt(BaseException):  # stands for KeyboardInterrupt (which pytest would act on itself)
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(6).repeat_interleave(20)
+    x = 2 * torch.randn(6, 48, generator=g)[y] + torch.randn(120, 48, generator=g)
+    per_pair = 30 * (48 + 16 * 2 * 15) + 2 * 15 * (48 + 2 * 15)
+    monkeypatch.setattr(protocols_module, "_CHUNK_ELEMENTS", per_pair)  # 15 chunks of one pair
+    monkeypatch.setattr(protocols_module, "available_cpus", lambda: 3)
+    main = threading.main_thread()
+
+    helper_waiting, raised = threading.Event(), []
+
+    class InterruptedCondition(threading.Condition):
+        enters = 0
+
+        def wait_for(self, predicate, timeout=None):
+            if threading.current_thread() is not main and not predicate():
+                helper_waiting.set()  # a helper holds a later chunk and waits for its turn
+            return super().wait_for(predicate, timeout)
+
+        def __enter__(self):
+            if threading.current_thread() is main and not raised:
+                InterruptedCondition.enters += 1
+                if InterruptedCondition.enters >= 2:  # the caller, before it drew its second chunk...
+                    deadline = time.monotonic() + 10
+                    while not helper_waiting.is_set() and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    raised.append(True)  # ...is interrupted while a helper waits for a later turn
+                    raise Interrupt
+            return super().__enter__()
+
+    class Shim:  # protocols' view of the threading module, with the interrupting condition
+        Condition = InterruptedCondition
+
+        def __getattr__(self, name):
+            return getattr(threading, name)
+
+    monkeypatch.setattr(protocols_module, "threading", Shim())
+    outcome: list[object] = []
+
+    def call():
+        try:
+            glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4, workers=3, warn=False)
+            outcome.append("finished")
+        except Interrupt:
+            outcome.append("interrupted")
+
+    before = set(threading.enumerate())
+    call()  # on the main thread: the interrupt is raised there
+    assert helper_waiting.is_set() and outcome == ["interrupted"]
+    deadline = time.monotonic() + 30
+    while set(threading.enumerate()) - before and time.monotonic() < deadline:  # the pool winds down
+        time.sleep(0.05)
+    assert not set(threading.enumerate()) - before

@@ -774,3 +774,23 @@ def test_lid_float32_path_needs_ieee_float32_matmul(monkeypatch):
         torch.set_float32_matmul_precision(previous)
     assert used == [torch.float64]
     np.testing.assert_allclose(high, ref_mle(x, 5), rtol=1e-9)
+
+
+def test_the_strict_error_does_not_depend_on_workers_when_glue_fails_too(monkeypatch):
+    """GLUE is first in task order but runs last on the calling thread when helpers exist: a failing
+    main task (the spectrum) used to stop the loop before GLUE ran, so workers=2 raised the spectrum's
+    error and workers=1 GLUE's."""
+    x, y = _labelled_clouds()
+
+    def glue_fails(*args, **kwargs):
+        raise ValueError("GLUE failed")
+
+    def spectrum_fails(*args, **kwargs):
+        raise RuntimeError("spectrum failed")
+
+    monkeypatch.setattr(suite_module, "_glue_pairs", glue_fails)
+    monkeypatch.setattr(suite_module, "_feature_spectrum", spectrum_fails)
+    names = ["glue_capacity", "participation_ratio", "lid"]
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="GLUE failed"):
+            geometry_markers(x, y, markers=names, n_t=20, generator=0, workers=workers)

@@ -269,18 +269,28 @@ def _glue_pairs(
     # chunk per thread is in memory at once.
     outs: list[dict[str, Any]] = [{} for _ in chunks]
     turn = threading.Condition()
-    drawn = 0
+    drawn, failed = 0, False
 
     def solve_chunk(c: int) -> None:
-        nonlocal drawn
-        with turn:
-            turn.wait_for(lambda: drawn == c)
-            try:
-                solve = draw(chunks[c])
-            finally:
-                drawn += 1
+        nonlocal drawn, failed
+        try:
+            with turn:
+                turn.wait_for(lambda: drawn == c or failed)
+                if failed:  # an earlier chunk's owner failed before drawing: this turn never comes
+                    return
+                try:
+                    solve = draw(chunks[c])
+                finally:
+                    drawn += 1
+                    turn.notify_all()
+            outs[c] = solve()
+        except BaseException:
+            # Interrupted (or failed) anywhere, even before its turn: release every thread waiting for a
+            # later turn (SharedWork keeps this error and re-raises it), so none waits forever.
+            with turn:
+                failed = True
                 turn.notify_all()
-        outs[c] = solve()
+            raise
 
     work = SharedWork(len(chunks), solve_chunk)
     with limit_threads(num_threads if x.device.type == "cpu" else None):

@@ -447,11 +447,12 @@ def _run_tasks(
     here += [i for i, (_, where) in enumerate(tasks) if where == "last"]
     errors: dict[int, BaseException] = {}
     for i in here:
+        if errors and i > min(errors):  # a later task cannot change which error is raised: skip it
+            continue
         try:
             tasks[i][0](parts[i])
         except BaseException as err:  # re-raised below, in task order, after the others ended
             errors[i] = err
-            break
     wait(futures.values())
     for i, future in futures.items():
         error = future.exception()

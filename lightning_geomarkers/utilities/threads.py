@@ -170,6 +170,16 @@ class SharedWork:
             return self._next - 1
 
     def _work(self) -> None:
+        try:
+            self._run_items()
+        except BaseException as err:  # interrupted outside an item (e.g. waiting for the lock in _take)
+            with self._cond:
+                if self._error is None:
+                    self._error = err  # the others take no further item
+                self._cond.notify_all()
+            raise
+
+    def _run_items(self) -> None:
         while (i := self._take()) is not None:
             error = None
             try:
@@ -184,7 +194,10 @@ class SharedWork:
 
     def help(self) -> None:
         """Run items until none is left; never raises (errors are kept for :meth:`finish`)."""
-        self._work()
+        try:
+            self._work()
+        except BaseException:  # noqa: S110  (recorded by _work; finish() raises it)
+            pass
 
     def finish(self) -> None:
         """Run the items left, wait for those other threads are running, re-raise the first error."""
