@@ -449,9 +449,8 @@ class GeometryMonitor(L.Callback):
         for cb in getattr(trainer, "callbacks", []):
             if cb is self:
                 continue
-            if (
-                isinstance(cb, GeometryMonitor) and cb._deferred is None
-            ):  # a deferred one checks when it attaches
+            # A monitor whose layers wait for configure_model() makes this check itself when it attaches.
+            if isinstance(cb, GeometryMonitor) and cb._deferred is None:
                 clash = sorted(mine & set(cb.logged_keys(pl_module)))
                 if clash:
                     raise ValueError(
@@ -614,6 +613,7 @@ class GeometryMonitor(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._capturing = bool(self._hooks) and self._due(trainer)
         self._epoch_problems = set()
+        self._logged_now = {}  # nothing left over from a validation that ended in an exception
         self._position = 0
         self._loader_missing = None
         if self._capturing:
