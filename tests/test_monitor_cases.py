@@ -240,9 +240,17 @@ def test_trainer_validate_computes_whatever_every_n_epochs(tmp_path):
 
 def test_every_n_epochs_that_never_meets_validation_warns_with_the_fix(tmp_path):
     monitor = GeometryMonitor(every_n_epochs=3, **CHEAP)
-    with pytest.warns(MonitorWarning, match=r"never computed in 4 epochs.*multiple of 2"):
+    with pytest.warns(
+        MonitorWarning, match=r"max_epochs=4\): markers are never computed \(first at epoch 5\)"
+    ):
         fit(tmp_path, [monitor], max_epochs=4, check_val_every_n_epoch=2)
     assert monitor.history == []
+    # compatible schedules that still never compute in the run (5 > 3 epochs) warn too (they did not)
+    for every, every_val in ((5, 1), (4, 2)):
+        monitor = GeometryMonitor(every_n_epochs=every, **CHEAP)
+        with pytest.warns(MonitorWarning, match=r"max_epochs=3\): markers are never computed"):
+            fit(tmp_path / f"{every}-{every_val}", [monitor], max_epochs=3, check_val_every_n_epoch=every_val)
+        assert monitor.history == []
 
 
 @pytest.mark.parametrize("every_val", [2, 4])
@@ -836,3 +844,21 @@ def test_a_callable_action_named_stop_does_not_stop_training(tmp_path):
     ]
     tr, _ = fit(tmp_path, [GeometryMonitor(alerts=alerts, **CHEAP)], max_epochs=3)
     assert calls == [0] and tr.current_epoch == 3  # it fired (once: alerts re-arm on recovery); no stop
+
+
+def test_trainer_validate_logs_the_markers_but_leaves_the_alerts_of_the_run_alone(tmp_path):
+    """The docs send test sets through trainer.validate(): its value went into the fit's alert state
+    (and could fire a 'stop' for an epoch that never trained) and into history like a training epoch.
+    As EarlyStopping, alerts now move only during fit; validate's history entries say their stage."""
+    alert = MarkerAlert("participation_ratio", threshold=1000.0, mode="max", action="stop")  # always below
+    monitor = GeometryMonitor(alerts=[alert], **CHEAP)
+    with pytest.warns(GeometryWarning):
+        tr, model = fit(tmp_path, [monitor], max_epochs=3)
+    assert tr.current_epoch == 1 and len(monitor.alert_history) == 1  # fired and stopped after epoch 0
+    n_values, fired = alert.n_values, list(monitor.alert_history)
+    x, y = gaussian_classes(seed=5)
+    checker = trainer(tmp_path / "v", [monitor], logger=False)
+    checker.validate(model, loaders(x, y)[1], verbose=False)
+    assert "geometry/participation_ratio" in checker.callback_metrics and not checker.should_stop
+    assert alert.n_values == n_values and monitor.alert_history == fired
+    assert monitor.history[-1]["stage"] == "validate" and "stage" not in monitor.history[0]

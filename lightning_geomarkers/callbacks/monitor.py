@@ -13,6 +13,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import RandomSampler
@@ -505,23 +506,30 @@ class GeometryMonitor(L.Callback):
                 )
 
     def _check_schedule(self, trainer: L.Trainer) -> None:
+        """Warn once per fit when the markers are never computed in ``max_epochs`` (whatever the schedules),
+        or only where this monitor's ``every_n_epochs`` and the trainer's validation schedule meet."""
         every_val = getattr(trainer, "check_val_every_n_epoch", None)
-        n = self.every_n_epochs
-        if not every_val or n == 1 or n % every_val == 0 or every_val % n == 0:
+        if not every_val:  # validation by steps only: no epoch schedule to compare with
             return
-        meet = n * every_val // math.gcd(n, every_val)
+        n = self.every_n_epochs
+        meet = n * every_val // math.gcd(n, every_val)  # the markers are computed every `meet` epochs
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
-        never = max_epochs is not None and meet > max_epochs
-        self._warn_run(
-            "schedule",
-            f"GeometryMonitor(every_n_epochs={n}) with Trainer(check_val_every_n_epoch={every_val}): markers are "
-            + (
-                f"never computed in {max_epochs} epochs"
-                if never
-                else f"computed only every {meet} epochs (when both schedules meet)"
+        if max_epochs is not None and meet > max_epochs:
+            self._warn_run(
+                "schedule",
+                f"GeometryMonitor(every_n_epochs={n}) with Trainer(check_val_every_n_epoch={every_val}, "
+                f"max_epochs={max_epochs}): markers are never computed (first at epoch {meet - 1}), so nothing "
+                "is logged, alerted or checkpointed on them. Use an every_n_epochs that divides the run, e.g. "
+                f"every_n_epochs={every_val}.",
             )
-            + f". Use an every_n_epochs that is a multiple of {every_val} or a divisor of it, e.g. every_n_epochs={every_val}.",
-        )
+        elif n % every_val and every_val % n:  # neither divides the other: some validations compute nothing
+            self._warn_run(
+                "schedule",
+                f"GeometryMonitor(every_n_epochs={n}) with Trainer(check_val_every_n_epoch={every_val}): "
+                f"markers are computed only every {meet} epochs (when both schedules meet). Use an "
+                f"every_n_epochs that is a multiple of {every_val} or a divisor of it, e.g. "
+                f"every_n_epochs={every_val}.",
+            )
 
     def _new_sampler(self) -> PerClassSample:
         """A fresh, empty per-class sample with this monitor's settings (one per monitored layer)."""
@@ -771,6 +779,7 @@ class GeometryMonitor(L.Callback):
         for hook in self._hooks.values():
             hook.enabled = False
         distributed = self._distributed(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
         epoch, step = trainer.current_epoch, self._log_step(trainer)
         fired: list[tuple[MarkerAlert, AlertEvent]] = []
         computed_any = False
@@ -798,15 +807,18 @@ class GeometryMonitor(L.Callback):
                 computed_any = True
                 entry = {"epoch": epoch, "step": step, "layer": name, **values}
                 entry.update({f"{m}_se": v for m, v in ses.items()})
+                if not fitting:  # trainer.validate(): not part of the training run's series
+                    entry["stage"] = str(getattr(trainer.state.fn, "value", trainer.state.fn))
                 self.history.append(entry)
-            fired += self._run_alerts(name, values, ses, epoch, step, alert_flags)
+            if fitting:  # as EarlyStopping: trainer.validate() (e.g. on a test set) never moves the alerts
+                fired += self._run_alerts(name, values, ses, epoch, step, alert_flags)
         for key, flag in alert_flags.items():  # one value per key, even with several alerts on a marker
             pl_module.log(key, flag, on_epoch=True, on_step=False)
             fresh.add(key)
         self._no_fresh_values(trainer, fresh)
         if computed_any:
             self.last_computed_step = trainer.global_step
-        if any(_stops(a) for a in self.alerts):
+        if fitting and any(_stops(a) for a in self.alerts):
             # Decided by the alerts themselves: a callable action whose name is "stop" does not stop.
             stop = any(_stops(alert) for alert, _ in fired)
             if trainer.strategy.reduce_boolean_decision(stop, all=False):
