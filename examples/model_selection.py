@@ -105,9 +105,10 @@ def train_variants(names: Sequence[str], epochs: int, out: Path, seed: int) -> l
     keep = {max(0, epochs // 2 - 1), epochs - 1}  # the middle and the last epoch (0-based)
     ckpt_dir = out / "checkpoints"
     saved: list[tuple[str, Path]] = []
-    for name in names:
-        for stale in ckpt_dir.glob(f"{name}-epoch=*.ckpt"):  # this script's own files from an earlier run
+    for name in VARIANTS:  # this script's own files from an earlier run (a --fast run leaves no full one)
+        for stale in ckpt_dir.glob(f"{name}-epoch=*.ckpt"):
             stale.unlink()
+    for name in names:
         L.seed_everything(seed, workers=True, verbose=False)
         # Every variant sees the same batch order: the loader's generator is reseeded for each (it would
         # otherwise carry on from the variants trained before, so a variant's model depended on them).

@@ -79,6 +79,11 @@ class BuildsOnlyForFit(L.LightningDataModule):
         return self.val
 
 
+def train_and_val():
+    """A loader factory of the common (train, val) shape."""
+    return loaders(*gaussian_classes(per_class=30))
+
+
 def dict_batches():
     return [{"pixels": x, "target": y} for x, y in val_loader()]
 
@@ -569,6 +574,10 @@ def test_review_fixes_out_file_bare_state_dict_seed_warning_and_valueless_checkp
     argv = ["rank", paths[0], "--model", MODEL, "--data", DATA, "--quiet", "--out", tmp_path / "o"]
     assert main([*argv, "--device", "gpu0"]) == 1
     assert "'gpu0' is not a torch device" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"--data gave 2 loaders .* measured on loader 0"):
+        rank_checkpoints(
+            paths[:1], TinyMLP, train_and_val, monitor=GeometryMonitor(**SETTINGS), out=None, progress=False
+        )
     link = tmp_path / "same.ckpt"  # one file under three spellings is measured once
     link.symlink_to(paths[0])
     respelt = paths[0].parent / ".." / paths[0].parent.name / paths[0].name

@@ -473,6 +473,14 @@ def rank_checkpoints(
         except OSError as err:
             raise CLIError(f"--out {out_dir} cannot be used as the output directory ({err}).") from err
     loader = load_dataloader(data)
+    if isinstance(loader, (list, tuple)) and len(loader) > 1:
+        warnings.warn(
+            f"--data gave {len(loader)} loaders (a list or tuple counts as several validation loaders); the "
+            f"markers are measured on loader {monitor.dataloader_idx} (--dataloader-idx). If the function "
+            "returns (train, val) loaders, name one that returns the validation loader only.",
+            UserWarning,
+            stacklevel=2,
+        )
     labels = _labels(paths)
     scores: list[CheckpointScore] = []
     failures: dict[str, str] = {}
