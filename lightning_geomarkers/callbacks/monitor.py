@@ -410,7 +410,6 @@ class GeometryMonitor(L.Callback):
     def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve the layers, register the hooks and check the set-up (the work of :meth:`setup`)."""
         resolved = resolve_layers(pl_module, self.layers)  # raises, listing names, on a bad layer
-        self._layer_ids = {}
         self._num_classes, self._head_name = None, None
         if self.layers is None:
             self._head_name, head = find_classifier_head(pl_module)
@@ -669,14 +668,14 @@ class GeometryMonitor(L.Callback):
         try:
             self._capture_batch(batch, trainer)
         except Exception as err:
+            # A batch that failed before its features were taken (labels, inputs) must not leave them
+            # buffered: the next batch would get twice its rows and be skipped too. (A batch that
+            # succeeds has popped every buffer: nothing to do on that path, once per batch.)
+            for hook in self._hooks.values():
+                hook.drop()
             if self.strict:
                 raise
             self._problem(f"capture:{type(err).__name__}", f"{what} and skipped it: {err}")
-        finally:
-            # A batch that failed before its features were taken (labels, inputs) must not leave them
-            # buffered: the next batch would get twice its rows and be skipped too.
-            for hook in self._hooks.values():
-                hook.drop()
 
     def _capture_batch(self, batch: Any, trainer: L.Trainer | None = None) -> None:
         labels = extract_labels(batch, self.label_fn)

@@ -343,7 +343,7 @@ def _expand(checkpoints: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(unique.values())
 
 
-def _epoch_step(path: Path, prefix: str = "geometry") -> tuple[int | None, int | None, int | None]:
+def _checkpoint_info(path: Path, prefix: str = "geometry") -> tuple[int | None, int | None, int | None]:
     """The checkpoint's ``epoch``, ``global_step`` and the seed of the ``GeometryMonitor`` with this
     ``prefix`` that logged during its run (None where absent).
 
@@ -491,7 +491,7 @@ def rank_checkpoints(
     bar = tqdm(paths, desc="checkpoints", unit="ckpt", disable=not progress, file=sys.stderr)
     for path, label in zip(bar, labels, strict=True):
         bar.set_postfix_str(label[-40:])
-        epoch, step, run_seed = _epoch_step(path, monitor.prefix)
+        epoch, step, run_seed = _checkpoint_info(path, monitor.prefix)
         if run_seed is not None and run_seed != monitor.seed and not seed_warned:
             seed_warned = True
             warnings.warn(
