@@ -263,3 +263,22 @@ def test_per_class_subsample_property(x, data, points):
     assert ids.tolist() == sorted(set(y.tolist()))
     for part, c in zip(parts, ids.tolist(), strict=True):
         assert part.shape[0] == min(points, int((y == c).sum()))
+
+
+def test_float32_projection_runs_in_float64_where_float32_matmuls_take_a_shortcut(monkeypatch):
+    """With TF32/bf16 allowed for float32 matmuls (``torch.set_float32_matmul_precision("high")`` or the
+    newer ``fp32_precision`` settings), float32 features are projected in float64 and rounded once, so the
+    markers do not depend on that setting; IEEE float32 keeps the float32 matmul."""
+    import lightning_geomarkers.functional.preprocessing as prep
+
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    proj = torch.randn(64, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64) / 4.0
+    exact = (x.double() @ proj).float()  # the float64 product, rounded once
+    float32 = x @ proj.float()
+    assert not torch.equal(exact, float32)  # the two routes are distinguishable on these data
+    monkeypatch.setattr(prep, "ieee_float32_matmul", lambda device: False)
+    assert torch.equal(random_projection(x, 16, generator=9), exact)
+    assert torch.equal(prep._center_project(x, 16, centered=False, generator=9), exact)
+    monkeypatch.setattr(prep, "ieee_float32_matmul", lambda device: True)
+    assert torch.equal(random_projection(x, 16, generator=9), float32)
+    assert torch.equal(prep._center_project(x, 16, centered=False, generator=9), float32)

@@ -502,6 +502,22 @@ def test_passive_solves_match_scipy_on_both_paths(size):
     assert bool((sol[4] == 0).all())
 
 
+def test_passive_solves_off_the_cpu_never_call_cholesky_solve(monkeypatch):
+    """On CUDA a batched ``cholesky_solve`` goes to MAGMA where torch is built with it, whose batched
+    potrs allocates and frees device memory (a host synchronisation) on every call: off the CPU the
+    passive blocks are always solved by triangular solves. The device is emulated by the meta device
+    (shapes only); on the CPU small blocks keep ``cholesky_solve``."""
+    calls = []
+    original = torch.cholesky_solve
+    monkeypatch.setattr(torch, "cholesky_solve", lambda *a, **k: calls.append(1) or original(*a, **k))
+    blocks = torch.eye(12, dtype=torch.float64).expand(4, 12, 12).contiguous()
+    rhs = torch.ones(4, 12, dtype=torch.float64)
+    sol, _, _ = nnls_module._solve_spd(blocks.to("meta"), rhs.to("meta"))
+    assert calls == [] and sol.shape == (4, 12) and sol.device.type == "meta"
+    nnls_module._solve_spd(blocks, rhs)
+    assert calls == [1]
+
+
 def _linprog_separable(mans: np.ndarray, labels: np.ndarray) -> list[bool]:
     n_man, m, n_feat = mans.shape
     pts, owner = mans.reshape(-1, n_feat), np.repeat(np.arange(n_man), m)

@@ -776,6 +776,46 @@ def test_lid_float32_path_needs_ieee_float32_matmul(monkeypatch):
     np.testing.assert_allclose(high, ref_mle(x, 5), rtol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'",  # the CPU's bf16 shortcut
+        "torch.backends.fp32_precision = 'tf32'",
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'",  # CUDA only: the CPU stays IEEE
+    ],
+)
+def test_lid_with_torchs_newer_fp32_precision_interface(setting):
+    """Once torch's newer ``fp32_precision`` attributes are set, every read of the legacy
+    ``get_float32_matmul_precision`` raises ("mix of the legacy and new APIs"): LID raised, and inside
+    the monitor (strict=False) was skipped every epoch. Now the newer interface is read instead
+    (in a subprocess: the setting is global and sticky)."""
+    code = textwrap.dedent(
+        f"""
+        import json, numpy as np, torch
+        import lightning_geomarkers.functional.intrinsic_dimension as lid
+        from lightning_geomarkers.utilities import ieee_float32_matmul
+        lid._FLOAT32_MIN_WORK = 0
+        used = []
+        original = lid._candidates
+        lid._candidates = lambda b, kc, sq, dtype: used.append(str(dtype)) or original(b, kc, sq, dtype)
+        x = np.random.default_rng(11).normal(size=(120, 8))
+        {setting}
+        value = float(lid.local_intrinsic_dimension(x, k=5))
+        print(json.dumps({{"value": value, "used": used, "cpu_ieee": ieee_float32_matmul(torch.device("cpu")),
+                          "cuda_ieee": ieee_float32_matmul(torch.device("cuda"))}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    x = np.random.default_rng(11).normal(size=(120, 8))
+    np.testing.assert_allclose(out["value"], ref_mle(x, 5), rtol=1e-9)
+    cpu_shortcut = "cuda" not in setting
+    assert out["cpu_ieee"] is (not cpu_shortcut)
+    assert out["cuda_ieee"] is ("mkldnn" in setting)  # the CPU's own setting leaves CUDA's alone
+    assert out["used"] == (["torch.float64"] if cpu_shortcut else ["torch.float32"])
+
+
 def test_the_strict_error_does_not_depend_on_workers_when_glue_fails_too(monkeypatch):
     """GLUE is first in task order but runs last on the calling thread when helpers exist: a failing
     main task (the spectrum) used to stop the loop before GLUE ran, so workers=2 raised the spectrum's

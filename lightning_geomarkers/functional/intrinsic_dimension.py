@@ -16,6 +16,7 @@ from lightning_geomarkers.functional.preprocessing import (
     _times_pow2_,
 )
 from lightning_geomarkers.utilities.checks import check_features, check_positive_int
+from lightning_geomarkers.utilities.threads import ieee_float32_matmul
 
 __all__ = ["local_intrinsic_dimension"]
 
@@ -246,7 +247,7 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
     low = (
         n_points * n_points * blocks.n_cols >= _FLOAT32_MIN_WORK
         and n_candidates < n_points - 1
-        and _ieee_float32_matmul(sq_norms.device)
+        and ieee_float32_matmul(sq_norms.device)
     )
     best_val, best_idx = _candidates(blocks, n_candidates, sq_norms, torch.float32 if low else torch.float64)
     rows = torch.arange(n_points, device=sq_norms.device)
@@ -276,15 +277,6 @@ def _neighbour_distances(blocks: _Blocks, k: int) -> torch.Tensor:
 
 # Problems with at least this many multiply-adds (S^2 N) pick neighbour candidates with a float32 Gram.
 _FLOAT32_MIN_WORK = 2**30
-
-
-def _ieee_float32_matmul(device: torch.device) -> bool:
-    """Whether float32 matmuls run in IEEE float32 (the certification's error bound assumes it): not
-    when TF32/bf16 shortcuts are allowed (``torch.set_float32_matmul_precision("high")``, or
-    ``torch.backends.cuda.matmul.allow_tf32`` on CUDA); then the float64 Gram is used."""
-    if torch.get_float32_matmul_precision() != "highest":
-        return False
-    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 def _squared_norms(blocks: _Blocks) -> torch.Tensor:

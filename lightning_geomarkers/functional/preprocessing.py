@@ -33,7 +33,7 @@ from lightning_geomarkers.utilities.checks import (
     check_positive_int,
 )
 from lightning_geomarkers.utilities.seeds import as_generator
-from lightning_geomarkers.utilities.threads import SharedWork
+from lightning_geomarkers.utilities.threads import SharedWork, ieee_float32_matmul
 
 __all__ = ["center", "random_projection", "per_class_subsample"]
 
@@ -120,13 +120,24 @@ def random_projection(
     if n_features <= out_dim:
         return x
     proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
-    out = x @ proj.to(device=x.device, dtype=x.dtype)
+    work = _projection_dtype(x)
+    out = (x.to(work) @ proj.to(device=x.device, dtype=work)).to(x.dtype)
     if not all_finite(out):
         raise ValueError(
             f"The random projection overflowed {x.dtype}: `features` values are too large. "
             "Rescale the features (or cast them to float64) first."
         )
     return out
+
+
+def _projection_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projection's matmul runs in: the features' own, except float32 where torch allows a
+    TF32/bf16 shortcut for float32 matmuls (:func:`~lightning_geomarkers.utilities.ieee_float32_matmul`):
+    then float64, so that the projected features (and the markers) do not depend on that setting (TF32
+    moved the markers by up to 1e-5 relative in a CPU emulation, and would make GPU and CPU runs differ)."""
+    if x.dtype == torch.float32 and not ieee_float32_matmul(x.device):
+        return torch.float64
+    return x.dtype
 
 
 def _center_project(
@@ -163,7 +174,7 @@ class _CenterProjection:
         if self.project:
             g = as_generator(self.generator)
             proj = torch.randn(x.shape[1], self.out_dim, generator=g, dtype=torch.float64)
-            proj = proj.div_(math.sqrt(self.out_dim)).to(device=x.device, dtype=x.dtype)
+            proj = proj.div_(math.sqrt(self.out_dim)).to(device=x.device, dtype=_projection_dtype(x))
             self.out = x.new_empty((x.shape[0], self.out_dim))
             self._state = (proj, _Blocks(x, centered=True) if self.centered else None)
 
@@ -180,7 +191,10 @@ class _CenterProjection:
             if blocks is not None
             else x[sl]
         )
-        torch.matmul(part, proj, out=self.out[sl])  # a row slice of ``out`` is contiguous: no temporary
+        if proj.dtype == x.dtype:
+            torch.matmul(part, proj, out=self.out[sl])  # a row slice of ``out`` is contiguous: no temporary
+        else:  # float32 features where float32 matmuls may take a TF32/bf16 shortcut
+            self.out[sl] = part.to(proj.dtype) @ proj
 
     def result(self) -> torch.Tensor:
         """The centred, projected features: the blocks not taken yet are computed on this thread."""

@@ -1,4 +1,5 @@
-"""The bottom layer: input validation (``checks``), seeds (``seeds``) and thread scoping (``threads``), used by every other layer.
+"""The bottom layer: input validation (``checks``), seeds (``seeds``) and thread scoping and matmul precision
+(``threads``), used by every other layer.
 
 Dependencies point one way: utilities <- functional <- metrics <- callbacks <- cli.
 """
@@ -20,6 +21,7 @@ from lightning_geomarkers.utilities.threads import (
     SharedWork,
     TorchThreadPool,
     available_cpus,
+    ieee_float32_matmul,
     limit_threads,
     torch_thread_pool,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "check_protocol",
     "check_seed",
     "child_generators",
+    "ieee_float32_matmul",
     "limit_threads",
     "split_seeds",
     "torch_thread_pool",

@@ -1,4 +1,4 @@
-"""Thread settings scoped to one computation.
+"""Thread settings scoped to one computation, and the one reader of torch's float32 matmul precision.
 
 The GLUE solver issues thousands of small tensor ops; with more than one intra-op thread each op opens a
 parallel region, and on a CPU shared with other busy processes (DataLoader workers, other jobs) every
@@ -24,7 +24,46 @@ import torch
 
 from lightning_geomarkers.utilities.checks import check_positive_int
 
-__all__ = ["SharedWork", "TorchThreadPool", "available_cpus", "limit_threads", "torch_thread_pool"]
+__all__ = [
+    "SharedWork",
+    "TorchThreadPool",
+    "available_cpus",
+    "ieee_float32_matmul",
+    "limit_threads",
+    "torch_thread_pool",
+]
+
+
+def ieee_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` run in IEEE float32, i.e. no TF32 or bf16 shortcut is allowed.
+
+    Reads both of torch's interfaces: the legacy one (``torch.set_float32_matmul_precision("high")``,
+    ``torch.backends.cuda.matmul.allow_tf32``) and the newer ``fp32_precision`` attributes
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``torch.backends.mkldnn.matmul.fp32_precision
+    = "bf16"`` on the CPU, or ``torch.backends.fp32_precision``). Once the newer one has been set, torch
+    raises on every read of the legacy one ("mix of the legacy and new APIs"), so this never lets that
+    error escape: where neither can be read it answers False (the callers then compute in float64, which
+    is always exact enough).
+
+    Example:
+        >>> import torch
+        >>> ieee_float32_matmul(torch.device("cpu"))  # torch's default: "highest"
+        True
+    """
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+        return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # the newer fp32_precision interface is in use
+        pass
+    try:
+        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+        precision = backend.fp32_precision
+        if precision == "none":  # inherits the global setting
+            precision = torch.backends.fp32_precision
+        return precision in ("ieee", "none")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextmanager
