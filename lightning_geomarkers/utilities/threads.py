@@ -57,10 +57,11 @@ def ieee_float32_matmul(device: torch.device) -> bool:
     except RuntimeError:  # the newer fp32_precision interface is in use
         pass
     try:
-        backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+        backends: Any = torch.backends  # the fp32_precision attributes are not in torch's type stubs
+        backend = backends.cuda.matmul if device.type == "cuda" else backends.mkldnn.matmul
         precision = backend.fp32_precision
         if precision == "none":  # inherits the global setting
-            precision = torch.backends.fp32_precision
+            precision = backends.fp32_precision
         return precision in ("ieee", "none")
     except (AttributeError, RuntimeError):
         return False
