@@ -4,9 +4,10 @@ On a machine with CUDA it runs, on the CPU and on the GPU with the same inputs a
 
   (a) joint GLUE, P = 10, M = 50, N = 512, n_t = 200 (``bench_glue.py``'s case (a))
   (b) the pairs engine on 45 class pairs, M = 50, N = 512, n_t = 200 (case (b))
-  (c) the 1000-class monitor case: ``geometry_markers`` on 1000 classes x 50 points x 2048 features
-      with the monitor's defaults (pairs protocol, n_pairs=100, n_t=100, points_per_class=50,
-      max_classes=100, projection_dim=1000, generator=0)
+  (c) the 1000-class monitor case: 1000 classes x 50 points x 2048 features offered to the monitor's
+      bounded sample (100 classes x 50 kept), then ``GeometryMonitor().compute_markers`` on that sample:
+      the monitor's defaults (pairs protocol, n_pairs=100, n_t=100, projection_dim=1000, seed 0, all
+      default markers), i.e. what the monitor computes at the end of each validation epoch
 
 and checks every marker agrees to 1e-6 relative, with the same markers on both sides (probes and
 dichotomies are drawn on the CPU in both runs, so the inputs are identical). The inputs are built once,
@@ -33,7 +34,9 @@ import torch
 from bench_glue import class_features, pairs_engine, pairs_inputs  # noqa: E402  (this folder is on sys.path when run as a script)
 from machine import machine_line
 
-from lightning_geomarkers.functional import GLUE_MARKERS, geometry_markers, glue
+from lightning_geomarkers import GeometryMonitor
+from lightning_geomarkers.functional import GLUE_MARKERS, glue
+from lightning_geomarkers.metrics import PerClassSample
 
 RTOL = 1e-6
 
@@ -106,26 +109,22 @@ def case_pairs(inputs, device: str) -> dict[str, float]:
 
 
 def inputs_monitor() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1000-class monitor case as the monitor computes it: 50,000 rows of ReLU features (1000 classes
+    x 50, N = 2048) offered to the monitor's bounded sample (``samples_per_class=50``,
+    ``max_classes=100``, seed 0), which keeps 100 classes x 50 rows; the markers run on that sample."""
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(1000).repeat_interleave(50)
-    feats = torch.randn(1000, 2048, generator=gen)[labels] + torch.randn(50_000, 2048, generator=gen)
-    return feats.relu(), labels
+    feats = (torch.randn(1000, 2048, generator=gen)[labels] + torch.randn(50_000, 2048, generator=gen)).relu()
+    sample = PerClassSample(samples_per_class=50, max_classes=100, seed=0)
+    sample.update(feats, labels)
+    kept, kept_labels, _ = sample.state()
+    return kept, kept_labels
 
 
 def case_monitor(inputs, device: str, markers: str) -> dict[str, float]:
-    feats, labels = (v.to(device) for v in inputs)
-    report = geometry_markers(
-        feats,
-        labels,
-        markers=markers,
-        glue_protocol="pairs",
-        n_pairs=100,
-        n_t=100,
-        points_per_class=50,
-        max_classes=100,
-        projection_dim=1000,
-        generator=0,
-    )
+    feats, labels = inputs
+    monitor = GeometryMonitor(markers=markers)  # the monitor's defaults: pairs, n_pairs=100, n_t=100, ...
+    report = monitor.compute_markers(feats, labels, device)
     return {k: float(v) for k, v in report.values.items()}
 
 
@@ -163,24 +162,26 @@ def main() -> int:
     ok = True
     for name, make, fn in cases:
         inputs = make()
-        times = {}
-        results = {}
-        for device in ("cpu", other):
+        times: list[float] = []
+        results: list[dict[str, float]] = []
+        for device in ("cpu", other):  # the same device twice in the self-test: kept apart by position
             fn(inputs, device)  # warm-up on both sides: CUDA context and kernels, caches, allocator
-            times[device], results[device] = min(
+            best = min(
                 (
                     timed(lambda fn=fn, inputs=inputs, device=device: fn(inputs, device), device)
                     for _ in range(args.repeats)
                 ),
                 key=lambda r: r[0],
             )
+            times.append(best[0])
+            results.append(best[1])
         label = "CPU again" if args.self_test else "CUDA"
-        cpu_s, gpu_s = times["cpu"], times[other]
+        cpu_s, gpu_s = times
         print(
             f"{name}: CPU {cpu_s * 1e3:.1f} ms, {label} {gpu_s * 1e3:.1f} ms ({cpu_s / gpu_s:.1f}x; best of "
             f"{args.repeats} after a warm-up, each side)"
         )
-        ok &= compare(name, results["cpu"], results[other])
+        ok &= compare(name, results[0], results[1])
     label = "CPU self-test" if args.self_test else "CUDA"
     print(f"all {label} results equal the CPU results" if ok else f"MISMATCH between {label} and CPU results")
     return 0 if ok else 1

@@ -33,6 +33,30 @@ def test_gpu_check_compare_flags_differences_and_nan(monkeypatch):
     assert gpu_check.compare("inf both", {"r": math.inf, "b": 2.0}, {"r": math.inf, "b": 2.0})
 
 
+def test_gpu_check_fails_when_the_second_side_differs(monkeypatch, capsys):
+    """The self-test runs both sides on the CPU; its results were kept in a dict keyed by device, so the
+    second side overwrote the first and every case compared a result with itself (it could not fail)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    calls = []
+
+    def drifting(inputs, device):  # the second side (calls 3 and 4: warm-up, timed run) differs
+        calls.append(device)
+        return {"capacity": 1.0 if len(calls) <= 2 else 1.001}
+
+    monkeypatch.setattr(gpu_check, "inputs_joint", lambda: None)
+    monkeypatch.setattr(gpu_check, "case_joint", drifting)
+    monkeypatch.setattr(gpu_check, "inputs_pairs", lambda: None)
+    monkeypatch.setattr(gpu_check, "case_pairs", lambda inputs, device: {"x": 2.0})
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--self-test", "--skip-monitor", "--repeats", "1"])
+    assert gpu_check.main() == 1
+    out = capsys.readouterr().out
+    assert "capacity: relative difference 1.00e-03" in out and out.strip().endswith(
+        "MISMATCH between CPU self-test and CPU results"
+    )
+
+
 @pytest.mark.slow
 def test_gpu_check_self_test_runs_the_glue_cases():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
