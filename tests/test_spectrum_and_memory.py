@@ -834,3 +834,71 @@ def test_the_strict_error_does_not_depend_on_workers_when_glue_fails_too(monkeyp
     for workers in (1, 2):
         with pytest.raises(ValueError, match="GLUE failed"):
             geometry_markers(x, y, markers=names, n_t=20, generator=0, workers=workers)
+
+
+def _flat(value):
+    """Nested results (dataclasses, dicts, tensors) as plain Python values, for exact comparison (timings
+    left out)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _flat(getattr(value, k)) for k in value.__dataclass_fields__ if k != "seconds"}
+    if isinstance(value, dict):
+        return {k: _flat(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_flat(v) for v in value]
+    return value
+
+
+def test_a_default_device_set_by_the_user_changes_nothing():
+    """``torch.set_default_device("cuda")`` (or ``with torch.device(...)``) sends every factory call
+    without ``device=`` there: the CPU draws from CPU generators then raised ("Expected a 'cuda' device
+    type for generator"), and other helpers' tensors left the features' device. Emulated with the meta
+    device (it holds no data, so any tensor that lands there fails or changes the result): every entry
+    point gives exactly the results it gives without the default device."""
+    from lightning_geomarkers import GeometryMonitor
+    from lightning_geomarkers.functional import (
+        glue,
+        glue_joint,
+        glue_pairs,
+        per_class_subsample,
+        random_projection,
+    )
+    from lightning_geomarkers.functional.per_class import per_class_glue
+    from lightning_geomarkers.metrics import GeometryMarkers
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(5).repeat_interleave(30)
+    x = (3 * torch.randn(5, 48, generator=g)[y] + torch.randn(150, 48, generator=g)).relu()
+    mans = x.view(5, 30, 48)
+
+    def metric():
+        m = GeometryMarkers(n_t=20, n_pairs=4, lid_k=5)
+        m.update(x, y)
+        return m.compute()
+
+    calls = {
+        "glue random": lambda: glue(mans, n_t=20, generator=0),
+        "glue balanced": lambda: glue(mans, n_t=20, dichotomies="balanced", generator=0),
+        "glue one_vs_rest": lambda: glue(mans, n_t=20, dichotomies="one_vs_rest", generator=0),
+        "glue_pairs": lambda: glue_pairs(x, y, n_pairs=4, n_t=20, generator=0),
+        "glue_joint": lambda: glue_joint(x, y, n_t=20, generator=0),
+        "random_projection": lambda: random_projection(x, 16, generator=0),
+        "per_class_subsample": lambda: per_class_subsample(x, y, 10, generator=0),
+        "per_class_glue": lambda: per_class_glue(glue_pairs(x, y, n_pairs=None, n_t=20, generator=0)),
+        "suite, pairs": lambda: geometry_markers(
+            x, y, n_pairs=4, n_t=20, projection_dim=32, lid_k=5, generator=0
+        ),
+        "suite, joint": lambda: geometry_markers(
+            x, y, glue_protocol="joint", points_per_class=10, n_t=20, lid_k=5, generator=0, workers=1
+        ),
+        "GeometryMarkers": metric,
+        "monitor": lambda: GeometryMonitor(n_t=20, n_pairs=4, lid_k=5).compute_markers(x, y).values,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, call in calls.items():
+            expected = _flat(call())
+            with torch.device("meta"):
+                got = _flat(call())
+            assert repr(got) == repr(expected), name

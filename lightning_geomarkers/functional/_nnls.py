@@ -348,6 +348,7 @@ def _sparse_times(
         torch.stack([rows.reshape(-1), cols.reshape(-1)]),
         vals.reshape(-1),
         size=(n_rows, gram_rows.shape[0]),
+        device=vals.device,
         check_invariants=False,  # the indices are in range by construction; the product checks them too
     )
     if minus_from is None:

@@ -139,18 +139,19 @@ def make_dichotomies(
                 f"Unknown dichotomies={kind!r}; use one of {DICHOTOMY_KINDS} or an (n_t, P) tensor."
             )
         if kind == "random":
-            return torch.randint(0, 2, (n_t, n_manifolds), generator=generator).double() * 2 - 1
+            return torch.randint(0, 2, (n_t, n_manifolds), generator=generator, device="cpu").double() * 2 - 1
         if kind == "balanced":
-            base = torch.ones(n_manifolds, dtype=torch.float64)
+            base = torch.ones(n_manifolds, dtype=torch.float64, device="cpu")
             base[n_manifolds // 2 :] = -1
-            perms = torch.argsort(torch.rand((n_t, n_manifolds), generator=generator), dim=1)
+            perms = torch.argsort(torch.rand((n_t, n_manifolds), generator=generator, device="cpu"), dim=1)
             y = base[perms]
             if n_manifolds % 2:  # keep the ensemble symmetric under y -> -y
-                y = y * (torch.randint(0, 2, (n_t, 1), generator=generator).double() * 2 - 1)
+                y = y * (torch.randint(0, 2, (n_t, 1), generator=generator, device="cpu").double() * 2 - 1)
             return y
-        order = torch.randperm(n_manifolds, generator=generator)
-        y = -torch.ones((n_t, n_manifolds), dtype=torch.float64)
-        y[torch.arange(n_t), order[torch.arange(n_t) % n_manifolds]] = 1
+        order = torch.randperm(n_manifolds, generator=generator, device="cpu")
+        y = -torch.ones((n_t, n_manifolds), dtype=torch.float64, device="cpu")
+        rows = torch.arange(n_t, device="cpu")
+        y[rows, order[rows % n_manifolds]] = 1
         return y
     y = as_tensor(kind, "dichotomies").double().cpu()
     if y.ndim != 2 or y.shape[1] != n_manifolds:
@@ -697,7 +698,9 @@ def _span_probes(
         # z's components are per eigenpair there: count the n_real largest (all the non-zero ones).
         ranks = torch.arange(n_pts, device=gram.device)
         counted[failed] = ranks >= n_pts - real[failed].sum(-1, keepdim=True)
-    z = torch.stack([torch.randn((n_t, n_pts), generator=g, dtype=torch.float64) for g in generators])
+    z = torch.stack(
+        [torch.randn((n_t, n_pts), generator=g, dtype=torch.float64, device="cpu") for g in generators]
+    )
     rest = torch.stack([_chi_square(g, n_feat - m, n_t) for g, m in zip(generators, n_real, strict=True)])
     z = z.to(gram.device)
     h = (z @ lower.transpose(1, 2)) * real[:, None, :]
@@ -709,8 +712,8 @@ def _chi_square(generator: torch.Generator, dof: int, size: int) -> torch.Tensor
     """``size`` chi-square draws with ``dof >= 0`` degrees of freedom (float64, CPU), seeded from
     ``generator`` (torch has no seeded chi-square sampler; numpy's ``Generator`` is used)."""
     if dof <= 0:
-        return torch.zeros(size, dtype=torch.float64)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return torch.zeros(size, dtype=torch.float64, device="cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu"))
     return torch.from_numpy(np.random.default_rng(seed).chisquare(dof, size))
 
 
@@ -867,7 +870,7 @@ def _prepare_probes(
     t: torch.Tensor | None = None
     if probes is None:
         if draw:
-            t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64)
+            t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64, device="cpu")
     else:
         t = as_tensor(probes, "probes").double().cpu()
         if t.ndim != 2 or t.shape[1] != n_feat or t.shape[0] == 0:

@@ -154,7 +154,9 @@ def _log_ratio(far: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
 def _row_hash_multipliers(n_cols: int) -> torch.Tensor:
     """``(n_cols, 2)`` fixed odd int64 multipliers of the two row hashes (seeded, so runs agree)."""
     gen = torch.Generator().manual_seed(0x5EED)
-    return torch.randint(-(2**62), 2**62, (n_cols, 2), generator=gen, dtype=torch.int64).bitwise_or_(1)
+    return torch.randint(
+        -(2**62), 2**62, (n_cols, 2), generator=gen, dtype=torch.int64, device="cpu"
+    ).bitwise_or_(1)
 
 
 def _distinct_rows(x: torch.Tensor) -> torch.Tensor:

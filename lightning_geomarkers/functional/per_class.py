@@ -73,8 +73,12 @@ def _pairs_and_values(result: Any, markers: Sequence[str]) -> tuple[torch.Tensor
 def _nan_mean_by_index(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Mean of ``values`` grouped by ``index`` (both flat), NaN values left out; NaN for empty groups."""
     finite = ~torch.isnan(values)
-    sums = torch.zeros(size, dtype=torch.float64).index_add_(0, index, torch.where(finite, values, 0.0))
-    counts = torch.zeros(size, dtype=torch.float64).index_add_(0, index, finite.to(torch.float64))
+    sums = torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(
+        0, index, torch.where(finite, values, 0.0)
+    )
+    counts = torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(
+        0, index, finite.to(torch.float64)
+    )
     return torch.where(counts > 0, sums / counts.clamp(min=1), math.nan)
 
 

@@ -119,7 +119,9 @@ def random_projection(
     n_features = x.shape[1]
     if n_features <= out_dim:
         return x
-    proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64) / math.sqrt(out_dim)
+    proj = torch.randn(n_features, out_dim, generator=g, dtype=torch.float64, device="cpu") / math.sqrt(
+        out_dim
+    )
     work = _projection_dtype(x)
     out = (x.to(work) @ proj.to(device=x.device, dtype=work)).to(x.dtype)
     if not all_finite(out):
@@ -173,7 +175,7 @@ class _CenterProjection:
         x = self.x
         if self.project:
             g = as_generator(self.generator)
-            proj = torch.randn(x.shape[1], self.out_dim, generator=g, dtype=torch.float64)
+            proj = torch.randn(x.shape[1], self.out_dim, generator=g, dtype=torch.float64, device="cpu")
             proj = proj.div_(math.sqrt(self.out_dim)).to(device=x.device, dtype=_projection_dtype(x))
             self.out = x.new_empty((x.shape[0], self.out_dim))
             self._state = (proj, _Blocks(x, centered=True) if self.centered else None)
@@ -267,7 +269,7 @@ def per_class_subsample(
     for c in class_ids.tolist():
         idx = torch.nonzero(y == c, as_tuple=True)[0]
         m = min(points_per_class, idx.numel())
-        perm = torch.randperm(idx.numel(), generator=g)[:m].to(idx.device)
+        perm = torch.randperm(idx.numel(), generator=g, device="cpu")[:m].to(idx.device)
         parts.append(x[idx[perm]])
     return parts, class_ids
 

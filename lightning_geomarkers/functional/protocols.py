@@ -95,7 +95,9 @@ def _subsample_indices(
 ) -> torch.Tensor:
     """A uniform draw of min(points_per_class, len) of ``members`` without replacement (CPU permutation)."""
     take = min(points_per_class, members.numel())
-    return members[torch.randperm(members.numel(), generator=generator)[:take].to(members.device)]
+    return members[
+        torch.randperm(members.numel(), generator=generator, device="cpu")[:take].to(members.device)
+    ]
 
 
 def _select_classes(
@@ -104,7 +106,7 @@ def _select_classes(
     """All present classes (sorted), or a seeded subset of ``max_classes`` of them (kept sorted)."""
     if max_classes is None or present.numel() <= max_classes:
         return present
-    pick = torch.randperm(present.numel(), generator=generator)[:max_classes]
+    pick = torch.randperm(present.numel(), generator=generator, device="cpu")[:max_classes]
     return present[pick.to(present.device)].sort().values
 
 
@@ -193,7 +195,7 @@ def _pairs_at(index: torch.Tensor, n: int) -> list[tuple[int, int]]:
         >>> _pairs_at(torch.tensor([0, 3, 5]), 4) == [list(itertools.combinations(range(4), 2))[k] for k in (0, 3, 5)]
         True
     """
-    rows = torch.arange(n, dtype=torch.int64)
+    rows = torch.arange(n, dtype=torch.int64, device="cpu")
     start = rows * (2 * n - rows - 1) // 2
     i = torch.searchsorted(start, index.to(torch.int64), right=True) - 1
     j = index - start[i] + i + 1
@@ -232,7 +234,7 @@ def _glue_pairs(
     if n_pairs is not None and n_pairs < n_all:
         # The pairs drawn are decoded from their indices in combinations order: no list of every pair
         # (77 bytes each: 2.4 GB for 8000 classes when 100 pairs are used).
-        pick = torch.randperm(n_all, generator=gen)[:n_pairs].sort().values
+        pick = torch.randperm(n_all, generator=gen, device="cpu")[:n_pairs].sort().values
         all_pairs = _pairs_at(pick, n_cls)
     else:
         all_pairs = list(itertools.combinations(range(n_cls), 2))
@@ -260,8 +262,8 @@ def _glue_pairs(
         n_chunk = len(chunk_pairs)
         points = x.new_zeros((n_chunk, 2, m_max, n_feat), dtype=torch.float64)
         mask = torch.zeros((n_chunk, 2, m_max), dtype=torch.bool, device=x.device)
-        probes = None if in_span else torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64)
-        labels_y = torch.empty((n_chunk, n_t, 2), dtype=torch.float64)
+        probes = None if in_span else torch.empty((n_chunk, n_t, n_feat), dtype=torch.float64, device="cpu")
+        labels_y = torch.empty((n_chunk, n_t, 2), dtype=torch.float64, device="cpu")
         probe_gens = []
         for g_i, pair in enumerate(chunk_pairs):
             for side, cls in enumerate(pair):

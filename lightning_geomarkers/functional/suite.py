@@ -317,7 +317,11 @@ def _compute(
         finally:
             part.seconds[timer] = time.perf_counter() - start
         for key, val in out.items():
-            part.values[key] = torch.as_tensor(val, dtype=torch.float64).detach()
+            part.values[key] = (
+                val.detach().to(torch.float64)
+                if isinstance(val, torch.Tensor)
+                else torch.tensor(val, dtype=torch.float64, device="cpu")
+            )
 
     def single(key: str, fn: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
         return lambda: {key: fn()}

@@ -46,6 +46,14 @@ __all__ = ["glue_standard_errors", "jackknife_standard_errors", "pairs_standard_
 RATIO_MARKERS = ("capacity", "dimension", "radius", "utility")
 
 
+def _float64(values: Any) -> torch.Tensor:
+    """A detached float64 tensor of ``values``: a tensor stays on its device, anything else goes to the
+    CPU (not to torch's default device, which may be another one)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float64)
+    return torch.as_tensor(values, dtype=torch.float64, device="cpu")
+
+
 def pairs_standard_errors(per_pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     r"""Standard error of the mean over pairs, ``s / sqrt(n)`` (NaN-aware), for each marker.
 
@@ -63,7 +71,7 @@ def pairs_standard_errors(per_pair: dict[str, torch.Tensor]) -> dict[str, torch.
     """
     out: dict[str, torch.Tensor] = {}
     for name, values in per_pair.items():
-        v = torch.as_tensor(values).detach().to(torch.float64).reshape(-1)
+        v = _float64(values).reshape(-1)
         v = v[torch.isfinite(v)]
         if v.numel() < 2:
             continue
@@ -107,7 +115,7 @@ def jackknife_standard_errors(
         >>> float(se["utility"])  # c / a is 0.5 on every probe: no spread
         0.0
     """
-    a, b, c = (torch.as_tensor(v).detach().to(torch.float64) for v in (a, b, c))
+    a, b, c = (_float64(v) for v in (a, b, c))
     if a.ndim != 1 or a.shape != b.shape or a.shape != c.shape or a.numel() < 2:
         raise ValueError(
             f"`a`, `b`, `c` must be 1-D per-probe tensors of one length >= 2, got shapes {tuple(a.shape)}, "

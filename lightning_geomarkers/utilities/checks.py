@@ -35,7 +35,7 @@ def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.T
         t = x.detach()
     elif isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
         try:
-            t = torch.as_tensor(np.asarray(x))
+            t = torch.as_tensor(np.asarray(x), device="cpu")  # not torch's default device: as given
         except (TypeError, ValueError) as err:
             raise TypeError(
                 f"`{name}` could not be converted to a tensor ({err}); pass a torch.Tensor."
@@ -162,7 +162,7 @@ def check_labels(
                 f"`ids = numpy.unique(labels, return_inverse=True)[1]`.{tail}"
             )
         try:
-            y = torch.as_tensor(arr)
+            y = torch.as_tensor(arr, device="cpu")
         except (TypeError, ValueError) as err:  # pragma: no cover - numpy dtypes torch lacks
             raise TypeError(f"{name} could not be converted to a tensor ({err}).{tail}") from err
     else:

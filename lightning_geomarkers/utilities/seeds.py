@@ -25,7 +25,7 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
             raise ValueError("Pass a CPU torch.Generator (draws are made on the CPU for reproducibility).")
         return generator
     if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
     elif isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         seed = check_seed(generator, "generator")
     else:
@@ -42,7 +42,7 @@ def split_seeds(generator: torch.Generator, n: int) -> list[int]:
         >>> split_seeds(torch.Generator().manual_seed(0), 2) == split_seeds(torch.Generator().manual_seed(0), 2)
         True
     """
-    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=generator).tolist()]
+    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=generator, device="cpu").tolist()]
 
 
 def child_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
