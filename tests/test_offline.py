@@ -70,6 +70,25 @@ def test_checkpoint_evaluated_offline_equals_the_values_logged_live(tmp_path, se
         assert "geometry/body.1/glue_dimension" in offline and "geometry/fc_input/nc1" in offline
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_true_precision_run_is_reproduced_offline(tmp_path, precision):
+    """Lightning's 64-true / bf16-true runs convert every batch's floating tensors to the model's dtype
+    before the loop sees them; evaluate() ran the model on the loader's float32 batches and crashed
+    ("mat1 and mat2 must have the same dtype"). It converts them the same way now, and reproduces the
+    logged values."""
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes(per_class=20)
+    train, val = loaders(x, y)
+    monitor = GeometryMonitor(**SMALL)
+    tr = trainer(tmp_path, [monitor], max_epochs=1, logger=False, precision=precision)
+    model = TinyMLP()
+    tr.fit(model, train, val)
+    logged = monitor.history[-1]
+    offline = monitor.evaluate(model, val)
+    assert offline["geometry/glue_dimension"] == pytest.approx(logged["glue_dimension"], rel=1e-9)
+    assert offline["geometry/nc1"] == pytest.approx(logged["nc1"], rel=1e-9)
+
+
 class Net(nn.Module):
     def __init__(self, dim: int = 16, width: int = 24, classes: int = 5):
         super().__init__()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.apply_func import apply_to_collection, move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -115,6 +115,17 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(inputs)
 
 
+def _convert_input(model: nn.Module, batch: Any) -> Any:
+    """The batch's floating-point tensors in the model's floating dtype where that is float64, float16 or
+    bfloat16, as Lightning's ``64-true`` / ``16-true`` / ``bf16-true`` precision plugins convert every batch
+    before the loop sees it (so the monitor captured, and keyed, converted inputs); unchanged for float32
+    models (``32-true`` and the ``-mixed`` settings convert nothing)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype not in (torch.float64, torch.float16, torch.bfloat16):
+        return batch
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
 def _transfer(model: nn.Module, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
     """Move a batch to ``device`` as Lightning's loop would (a LightningModule's transfer hooks included,
     called with the monitored loader's ``dataloader_idx``)."""
@@ -157,7 +168,9 @@ def evaluate_model(
             the input of the last ``nn.Linear``).
         dataloader: an iterable of batches (or a list of DataLoaders: entry ``monitor.dataloader_idx``).
         forward_fn: ``forward_fn(model, batch)`` runs the model on a (device-moved) batch; default
-            ``model(inputs)`` with the inputs found as the monitor finds them (``batch[0]``, ...).
+            ``model(inputs)`` with the inputs found as the monitor finds them (``batch[0]``, ...). As in
+            Lightning's ``64-true`` / ``bf16-true`` / ``16-true`` runs, a model whose parameters are
+            float64, bfloat16 or float16 gets the batch's floating-point tensors in that dtype.
         device: where to run; default the model's device. The model is not moved: it must be there.
         progress: show a tqdm progress bar over the batches.
 
@@ -197,7 +210,7 @@ def evaluate_model(
             batches = tqdm(loader, desc="batches", leave=False, unit="batch")
         with torch.no_grad():
             for batch_idx, raw in enumerate(batches):
-                batch = _transfer(model, raw, run_device, monitor.dataloader_idx)
+                batch = _transfer(model, _convert_input(model, raw), run_device, monitor.dataloader_idx)
                 for hook in shadow._hooks.values():
                     hook.clear()
                     hook.enabled = True
