@@ -420,9 +420,10 @@ def test_ranking_rules_against_brute_force():
         rank_scores([])
 
 
-def test_console_entry_point_help_in_a_subprocess():
+@pytest.mark.parametrize("module", ["lightning_geomarkers", "lightning_geomarkers.cli"])
+def test_console_entry_point_help_in_a_subprocess(module):
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_geomarkers", "rank", "--help"],
+        [sys.executable, "-m", module, "rank", "--help"],
         capture_output=True,
         text=True,
         timeout=120,

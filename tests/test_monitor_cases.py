@@ -392,6 +392,15 @@ def test_marker_checkpoint_with_an_unprefixed_key_is_refused_listing_valid_keys(
         fit(tmp_path, [GeometryMonitor(**CHEAP), ckpt])
 
 
+def test_marker_checkpoint_on_a_marker_the_monitor_does_not_compute_says_so(tmp_path):
+    """The key is written the logged way, the marker is just not computed: the message used to say "Use
+    the logged key"."""
+    ckpt = MarkerCheckpoint(floors={"geometry/nc1": 0.1}, dirpath=tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"Add 'nc1' to the monitor's `markers`, or drop it here") as err:
+        fit(tmp_path, [GeometryMonitor(**CHEAP), ckpt])
+    assert "Use the logged key" not in str(err.value)
+
+
 def test_model_checkpoint_keeps_nothing_when_no_marker_was_computed(tmp_path):
     x, y = gaussian_classes()
 
@@ -522,7 +531,55 @@ def test_alert_state_is_matched_by_marker_not_position():
     loader = GeometryMonitor(markers="glue", alerts=[new_util, new_dim, extra])
     with pytest.warns(MonitorWarning, match=r"no alert state for \['glue_radius'\]"):
         loader.load_state_dict(state)
+        loader.on_fit_start(None, None)  # type: ignore[arg-type]  # said when the resumed fit starts
     assert new_dim.best == 10.0 and new_util.best == 0.5 and extra.best is None
+
+
+def test_restored_alert_state_is_reported_at_fit_only_and_reads_well(tmp_path):
+    """A checkpoint with alert state restored by a monitor without alerts: the warning used to read "no
+    alert state for [] (they start afresh) and state for alerts no longer configured ...", and came also
+    from trainer.validate(ckpt_path=...), where alerts never run."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    with pytest.warns(GeometryWarning):
+        fit(
+            tmp_path / "a",
+            [GeometryMonitor(alerts=[MarkerAlert("participation_ratio", threshold=1e9)], **CHEAP), ckpt],
+        )
+    path = str(tmp_path / "ck" / "last.ckpt")
+    x, y = gaussian_classes()
+    _, val = loaders(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "b", [GeometryMonitor(**CHEAP)], logger=False).validate(
+            TinyMLP(), val, ckpt_path=path
+        )
+    assert not [
+        str(w.message) for w in caught if "alert state" in str(w.message) or "alerts no" in str(w.message)
+    ]
+    train, val = loaders(x, y)
+    with pytest.warns(MonitorWarning) as record:
+        trainer(tmp_path / "c", [GeometryMonitor(**CHEAP)], max_epochs=2, logger=False).fit(
+            TinyMLP(), train, val, ckpt_path=path
+        )
+    (message,) = [str(w.message) for w in record if "alerts no longer" in str(w.message)]
+    assert message == (
+        "GeometryMonitor: the checkpoint holds state for alerts no longer configured: ['participation_ratio'] "
+        "(ignored)."
+    )
+
+
+def test_logged_keys_after_fit_and_messages_without_a_schedule_of_one(tmp_path):
+    """logged_keys() raised after fit (teardown drops the hooks, the resolved layers stay); the
+    EarlyStopping message named "epochs skipped by every_n_epochs=1", which skips nothing."""
+    monitor = GeometryMonitor(**CHEAP)
+    fit(tmp_path / "a", [monitor])
+    assert monitor.logged_keys() == ["geometry/participation_ratio"]
+    stop = EarlyStopping(monitor="geometry/participation_ratio", mode="max")
+    with pytest.raises(ValueError, match=r"strict=False") as err:
+        fit(tmp_path / "b", [GeometryMonitor(**CHEAP), stop])
+    assert "every_n_epochs" not in str(err.value)
+    with pytest.raises(ValueError, match=r"every_n_epochs=2"):
+        fit(tmp_path / "c", [GeometryMonitor(every_n_epochs=2, **CHEAP), stop])
 
 
 def test_layer_names_with_a_colon_are_sanitised_in_keys(tmp_path):

@@ -219,7 +219,9 @@ def find_classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
             f"The last nn.Linear, {_describe_linear(last_name, last)}, feeds further layers (modules after it "
             "in its nn.Sequential), so it is not a classifier head: e.g. a squeeze-excitation gate, in a "
             f"model whose classifier may be a convolution.{hint} Pass the classifier's input explicitly, "
-            'e.g. layers="<classifier module>:input".'
+            'e.g. layers="<classifier module>:input", or, for a head that is not a module (logits computed '
+            "from a parameter in forward, e.g. a cosine classifier), the backbone's output: "
+            'layers="<backbone module>".'
         )
     if len(ends) >= 2:
         names = ", ".join(_describe_linear(n, m) for n, m in ends)

@@ -135,12 +135,17 @@ class MarkerCheckpoint(ModelCheckpoint):
             )
             if key in valid or not looks_like_marker:
                 continue
-            close = [k for k in valid if k.endswith("/" + key.rsplit("/", 1)[-1])]
+            name = key.rsplit("/", 1)[-1]
+            close = [k for k in valid if k.endswith("/" + name)]
+            computed = any(name.removesuffix("_se") in m.markers for m in monitors)
+            if monitors and not close and not computed and name.removesuffix("_se") in MARKERS:
+                fix = f"Add {name.removesuffix('_se')!r} to the monitor's `markers`, or drop it here"
+            else:
+                fix = "Use the logged key" + (f", e.g. {close[0]!r}" if close else "")
             raise ValueError(
                 f"MarkerCheckpoint lists {key!r}, which no GeometryMonitor logs"
                 + (" (there is no GeometryMonitor in Trainer(callbacks=...))" if not monitors else "")
-                + ", so no epoch would ever be eligible. Use the logged key"
-                + (f", e.g. {close[0]!r}" if close else "")
+                + f", so no epoch would ever be eligible. {fix}"
                 + f". Keys logged: {valid[:12]}{' ...' if len(valid) > 12 else ''}."
             )
 

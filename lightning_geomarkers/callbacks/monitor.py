@@ -245,6 +245,8 @@ class GeometryMonitor(L.Callback):
         self._deferred_module: nn.Module | None = None  # the module it waits for (for state_key meanwhile)
         # Marker values logged at this validation (compared with what Lightning reports at its end).
         self._logged_now: dict[str, float] = {}
+        # What a restored checkpoint's alert state lacked or had in excess, said at the next fit's start.
+        self._restore_note: str | None = None
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -302,13 +304,13 @@ class GeometryMonitor(L.Callback):
             else:
                 fresh.append(alert.marker)
         left = [m for m, q in saved.items() for _ in q]
-        if fresh or left:
-            rank_zero_warn(
-                f"GeometryMonitor: the checkpoint holds no alert state for {fresh} (they start afresh)"
-                + (f" and state for alerts no longer configured: {left} (ignored)" if left else "")
-                + ".",
-                category=MonitorWarning,
-            )
+        parts = [f"no alert state for {fresh} (they start afresh)"] if fresh else []
+        parts += [f"state for alerts no longer configured: {left} (ignored)"] if left else []
+        # Said when a fit starts (on_fit_start): alerts move during fit only, so a trainer.validate()
+        # restoring the same checkpoint has nothing to be told.
+        self._restore_note = (
+            "GeometryMonitor: the checkpoint holds " + " and ".join(parts) + "." if parts else None
+        )
 
     def _alert_key(self, marker: str) -> str:
         """The key an alert on ``marker`` logs its state under: ``"<prefix>/alert/<normalised name>"``."""
@@ -341,6 +343,8 @@ class GeometryMonitor(L.Callback):
         not set up yet)."""
         if self._hooks:
             layers = list(self._hooks)
+        elif self._layer_ids:  # after teardown (the hooks are gone, the resolved layers are kept)
+            layers = list(self._layer_ids)
         elif pl_module is not None:
             layers = list(resolve_layers(pl_module, self.layers))
         else:
@@ -463,9 +467,9 @@ class GeometryMonitor(L.Callback):
             if isinstance(cb, EarlyStopping) and cb.monitor in mine and cb.strict:
                 raise ValueError(
                     f"EarlyStopping(monitor={cb.monitor!r}) needs strict=False: the marker has no value at "
-                    "validations where it is not computed (the sanity check, epochs skipped by "
-                    f"every_n_epochs={self.every_n_epochs}, data problems), and GeometryMonitor never puts "
-                    "a placeholder where EarlyStopping would act on it. Pass "
+                    f"validations where it is not computed (the sanity check, {self._skipped_epochs()}data "
+                    "problems), and GeometryMonitor never puts a placeholder where EarlyStopping would act on "
+                    "it. Pass "
                     f"EarlyStopping(monitor={cb.monitor!r}, strict=False, ...) (patience then counts computed "
                     "epochs only), or stop on a geometry alert: MarkerAlert(<marker>, relative_drop=..., "
                     "action='stop')."
@@ -487,7 +491,11 @@ class GeometryMonitor(L.Callback):
                     )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Refuse a strict lr scheduler on a marker key (the optimizers exist only from here on)."""
+        """Refuse a strict lr scheduler on a marker key (the optimizers exist only from here on), and say
+        which alerts a resumed fit starts afresh."""
+        note, self._restore_note = self._restore_note, None
+        if note is not None:
+            rank_zero_warn(note, category=MonitorWarning)
         self._attach_deferred(trainer, pl_module)
         if not self._hooks:
             return
@@ -497,12 +505,15 @@ class GeometryMonitor(L.Callback):
                 raise ValueError(
                     f"The lr scheduler {type(config.scheduler).__name__} monitors {config.monitor!r} with "
                     "strict=True (Lightning's default), which raises at every validation where the marker has "
-                    "no value (epochs skipped by "
-                    f"every_n_epochs={self.every_n_epochs}, data problems), and GeometryMonitor never puts a "
+                    f"no value ({self._skipped_epochs()}data problems), and GeometryMonitor never puts a "
                     "placeholder there. Return it from configure_optimizers with strict=False: "
                     f'{{"scheduler": scheduler, "monitor": {config.monitor!r}, "strict": False}} (it then '
                     "steps only on computed epochs)."
                 )
+
+    def _skipped_epochs(self) -> str:
+        """``"epochs skipped by every_n_epochs=N, "`` for the messages above, or nothing when N = 1."""
+        return f"epochs skipped by every_n_epochs={self.every_n_epochs}, " if self.every_n_epochs > 1 else ""
 
     def _check_schedule(self, trainer: L.Trainer) -> None:
         """Warn once per fit when the markers are never computed in ``max_epochs`` (whatever the schedules),

@@ -158,8 +158,10 @@ def check_labels(
         if arr.dtype.kind in "USO":
             raise TypeError(
                 f"{name} are {'strings' if arr.dtype.kind in 'US' else 'Python objects'}; geometry markers "
-                "need integer class ids. Map them to integers first, e.g. "
-                f"`ids = numpy.unique(labels, return_inverse=True)[1]`.{tail}"
+                "need integer class ids. Map them to integers with one mapping fixed for the whole dataset "
+                "(never per batch: a class must keep its id), e.g. "
+                f"`ids = torch.tensor([CLASSES.index(s) for s in labels])` with CLASSES the sorted list of "
+                f"all class names.{tail}"
             )
         try:
             y = torch.as_tensor(arr, device="cpu")
