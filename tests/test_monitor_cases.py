@@ -594,6 +594,14 @@ def test_layer_names_with_a_colon_are_sanitised_in_keys(tmp_path):
     assert {"geometry/fc_input/participation_ratio", "geometry/body.1/participation_ratio"} <= keys
     assert "geometry/alert/fc_input/participation_ratio" in keys
     assert not any(":" in k for k in keys)
+    # With several layers the alert's message and event name the layer (they used to say only
+    # "participation_ratio = ...", whichever layer fired).
+    (event,) = monitor.alert_history
+    assert (
+        event["key"] == "geometry/fc_input/participation_ratio"
+        and event["marker"] == "fc:input/participation_ratio"
+    )
+    assert "): geometry/fc_input/participation_ratio = " in event["message"]
 
 
 def test_compiled_head_is_hooked_outside_the_compiled_region(tmp_path):
@@ -669,9 +677,9 @@ def test_standard_errors_reach_history_logs_and_alerts(tmp_path, monkeypatch):
     fed = []
 
     class Spy(MarkerAlert):
-        def update(self, value, *, epoch, step, se=None):
+        def update(self, value, *, epoch, step, se=None, **names):
             fed.append(se)
-            return super().update(value, epoch=epoch, step=step, se=se)
+            return super().update(value, epoch=epoch, step=step, se=se, **names)
 
     monitor = GeometryMonitor(
         markers=["glue_dimension", "glue_utility"],

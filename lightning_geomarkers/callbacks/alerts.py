@@ -27,6 +27,8 @@ class AlertEvent:
     reference: float | None
     message: str
     action: str
+    #: The logged key of the value that fired (``"<prefix>/<layer>/<marker>"``), when a monitor ran it.
+    key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,9 +193,19 @@ class MarkerAlert:
     def _worse(self, value: float, bound: float) -> bool:
         return value < bound if self.mode == "max" else value > bound
 
-    def update(self, value: float, *, epoch: int, step: int, se: float | None = None) -> AlertEvent | None:
+    def update(
+        self,
+        value: float,
+        *,
+        epoch: int,
+        step: int,
+        se: float | None = None,
+        key: str | None = None,
+        label: str | None = None,
+    ) -> AlertEvent | None:
         """Feed one computed value (and its standard error, if known); returns the :class:`AlertEvent` if
-        the alert fires now."""
+        the alert fires now. ``key`` (the logged key of the value) is kept in the event; ``label`` names the
+        value in the message (default: the alert's ``marker``)."""
         value = float(value)
         if se is not None and not (math.isfinite(float(se)) and float(se) >= 0):
             se = None
@@ -229,7 +241,7 @@ class MarkerAlert:
             if self.wait >= self.patience and self.armed:
                 self.armed = False
                 message = (
-                    f"Geometry alert at epoch {epoch} (step {step}): {self.marker} = {value:.4g} is "
+                    f"Geometry alert at epoch {epoch} (step {step}): {label or self.marker} = {value:.4g} is "
                     + " and ".join(reasons)
                     + (f" for {self.wait} consecutive evaluations" if self.patience > 1 else "")
                     + "."
@@ -239,7 +251,7 @@ class MarkerAlert:
                         else ""
                     )
                 )
-                event = AlertEvent(self.marker, epoch, step, value, ref, message, self.action_name)
+                event = AlertEvent(self.marker, epoch, step, value, ref, message, self.action_name, key)
         else:
             self.wait = 0
             self.armed = True

@@ -1099,7 +1099,11 @@ class GeometryMonitor(L.Callback):
                     f"GeometryMonitor: {alert!r} asks for min_standard_errors but {marker} has no standard "
                     "error here; the alert fires on the drop alone.",
                 )
-            event = alert.update(values[marker], epoch=epoch, step=step, se=se)
+            logged = self._key(layer, marker)
+            # The message names the logged key where the bare marker is ambiguous (several layers, or
+            # several monitors told apart by their prefix).
+            label = logged if len(self._hooks) > 1 or self.prefix != "geometry" else None
+            event = alert.update(values[marker], epoch=epoch, step=step, se=se, key=logged, label=label)
             key = self._alert_key(alert.marker)
             flags[key] = max(flags.get(key, 0.0), float(event is not None))
             if event is None:
