@@ -9,6 +9,7 @@ import itertools
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -630,3 +631,34 @@ def test_the_ranked_layer_and_ties_do_not_depend_on_the_checkpoint_order():
     ]
     result = rank_scores(tied)
     assert result.choice.path == "high" and [s.path for s in result.pareto] == ["high"]
+
+
+def test_a_misspelt_layer_stops_at_the_first_checkpoint_and_warnings_read_as_one_line(run, tmp_path, capsys):
+    """A layer that the first checkpoint's model lacks is a typo (the same class builds every
+    checkpoint): every checkpoint used to be measured and the same error printed once each, then a
+    dict of them. Warnings of a command-line run read "lightning-geomarkers rank: warning: ..." instead
+    of starting with the package's file and line."""
+    paths, _ = run
+    before = warnings.formatwarning
+    measured = []
+    real = rank_module.evaluate_model
+    rank_module.evaluate_model = lambda *a, **k: measured.append(1) or real(*a, **k)
+    try:
+        argv = ["rank", *paths[:2], "--model", MODEL, "--data", DATA, *OPTIONS, "--quiet", "--out", tmp_path]
+        assert main([*argv, "--layers", "body.9"]) == 1
+    finally:
+        rank_module.evaluate_model = real
+    err = capsys.readouterr().err
+    assert not measured and err.count("body.9") == 1 and "the first checkpoint" in err, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # Python's default printer, as in a terminal (pytest records warnings instead of printing them)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        )
+        code = main([*argv[:-2], "--out", tmp_path / "w", "--seed", "5", "--markers", "glue"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "lightning-geomarkers rank: warning: " in err and "seed=1, and this ranking uses seed=5" in err
+    assert "rank.py:" not in err
+    assert warnings.formatwarning is before  # restored after the run

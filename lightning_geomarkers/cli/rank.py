@@ -512,8 +512,12 @@ def rank_checkpoints(
         if not key_order:  # the monitor's layer order: D_eff and Psi_eff are the first layer's
             try:
                 key_order = monitor.logged_keys(net)
-            except Exception:  # a bad layer: evaluate() below says so for this checkpoint
-                key_order = []
+            except Exception as err:
+                if not scores:  # the first checkpoint: a misspelt layer, not one variant's architecture
+                    raise CLIError(
+                        f"{err} (in {path}, the first checkpoint; --layers names the model's submodules)"
+                    ) from err
+                key_order = []  # a variant without the layer: evaluate() below says so for it
         try:
             values = evaluate_model(monitor, net, loader, forward_fn=forward_fn, device=run_device).values
         except TypeError as err:  # the batches' inputs cannot be found: the same for every checkpoint
@@ -756,27 +760,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # "<prog> rank: warning: ..." without a source line
     try:
-        floors = dict(parse_threshold(t) for t in args.floor)
-        ceilings = dict(parse_threshold(t) for t in args.ceiling)
-        monitor = _monitor_from_args(args)
-        result = rank_checkpoints(
-            args.checkpoints,
-            args.model,
-            args.data,
-            monitor=monitor,
-            out=args.out,
-            floors=floors,
-            ceilings=ceilings,
-            device=args.device,
-            plot=not args.no_plot,
-            progress=not args.quiet,
-        )
+        return _run(args)
     except (CLIError, FileNotFoundError, ValueError) as err:
         if args.debug:
             raise
         print(f"{PROG} rank: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning of a command-line run as one line, without the package's file and line (printed by
+    Python's default ``showwarning``; code that records warnings still gets them as warnings)."""
+    return f"{PROG} rank: warning: {message}\n"
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The ``rank`` command on parsed arguments (errors propagate to :func:`main`)."""
+    floors = dict(parse_threshold(t) for t in args.floor)
+    ceilings = dict(parse_threshold(t) for t in args.ceiling)
+    monitor = _monitor_from_args(args)
+    result = rank_checkpoints(
+        args.checkpoints,
+        args.model,
+        args.data,
+        monitor=monitor,
+        out=args.out,
+        floors=floors,
+        ceilings=ceilings,
+        device=args.device,
+        plot=not args.no_plot,
+        progress=not args.quiet,
+    )
     if not args.quiet:
         print(result.table())
         print()
