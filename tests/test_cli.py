@@ -662,3 +662,31 @@ def test_a_misspelt_layer_stops_at_the_first_checkpoint_and_warnings_read_as_one
     assert "lightning-geomarkers rank: warning: " in err and "seed=1, and this ranking uses seed=5" in err
     assert "rank.py:" not in err
     assert warnings.formatwarning is before  # restored after the run
+
+
+def test_ranking_with_other_settings_than_the_run_warns_naming_them(run):
+    """The monitor's checkpoint state records its value settings; ranking with other ones (here n_t and
+    samples_per_class) measures other numbers than the logged ones, and says so once, naming them."""
+    paths, live = run
+    with pytest.warns(
+        UserWarning,
+        match=r"other settings than this ranking's \(samples_per_class: logged 20, here 25; points_per_class: logged 20, here 25; n_t: logged 30, here 40\)",
+    ) as record:
+        rank_checkpoints(
+            paths,
+            TinyMLP,
+            val_loader,
+            monitor=GeometryMonitor(**{**SETTINGS, "n_t": 40, "samples_per_class": 25}),
+            out=None,
+            progress=False,
+        )
+    assert sum("other settings" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run's own settings: no warning at all
+        result = rank_checkpoints(
+            paths[:1], TinyMLP, val_loader, monitor=GeometryMonitor(**SETTINGS), out=None, progress=False
+        )
+    (score,) = result.scores
+    assert score.values["geometry/glue_dimension"] == pytest.approx(
+        live[score.epoch]["glue_dimension"], rel=1e-9
+    )

@@ -270,6 +270,34 @@ class GeometryMonitor(L.Callback):
         ``str(layers)``), so they still restore."""
         return self._generate_state_key(prefix=self.prefix, layers=str(self.layers))
 
+    def value_settings(self) -> dict[str, Any]:
+        """The settings that decide the logged values besides ``seed`` and the model: which rows are kept
+        (``samples_per_class``, ``max_classes``), the layers and pooling, and the GLUE and LID protocol.
+        Kept in the monitor's checkpoint state, so that a later measurement (``lightning-geomarkers rank``)
+        can tell whether it reproduces the logged values.
+
+        Example:
+            >>> GeometryMonitor().value_settings()["n_t"]
+            100
+        """
+        layers: Any
+        if self.layers is None or isinstance(self.layers, str):
+            layers = self.layers
+        elif isinstance(self.layers, (list, tuple)):
+            layers = [x if isinstance(x, str) else "module" for x in self.layers]
+        else:
+            layers = "module"
+        # glue_kwargs["max_classes"] is GLUE's own class cap (None: GLUE uses every sampled class); the
+        # sample's max_classes is what caps the classes.
+        glue = {k: v for k, v in self.glue_kwargs.items() if k != "max_classes"}
+        return {
+            "layers": layers,
+            "pooling": self.pooling if isinstance(self.pooling, str) else "callable",
+            "samples_per_class": self.samples_per_class,
+            "max_classes": self.max_classes,
+            **glue,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(h) for h in self.history],
@@ -277,6 +305,7 @@ class GeometryMonitor(L.Callback):
             "per_class_history": [dict(h) for h in self.per_class_history],
             "alerts": [a.state_dict() for a in self.alerts],
             "seed": self.seed,
+            "settings": self.value_settings(),
             "last_computed_step": self.last_computed_step,
         }
 

@@ -279,32 +279,20 @@ def monitor_from_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def monitor_settings(monitor: GeometryMonitor) -> dict[str, Any]:
     """The settings that determine a monitor's values (written to ``ranking.md``)."""
-    pooling = (
-        monitor.pooling
-        if isinstance(monitor.pooling, str)
-        else getattr(monitor.pooling, "__name__", "callable")
-    )
-    layers = (
-        monitor.layers
-        if monitor.layers is None or isinstance(monitor.layers, (str, list, tuple))
-        else "module"
-    )
 
     def name(fn: Any) -> str | None:
         return None if fn is None else getattr(fn, "__name__", "callable")
 
-    # glue_kwargs["max_classes"] is GLUE's own class cap (None: GLUE uses every sampled class); the
-    # sample's max_classes is what caps the classes, so it is the one reported.
-    glue = {k: v for k, v in monitor.glue_kwargs.items() if k != "max_classes"}
+    settings = monitor.value_settings()
+    if callable(monitor.pooling):
+        settings["pooling"] = name(monitor.pooling)
     return {
-        "layers": layers,
-        "pooling": pooling,
+        "layers": settings.pop("layers"),
+        "pooling": settings.pop("pooling"),
         "label_fn": name(monitor.label_fn),
         "input_fn": name(monitor.input_fn),  # changes the sample keys, so which rows are kept
         "markers": list(monitor.markers),
-        "samples_per_class": monitor.samples_per_class,
-        "max_classes": monitor.max_classes,
-        **glue,
+        **settings,
         "seed": monitor.seed,
         "prefix": monitor.prefix,
         "dataloader_idx": monitor.dataloader_idx,
@@ -343,9 +331,12 @@ def _expand(checkpoints: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(unique.values())
 
 
-def _checkpoint_info(path: Path, prefix: str = "geometry") -> tuple[int | None, int | None, int | None]:
-    """The checkpoint's ``epoch``, ``global_step`` and the seed of the ``GeometryMonitor`` with this
-    ``prefix`` that logged during its run (None where absent).
+def _checkpoint_info(
+    path: Path, prefix: str = "geometry"
+) -> tuple[int | None, int | None, int | None, dict[str, Any] | None]:
+    """The checkpoint's ``epoch``, ``global_step``, and the seed and value settings
+    (:meth:`GeometryMonitor.value_settings`) of the ``GeometryMonitor`` with this ``prefix`` that logged
+    during its run (None where absent: settings are saved since the twelfth session).
 
     Raises:
         CLIError: the file cannot be read as a checkpoint (truncated, not a torch file), with its path.
@@ -368,17 +359,27 @@ def _checkpoint_info(path: Path, prefix: str = "geometry") -> tuple[int | None, 
             "or trainer.save_checkpoint."
         )
     epoch, step = ckpt.get("epoch"), ckpt.get("global_step")
-    seeds = {
-        state.get("seed")
+    states = [
+        state
         for key, state in (ckpt.get("callbacks") or {}).items()
         if str(key).startswith(f"GeometryMonitor{{'prefix': {prefix!r}") and isinstance(state, Mapping)
-    }
+    ]
+    seeds = {state.get("seed") for state in states}
     seed = seeds.pop() if len(seeds) == 1 else None
+    settings = states[0].get("settings") if len(states) == 1 else None
     return (
         int(epoch) if isinstance(epoch, int) else None,
         int(step) if isinstance(step, int) else None,
         int(seed) if isinstance(seed, int) else None,
+        dict(settings) if isinstance(settings, Mapping) else None,
     )
+
+
+def _settings_differ(logged: dict[str, Any] | None, here: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, logged value, value here) for every value setting that differs (none without a record)."""
+    if logged is None:
+        return []
+    return [(k, logged[k], v) for k, v in here.items() if k in logged and logged[k] != v]
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -486,12 +487,25 @@ def rank_checkpoints(
     failures: dict[str, str] = {}
     key_order: list[str] = []
     seed_warned = False
+    settings_warned = False
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     bar = tqdm(paths, desc="checkpoints", unit="ckpt", disable=not progress, file=sys.stderr)
     for path, label in zip(bar, labels, strict=True):
         bar.set_postfix_str(label[-40:])
-        epoch, step, run_seed = _checkpoint_info(path, monitor.prefix)
+        epoch, step, run_seed, run_settings = _checkpoint_info(path, monitor.prefix)
+        differ = _settings_differ(run_settings, monitor.value_settings())
+        if differ and not settings_warned:
+            settings_warned = True
+            warnings.warn(
+                f"{path} was logged by a GeometryMonitor with other settings than this ranking's ("
+                + "; ".join(f"{k}: logged {a!r}, here {b!r}" for k, a, b in differ)
+                + "): the values measured here are not the logged ones, and rankings or thresholds taken "
+                "from the run do not apply. Pass the run's settings (--config, or the options of the same "
+                "names) to reproduce them.",
+                UserWarning,
+                stacklevel=2,
+            )
         if run_seed is not None and run_seed != monitor.seed and not seed_warned:
             seed_warned = True
             warnings.warn(
