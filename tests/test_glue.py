@@ -480,6 +480,35 @@ def test_span_probes_have_the_law_of_gaussian_probes():
             assert bool((h[:, 11] == 0).all())  # padding rows get h = 0
 
 
+def test_span_probes_of_dependent_points_do_not_depend_on_the_eigenvector_signs(monkeypatch):
+    """Dependent points take the eigendecomposition path, whose eigenvector signs are the solver's choice
+    (LAPACK and cuSOLVER need not agree): the probes there come from the symmetric square root of the
+    Gram, so flipping the signs changes nothing (with L = U sqrt(mu) the markers moved by up to 4%)."""
+    from lightning_geomarkers.functional.glue import _normalised_gram, _padded_cholesky, _span_probes
+
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(1, 2, 6, 30, generator=g, dtype=torch.float64)
+    pts[0, 1, 4] = pts[0, 0, 0] + pts[0, 1, 0]  # a point in the span of two others
+    mask = torch.ones(pts.shape[1:3], dtype=torch.bool)[None]
+    gram, _ = _normalised_gram(pts, mask)
+    factor = _padded_cholesky(gram, mask)
+
+    def draw():
+        return _span_probes(gram, mask, factor, 30, 50, [torch.Generator().manual_seed(1)])
+
+    h, t_norm = draw()
+    eigh = torch.linalg.eigh
+
+    def flipped(a):
+        evals, evecs = eigh(a)
+        signs = torch.tensor([(-1.0) ** j for j in range(evecs.shape[-1])], dtype=evecs.dtype)
+        return evals, evecs * signs
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipped)
+    h_flipped, t_norm_flipped = draw()
+    assert torch.allclose(h_flipped, h, rtol=0, atol=1e-12) and torch.equal(t_norm_flipped, t_norm)
+
+
 def test_span_probes_give_the_markers_of_full_probes():
     """Drawn in the span or in N dimensions, the probes give the same markers in expectation: glue()
     with drawn probes (span path) against glue() given N-dimensional Gaussian probes, 2,000 probes each,

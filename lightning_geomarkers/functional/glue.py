@@ -675,9 +675,11 @@ def _span_probes(
     covariance ``K``, so ``h = L z`` with ``z ~ N(0, I_T)`` has its law; writing ``t`` as its part in the
     row space of ``X`` plus an orthogonal part, ``||t||^2 = ||z||^2 + \chi^2_{N - T}``, the chi-square
     independent of ``z``. Cost O(n_t T^2) per group instead of the O(n_t N T) of drawing ``t`` in N
-    dimensions (N = 2048, T = 100: 20x fewer normals). Where the Cholesky factor does not exist
-    (dependent points), ``L = U diag(sqrt(max(mu, 0)))`` from ``eigh``. Padding points get ``h = 0`` and
-    do not count in ``T``.
+    dimensions (N = 2048, T = 100: 20x fewer normals). Where the points are dependent (rank r < T), ``L``
+    is the symmetric square root ``U diag(sqrt(max(mu, 0))) U^T`` from ``eigh``: with ``X = U_r S V_r^T``,
+    ``h = U_r S (U_r^T z)`` and ``||z||^2 = ||U_r^T z||^2 + \chi^2_{T - r}`` have the law of
+    ``h = U_r S (V_r^T t)`` and the row-space part of ``||t||^2``, so the same formula for ``||t||`` holds.
+    Padding points get ``h = 0`` and do not count in ``T``.
 
     Args:
         gram: (B, T, T) normalised Grams; mask: (B, P, M) real points; factor: :func:`_padded_cholesky`
@@ -689,22 +691,25 @@ def _span_probes(
     chol, info = factor
     real = mask.reshape(n_groups, n_pts)
     n_real = real.sum(-1).tolist()
-    lower, counted = chol, real
-    failed = torch.nonzero(info != 0).squeeze(1)
-    if failed.numel():  # one host read per call; only groups with dependent points take this path
-        evals, evecs = torch.linalg.eigh(gram[failed])  # ascending: padding's zeros come first
-        lower, counted = chol.clone(), real.clone()
-        lower[failed] = evecs * evals.clamp_min(0).sqrt()[:, None, :]
-        # z's components are per eigenpair there: count the n_real largest (all the non-zero ones).
-        ranks = torch.arange(n_pts, device=gram.device)
-        counted[failed] = ranks >= n_pts - real[failed].sum(-1, keepdim=True)
+    lower = chol
+    # Groups whose points are (numerically) dependent, by the relative pivots rather than by whether the
+    # factorization happened to fail: for an exactly singular Gram that is decided by round-off, which
+    # may differ between devices. One host read per call.
+    failed = torch.nonzero(_dependent_groups(gram, mask, factor)).squeeze(1)
+    if failed.numel():
+        # The symmetric square root U diag(sqrt(mu)) U^T: unlike U diag(sqrt(mu)) it does not depend on
+        # the eigensolver's choice of eigenvector signs (or bases of repeated eigenvalues), which LAPACK
+        # and cuSOLVER need not share, so a seed gives the same probes on every device.
+        evals, evecs = torch.linalg.eigh(gram[failed])
+        lower = chol.clone()
+        lower[failed] = (evecs * evals.clamp_min(0).sqrt()[:, None, :]) @ evecs.mT
     z = torch.stack(
         [torch.randn((n_t, n_pts), generator=g, dtype=torch.float64, device="cpu") for g in generators]
     )
     rest = torch.stack([_chi_square(g, n_feat - m, n_t) for g, m in zip(generators, n_real, strict=True)])
     z = z.to(gram.device)
     h = (z @ lower.transpose(1, 2)) * real[:, None, :]
-    t_norm = ((z.square() * counted[:, None, :]).sum(-1) + rest.to(gram.device)).sqrt()
+    t_norm = ((z.square() * real[:, None, :]).sum(-1) + rest.to(gram.device)).sqrt()
     return h.reshape(n_groups * n_t, n_pts), t_norm.reshape(-1)
 
 
