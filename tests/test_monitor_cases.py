@@ -927,3 +927,21 @@ def test_trainer_validate_logs_the_markers_but_leaves_the_alerts_of_the_run_alon
     assert "geometry/participation_ratio" in checker.callback_metrics and not checker.should_stop
     assert alert.n_values == n_values and monitor.alert_history == fired
     assert monitor.history[-1]["stage"] == "validate" and "stage" not in monitor.history[0]
+
+
+def test_problems_of_a_ranks_own_batches_are_warned_by_that_rank(monkeypatch):
+    """Under DDP every warning went through rank_zero_warn, so a problem only another rank had (labels out
+    of range in its shard, a batch it skipped, an alert action that raised there) was never said. Such
+    local problems are now warned by the rank that has them, tagged; shared ones still by rank 0 alone."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monitor = GeometryMonitor(**CHEAP)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.warns(MonitorWarning, match=r"^\[rank 1\] labels out of range$"):
+        monitor._problem("labels-range", "labels out of range", local=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor._problem("compute:fc", "shared problem")  # rank 0 says it
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    with pytest.warns(MonitorWarning, match=r"^shared problem$"):
+        monitor._problem("compute:fc2", "shared problem")

@@ -14,9 +14,9 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
 from lightning_geomarkers.callbacks._heatmap import class_view, write_class_heatmap
 from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels
@@ -398,6 +398,7 @@ class GeometryMonitor(L.Callback):
             )
         if stage in ("test", "predict") or self._hooks:
             return
+        self._check_distributed_setup(trainer, pl_module)
         if stage == "fit":
             self._reset_run_state()
         self._deferred, self._deferred_module, self._layer_ids = None, None, {}
@@ -409,6 +410,24 @@ class GeometryMonitor(L.Callback):
             # The module builds its layers in configure_model() or setup(), which Lightning runs after the
             # callbacks' setup: resolve them at the first hook after that (see _attach_deferred).
             self._deferred, self._deferred_module = stage, pl_module
+
+    def _check_distributed_setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse what would hang a distributed run; quieten Lightning's advice that does not apply."""
+        if getattr(trainer, "world_size", 1) <= 1:
+            return
+        flag = "allow_zero_length_dataloader_with_multiple_devices"
+        if getattr(pl_module, flag, False) or getattr(getattr(trainer, "datamodule", None), flag, False):
+            raise ValueError(
+                f"GeometryMonitor cannot run with {flag}=True on several devices: a process whose validation "
+                "loader has no batch skips the validation loop, and the other processes would wait for it "
+                "forever when they gather the per-class sample. Give every process at least one validation "
+                f"batch (e.g. fewer devices for validation, or a smaller batch size) and leave {flag} False."
+            )
+        # The markers are computed on the gathered sample and are the same on every rank: they are logged
+        # with sync_dist=False on purpose, so Lightning's advice to sync each of them is noise.
+        warnings.filterwarnings(
+            "ignore", message=rf"It is recommended to use `self\.log\('{re.escape(self.prefix)}/"
+        )
 
     def _attach_deferred(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the layers of a module that builds them in ``configure_model()`` / ``setup()``, at the
@@ -715,7 +734,7 @@ class GeometryMonitor(L.Callback):
                 hook.drop()
             if self.strict:
                 raise
-            self._problem(f"capture:{type(err).__name__}", f"{what} and skipped it: {err}")
+            self._problem(f"capture:{type(err).__name__}", f"{what} and skipped it: {err}", local=True)
 
     def _capture_batch(self, batch: Any, trainer: L.Trainer | None = None) -> None:
         labels = extract_labels(batch, self.label_fn)
@@ -736,6 +755,7 @@ class GeometryMonitor(L.Callback):
                 "an ignore index (e.g. -100) or extra classes, this is expected."
                 if self._num_classes is not None
                 else f"GeometryMonitor ignored samples with negative labels {bad} (e.g. an ignore index).",
+                local=True,
             )
         keys: torch.Tensor | None = None  # one set of sampling keys per batch, shared by the layers
         kept_labels = labels if every else labels[keep]
@@ -749,6 +769,7 @@ class GeometryMonitor(L.Callback):
                     f"GeometryMonitor: layer {name!r} produced {feats.shape[0]} feature rows for a batch of "
                     f"{labels.shape[0]} labels (called several times per step?); those batches are skipped. "
                     "Monitor a layer that runs once per sample, or pass `label_fn`.",
+                    local=True,
                 )
                 continue
             if keys is None:
@@ -774,6 +795,13 @@ class GeometryMonitor(L.Callback):
             return found
         rank = trainer.global_rank if trainer is not None else 0
         pos = torch.arange(start, start + n, dtype=torch.int64)
+        sampler = getattr(self._monitored_loader(trainer), "sampler", None)
+        if type(sampler) is DistributedSampler and not sampler.shuffle:
+            # Lightning's sharding of an unshuffled loader: rank r's i-th sample is dataset index
+            # (r + i * replicas) mod len (the padding repeats the first samples), so position keys equal a
+            # single process's and the padding copies share their originals' keys (they count once).
+            pos = (sampler.rank + pos * sampler.num_replicas) % len(sampler.dataset)  # type: ignore[arg-type]
+            rank = 0
         if "position-keys" not in self._run_warnings:  # warned once per fit: build the message once
             self._warn_position_keys(batch, trainer)
         return torch.stack([torch.full_like(pos, rank), pos], dim=1)
@@ -788,23 +816,22 @@ class GeometryMonitor(L.Callback):
                 ". That loader SHUFFLES, so the sample changes every epoch and adds noise to the markers. "
                 "Use shuffle=False for validation, or"
                 if shuffled
-                else " (stable across epochs without shuffling; with several processes the sample depends "
-                "on the sharding). For keys that follow each input whatever its position,"
+                else " (stable across epochs without shuffling; with several processes, the same as one "
+                "process's under Lightning's DistributedSampler, otherwise dependent on the sharding). For keys "
+                "that follow each input whatever its position,"
             )
             + " pass input_fn=lambda batch: <the inputs tensor>, e.g. input_fn=lambda b: b['img'].",
         )
 
-    def _loader_shuffled(self, trainer: L.Trainer | None) -> bool:
+    def _monitored_loader(self, trainer: L.Trainer | None) -> Any:
+        """The validation loader this monitor watches (None where it cannot be told)."""
         loaders = getattr(trainer, "val_dataloaders", None) if trainer is not None else None
-        if loaders is None:
-            return False
         if isinstance(loaders, (list, tuple)):
-            if self.dataloader_idx >= len(loaders):
-                return False
-            loaders = loaders[self.dataloader_idx]
-        elif isinstance(loaders, dict):
-            return False
-        sampler = getattr(loaders, "sampler", None)
+            return loaders[self.dataloader_idx] if self.dataloader_idx < len(loaders) else None
+        return None if isinstance(loaders, dict) else loaders
+
+    def _loader_shuffled(self, trainer: L.Trainer | None) -> bool:
+        sampler = getattr(self._monitored_loader(trainer), "sampler", None)
         return isinstance(sampler, RandomSampler) or bool(getattr(sampler, "shuffle", False))
 
     # ------------------------------------------------------------------ compute and log
@@ -826,6 +853,9 @@ class GeometryMonitor(L.Callback):
         alert_flags: dict[str, float] = {}
         for name, hook in self._hooks.items():
             sampler = self._samplers[name]
+            values: dict[str, float]
+            ses: dict[str, float]
+            outcome: tuple[dict[str, float], dict[str, float], dict[int, dict[str, float]] | None] | str
             try:
                 # Collective: every rank takes part, whatever happened locally. Inside the try: what it
                 # raises (feature widths that differ across ranks) is raised on every rank after the
@@ -834,14 +864,31 @@ class GeometryMonitor(L.Callback):
                     sampler.to(pl_module.device).sync()  # torchmetrics gather, then bottom-k re-selection
                 if self._loader_missing is not None:
                     raise RuntimeError(self._loader_missing)
-                values, ses = self._compute_layer(name, hook, sampler, pl_module, trainer, fresh)
+                # Every rank holds the same gathered sample: rank 0 computes the markers and the others
+                # take its result (below), so that every rank logs, checkpoints and alerts on the same
+                # numbers even when one rank alone fails (e.g. runs out of memory), which would otherwise
+                # leave the ranks out of step and hang ModelCheckpoint's or EarlyStopping's collectives.
+                outcome = (
+                    self._compute_layer(name, hook, sampler, pl_module, trainer)
+                    if not distributed or trainer.is_global_zero
+                    else "not computed on this rank"
+                )
             except Exception as err:
-                if self.strict:
+                if self.strict and not distributed:
                     raise
+                outcome = str(err)
+            if distributed:  # one broadcast per layer, reached by every rank
+                outcome = trainer.strategy.broadcast(outcome, src=0)
+            if isinstance(outcome, str):
+                if self.strict:
+                    raise RuntimeError(f"GeometryMonitor could not compute layer {name!r}: {outcome}")
                 self._problem(
-                    f"compute:{name}", f"GeometryMonitor skipped layer {name!r} at epoch {epoch}: {err}"
+                    f"compute:{name}", f"GeometryMonitor skipped layer {name!r} at epoch {epoch}: {outcome}"
                 )
                 values, ses = {}, {}
+            else:
+                values, ses, per_class = outcome
+                self._record_layer(name, values, ses, per_class, pl_module, trainer, fresh)
             if values:
                 computed_any = True
                 entry = {"epoch": epoch, "step": step, "layer": name, **values}
@@ -957,8 +1004,9 @@ class GeometryMonitor(L.Callback):
         sampler: PerClassSample,
         pl_module: L.LightningModule,
         trainer: L.Trainer,
-        fresh: set[str],
-    ) -> tuple[dict[str, float], dict[str, float]]:
+    ) -> tuple[dict[str, float], dict[str, float], dict[int, dict[str, float]] | None]:
+        """The layer's marker values, their standard errors and the per-class view (pairs protocol), as
+        plain Python data (broadcast from rank 0 under DDP); writes the TensorBoard extras (rank 0)."""
         feats, labels = self._sample_for(name, hook, sampler)
         report = self.compute_markers(
             feats,
@@ -973,23 +1021,35 @@ class GeometryMonitor(L.Callback):
             for m, se in report.standard_errors.items()
             if m in values and se is not None and math.isfinite(float(se))
         }
+        view = class_view(report.glue)  # per-class view (pairs protocol only)
+        self._log_tensorboard(trainer, name, report.spectrum, view)
+        return values, ses, (view.to_dict() if view is not None and values else None)
+
+    def _record_layer(
+        self,
+        name: str,
+        values: dict[str, float],
+        ses: dict[str, float],
+        per_class: dict[int, dict[str, float]] | None,
+        pl_module: L.LightningModule,
+        trainer: L.Trainer,
+        fresh: set[str],
+    ) -> None:
+        """Log a layer's values (and standard errors) and keep its per-class view: the same on every rank."""
         for marker, value in values.items():
             self._log_value(pl_module, self._key(name, marker), value, fresh)
         if self.log_standard_errors:
             for marker, se in ses.items():
                 self._log_value(pl_module, self._key(name, marker + "_se"), se, fresh)
-        view = class_view(report.glue)  # per-class view (pairs protocol only)
-        if view is not None and values:
+        if per_class is not None:
             self.per_class_history.append(
                 {
                     "epoch": trainer.current_epoch,
                     "step": self._log_step(trainer),
                     "layer": name,
-                    "per_class": view.to_dict(),
+                    "per_class": per_class,
                 }
             )
-        self._log_tensorboard(trainer, name, report.spectrum, view)
-        return values, ses
 
     def _sample_for(
         self,
@@ -1144,7 +1204,9 @@ class GeometryMonitor(L.Callback):
                     alert.action(event)
                 except Exception as err:
                     self._problem(
-                        f"action:{alert.marker}", f"GeometryMonitor: the alert action raised {err!r}."
+                        f"action:{alert.marker}",
+                        f"GeometryMonitor: the alert action raised {err!r}.",
+                        local=True,
                     )
             else:
                 rank_zero_warn(event.message, category=GeometryWarning)
@@ -1267,9 +1329,19 @@ class GeometryMonitor(L.Callback):
         self._run_warnings.add(key)
         rank_zero_warn(message, category=MonitorWarning)
 
-    def _problem(self, key: str, message: str, category: type[Warning] = MonitorWarning) -> None:
-        """Warn once per epoch and problem kind (a 1000-batch epoch must not print 1000 warnings)."""
+    def _problem(
+        self, key: str, message: str, category: type[Warning] = MonitorWarning, *, local: bool = False
+    ) -> None:
+        """Warn once per epoch and problem kind (a 1000-batch epoch must not print 1000 warnings).
+
+        ``local``: a problem of this process's own batches or actions (capture, labels, an alert action),
+        which under DDP another rank need not have: warned by the rank that has it, tagged with its rank,
+        instead of by rank 0 alone (which would leave another rank's problem unsaid)."""
         if key in self._epoch_problems:
             return
         self._epoch_problems.add(key)
-        rank_zero_warn(message, category=category)
+        rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning for each process
+        if local and rank != 0:
+            warnings.warn(f"[rank {rank}] {message}", category, stacklevel=2)
+        else:
+            rank_zero_warn(message, category=category)
