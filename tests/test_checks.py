@@ -56,6 +56,14 @@ def test_check_labels_accepts_class_ids_in_every_container() -> None:
         (torch.zeros(4, dtype=torch.complex64), TypeError, "complex"),
         (torch.zeros(3), ValueError, "4 rows but `labels` has 3 entries"),
         ("cat", TypeError, "integer class ids"),
+        # Class ids beyond the float dtype's exact integers have been rounded together (600 classes cast
+        # to bfloat16 left 407, and NC1 was 9x off): refused.
+        (
+            torch.tensor([300.0, 1.0, 2.0, 3.0], dtype=torch.bfloat16),
+            ValueError,
+            "holds every integer only up to 256",
+        ),
+        (torch.tensor([2.0**25, 1.0, 2.0, 3.0]), ValueError, "holds every integer only up to 16777216"),
     ],
 )
 def test_check_labels_rejects_with_the_fix(labels, error, fix) -> None:
@@ -119,7 +127,7 @@ def test_check_protocol_normalises_and_rejects() -> None:
         ({"dichotomies": "balancd"}, ValueError, "Unknown dichotomies"),
         ({"points_per_class": 1}, ValueError, "`points_per_class` must be >= 2"),
         ({"lid_k": 1}, ValueError, "`lid_k` must be >= 2"),
-        ({"n_t": 0}, ValueError, "`n_t` must be >= 1"),
+        ({"n_t": 1}, ValueError, "`n_t` must be >= 2"),  # one probe: D, R, Psi would be 0
     ],
 )
 def test_monitor_and_functional_reject_the_same_protocol_arguments(kwargs, error, match) -> None:
@@ -230,8 +238,10 @@ def test_glue_solver_and_dichotomy_arguments_are_validated() -> None:
         with pytest.raises(error, match="max_iter"):
             glue(points, n_t=5, generator=0, max_iter=max_iter)
     assert glue(points, n_t=5, generator=0, max_iter=200).converged  # a positive cap is fine
-    with pytest.raises(ValueError, match=r"`probes` must have shape .* n_t >= 1, got \(0, 10\)"):
+    with pytest.raises(ValueError, match=r"`probes` must have shape .* n_t >= 2, got \(0, 10\)"):
         glue(points, probes=torch.zeros(0, 10))
+    with pytest.raises(ValueError, match=r"n_t >= 2, got \(1, 10\) \(with one probe"):
+        glue(points, probes=torch.zeros(1, 10))
     for args, error, name in (
         (("random", -1, 3), ValueError, "n_t"),
         (("random", 2.0, 3), TypeError, "n_t"),
@@ -239,3 +249,37 @@ def test_glue_solver_and_dichotomy_arguments_are_validated() -> None:
     ):
         with pytest.raises(error, match=name):
             make_dichotomies(*args, generator=0)
+
+
+def test_whole_number_float_labels_within_the_exact_range_are_accepted() -> None:
+    got = check_labels(torch.tensor([256.0, 3.0], dtype=torch.bfloat16))
+    assert got.tolist() == [256, 3]
+    assert check_labels(torch.tensor([2048.0, 0.0], dtype=torch.float16)).tolist() == [2048, 0]
+
+
+def test_integer_features_are_measured_exactly() -> None:
+    """Integer features were cast to float32 (torch's default dtype): around 2**25, 31 of 120 distinct rows
+    merged and NC1 came out 2.5x off the value of the exact integers. They are float64 now (exact to 2**53)."""
+    from lightning_geomarkers.functional import neural_collapse, participation_ratio
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    x = (2**25 + rng.integers(0, 4, size=(4, 1, 6)) * 8 + rng.integers(0, 8, size=(120, 6))[None]).reshape(
+        -1, 6
+    )[:120]
+    x = x + 40 * y[:, None]
+    xf = x.astype(np.float64)
+    mu = xf.mean(0)
+    means = np.stack([xf[y == c].mean(0) for c in range(4)])
+    sw = sum(((xf[y == c] - means[c]).T @ (xf[y == c] - means[c])) for c in range(4)) / len(xf)
+    sb = (means - mu).T @ (means - mu) / 4
+    ev, vec = np.linalg.eigh(sb)
+    keep = ev > 1e-3 * ev.max()
+    sb_pinv = (vec[:, keep] / ev[keep]) @ vec[:, keep].T
+    nc1_ref = np.trace(sw @ sb_pinv) / 4
+    cov = np.cov(xf.T, bias=True)
+    lam = np.linalg.eigvalsh(cov)
+    pr_ref = lam.sum() ** 2 / (lam**2).sum()
+    xt = torch.from_numpy(x)  # int64
+    assert float(neural_collapse(xt, torch.from_numpy(y))) == pytest.approx(nc1_ref, rel=1e-9)
+    assert float(participation_ratio(xt)) == pytest.approx(pr_ref, rel=1e-9)

@@ -878,9 +878,10 @@ def _prepare_probes(
             t = torch.randn((n_t, n_feat), generator=g_t, dtype=torch.float64, device="cpu")
     else:
         t = as_tensor(probes, "probes").double().cpu()
-        if t.ndim != 2 or t.shape[1] != n_feat or t.shape[0] == 0:
+        if t.ndim != 2 or t.shape[1] != n_feat or t.shape[0] < 2:
             raise ValueError(
-                f"`probes` must have shape (n_t, N) = (n_t, {n_feat}) with n_t >= 1, got {tuple(t.shape)}."
+                f"`probes` must have shape (n_t, N) = (n_t, {n_feat}) with n_t >= 2, got {tuple(t.shape)} (with one "
+                "probe every anchor is its manifold's center: dimension, radius and utility would be 0)."
             )
         check_finite(t, "probes")
         n_t = t.shape[0]
@@ -943,7 +944,7 @@ def glue(
         >>> 1.6 < float(res.capacity) < 2.4 and float(res.dimension) == 0.0
         True
     """
-    n_t = check_positive_int(n_t, "n_t")
+    n_t = check_positive_int(n_t, "n_t", minimum=2)
     eigen_cutoff = check_eigen_cutoff(eigen_cutoff)
     if max_iter is not None:
         max_iter = check_positive_int(max_iter, "max_iter")

@@ -48,8 +48,8 @@ def center(features: Any) -> torch.Tensor:
     row blocks: the only full-size allocation is the result.
 
     Args:
-        features: ``(S, N)`` tensor or numpy array, rows are samples. Integer input is converted to the
-            default floating dtype.
+        features: ``(S, N)`` tensor or numpy array, rows are samples. Integer input is converted to
+            float64 (exact up to 2**53).
 
     Returns:
         ``(S, N)`` tensor, same dtype and device as ``features``, with column means (numerically) zero.

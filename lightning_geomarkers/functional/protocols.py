@@ -221,7 +221,7 @@ def _glue_pairs(
     once it is idle, and the calling thread solves the chunks nobody else has taken."""
     x, y = check_features_labels(features, labels, min_classes=2, min_per_class=2)
     points_per_class = check_positive_int(points_per_class, "points_per_class", minimum=2)
-    n_t = check_positive_int(n_t, "n_t")
+    n_t = check_positive_int(n_t, "n_t", minimum=2)
     eigen_cutoff = check_eigen_cutoff(eigen_cutoff)
     if max_classes is not None:
         max_classes = check_positive_int(max_classes, "max_classes", minimum=2)

@@ -47,7 +47,9 @@ def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.T
     if dtype is not None:
         t = t.to(dtype)
     elif not t.is_floating_point():
-        t = t.to(torch.get_default_dtype())
+        # float64, not torch's default float32: integers beyond 2**24 (e.g. raw counts or ids) would be
+        # rounded, and distinct rows could merge (NC1 2.5x off on integers around 2**25).
+        t = t.to(torch.float64)
     return t
 
 
@@ -193,6 +195,16 @@ def check_labels(
             f"{name} are non-integer floats (regression or soft targets?); geometry markers need integer "
             f"class ids.{tail}"
         )
+    if y.is_floating_point() and y.numel():
+        # Every integer up to 2 / eps (2**(mantissa bits + 1)) is a float of the dtype; 256 for bfloat16.
+        exact = round(2 / torch.finfo(y.dtype).eps)
+        if float(y.abs().max()) > exact:
+            raise ValueError(
+                f"{name} are {y.dtype} whole numbers up to {float(y.abs().max()):.0f}, but {y.dtype} holds "
+                f"every integer only up to {exact}: beyond it neighbouring class ids have been rounded "
+                f"together, and classes may have merged. Pass integer class ids (keep the labels int64; "
+                f"do not cast them to a floating dtype).{tail}"
+            )
     if n is not None and y.shape[0] != n:
         raise ValueError(
             f"`features` has {n} rows but {name} has {y.shape[0]} entries; they must match.{tail}"
@@ -361,7 +373,7 @@ def check_protocol(
         glue_protocol=glue_protocol,
         points_per_class=check_positive_int(points_per_class, "points_per_class", minimum=2),
         n_pairs=None if n_pairs is None else check_positive_int(n_pairs, "n_pairs"),
-        n_t=check_positive_int(n_t, "n_t"),
+        n_t=check_positive_int(n_t, "n_t", minimum=2),
         dichotomies=dichotomies,
         max_classes=None
         if max_classes is None
