@@ -902,3 +902,28 @@ def test_a_default_device_set_by_the_user_changes_nothing():
             with torch.device("meta"):
                 got = _flat(call())
             assert repr(got) == repr(expected), name
+
+
+def test_a_two_class_sample_draws_class_against_class_dichotomies():
+    """``dichotomies="random"`` draws i.i.d. signs: with only two classes in a centred sample, its same-sign
+    dichotomies ask for the whole sample on one side of a hyperplane through its own mean, which cannot be
+    done: half of the probes were degenerate and the capacity several times too low (0.063 against 0.68).
+    There the suite draws opposite signs only, as "balanced"; with three classes "random" keeps its
+    same-sign dichotomies (they are feasible: the pair is not the whole sample)."""
+    g = torch.Generator().manual_seed(0)
+    y2 = torch.arange(2).repeat_interleave(30)
+    x2 = (2 * torch.randn(2, 64, generator=g)[y2] + torch.randn(60, 64, generator=g)).relu()
+    args = dict(markers="glue", n_t=60, generator=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no degenerate probe, no warning
+        binary = geometry_markers(x2, y2, **args)
+    assert _flat(binary.values) == _flat(geometry_markers(x2, y2, dichotomies="balanced", **args).values)
+    assert binary.glue.n_degenerate == 0 and float(binary.values["glue_capacity"]) > 0.3
+    uncentred = geometry_markers(x2, y2, center_features=False, **args)  # not centred: left as asked
+    assert _flat(uncentred.values) != _flat(
+        geometry_markers(x2, y2, center_features=False, dichotomies="balanced", **args).values
+    )
+    y3 = torch.arange(3).repeat_interleave(20)
+    x3 = (2 * torch.randn(3, 64, generator=g)[y3] + torch.randn(60, 64, generator=g)).relu()
+    three = geometry_markers(x3, y3, **args)
+    assert _flat(three.values) != _flat(geometry_markers(x3, y3, dichotomies="balanced", **args).values)

@@ -135,7 +135,9 @@ def glue_pairs(
             number >= C(C, 2) uses every pair.
         n_t: probes per pair (drawn in the span of the pair's points when ``2 M <= N``, with the law of
             ``X t`` and ``||t||`` for ``t ~ N(0, I_N)``: see :func:`glue`).
-        dichotomies: dichotomy ensemble (with P = 2 they all coincide up to sign).
+        dichotomies: dichotomy ensemble. With P = 2 ``"balanced"`` and ``"one_vs_rest"`` draw only
+            opposite signs (class against class); ``"random"`` draws i.i.d. signs, half of them the same
+            sign for both classes (the pair against the origin), so its values differ.
         max_classes: draw pairs only among a seeded subset of this many classes.
         generator: CPU generator or int seed (pairs, subsamples, probes and dichotomies).
         eigen_cutoff: see :func:`glue`.
