@@ -432,3 +432,22 @@ def test_docstring_examples_of_the_offline_and_per_class_code_run():
     for test in tests:
         runner.run(test, out=report.append)
     assert runner.tries >= 9 and runner.failures == 0, "".join(report)
+
+
+def test_per_class_view_builds_the_capacity_matrix_only_for_a_heat_map(tmp_path, monkeypatch):
+    """The (C, C) matrix is quadratic in the classes (+5 GB at 12,500 classes in the sampled pairs) and the
+    monitor only draws it as a heat map (at most 50 classes): it is built only then."""
+    import lightning_geomarkers.functional.per_class as per_class_module
+
+    x, y = gaussian_classes(per_class=20)
+    res = glue_pairs(x, y, points_per_class=10, n_t=20, generator=0)
+    full, lean = per_class_glue(res), per_class_glue(res, max_matrix_classes=2)
+    assert full.capacity_matrix is not None and lean.capacity_matrix is None
+    assert lean.to_dict() == full.to_dict()
+    built = []
+    original = per_class_module._pair_matrix
+    monkeypatch.setattr(per_class_module, "_pair_matrix", lambda *a: built.append(1) or original(*a))
+    monitor = GeometryMonitor(**SMALL)
+    tr = trainer(tmp_path, [monitor], max_epochs=1, logger=False)  # no TensorBoard: no heat map
+    tr.fit(TinyMLP(), *loaders(x, y))
+    assert monitor.per_class_history and not built

@@ -82,6 +82,16 @@ def test_sample_keys_distinct_for_words_with_many_trailing_zero_bits() -> None:
         assert sample.state()[0].shape[0] == len(rows)  # nothing dropped as a "duplicate"
 
 
+def test_sample_keys_do_not_depend_on_the_chunking() -> None:
+    """The words are summed in blocks of rows x words (rows in blocks too, for very large batches): any
+    chunk size gives the same keys."""
+    x = torch.randn(1000, 3, 7, generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(5))
+    keys = sample_keys(x, y, 2)
+    for chunk in (1, 64, 100, 1 << 12):
+        assert torch.equal(sample_keys(x, y, 2, chunk_elements=chunk), keys), chunk
+
+
 def test_sample_keys_roughly_uniform() -> None:
     keys = sample_keys(torch.arange(4000).reshape(-1, 1), torch.zeros(4000, dtype=torch.long), 3)
     u = keys.double() / 2.0**63

@@ -77,11 +77,14 @@ def render_heatmap(matrix: Any, *, cell: int | None = None, colorbar: bool = Tru
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def class_view(glue_result: Any) -> PerClassGlue | None:
-    """The per-class view of a pairs-protocol GLUE result; None for the joint protocol (no pairs)."""
+def class_view(glue_result: Any, *, heatmap: bool = True) -> PerClassGlue | None:
+    """The per-class view of a pairs-protocol GLUE result; None for the joint protocol (no pairs). The
+    capacity matrix is built only when a heat map will be drawn from it (``heatmap`` and at most
+    :data:`HEATMAP_MAX_CLASSES` classes): it is quadratic in the classes, and the monitor keeps only the
+    per-class values otherwise."""
     if not isinstance(glue_result, GluePairsResult):
         return None
-    return per_class_glue(glue_result)
+    return per_class_glue(glue_result, max_matrix_classes=HEATMAP_MAX_CLASSES if heatmap else 0)
 
 
 def write_class_heatmap(writer: Any, tag: str, view: PerClassGlue, step: int) -> bool:

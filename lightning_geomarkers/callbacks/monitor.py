@@ -1021,7 +1021,8 @@ class GeometryMonitor(L.Callback):
             for m, se in report.standard_errors.items()
             if m in values and se is not None and math.isfinite(float(se))
         }
-        view = class_view(report.glue)  # per-class view (pairs protocol only)
+        heatmap = self.log_class_heatmap and self._tensorboard(trainer) is not None
+        view = class_view(report.glue, heatmap=heatmap)  # per-class view (pairs protocol only)
         self._log_tensorboard(trainer, name, report.spectrum, view)
         return values, ses, (view.to_dict() if view is not None and values else None)
 

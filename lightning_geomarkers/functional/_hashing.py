@@ -126,12 +126,17 @@ def sample_keys(
     h = torch.zeros(b, dtype=torch.int64, device=content.device)
     if n_words:
         coef_seed = _seed_word(seed, _STREAM_COEF)
-        step = max(1, chunk_elements // b)
-        for start in range(0, n_words, step):
-            stop = min(n_words, start + step)
+        # Blocks of rows x words of about chunk_elements: rows in blocks too, so that a very large batch
+        # still reads contiguous runs of words (one word per row at a time was 3.8x slower per byte).
+        width = min(n_words, max(64, chunk_elements // b))
+        rows = max(1, chunk_elements // width)
+        for start in range(0, n_words, width):
+            stop = min(n_words, start + width)
             idx = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=content.device)
             coef = _fmix64(idx * _GOLDEN + coef_seed) | 1  # odd: every word influences the sum
-            h = h + (_spread(words[:, start:stop]) * coef).sum(dim=1)
+            for r0 in range(0, b, rows):
+                r1 = min(b, r0 + rows)
+                h[r0:r1] += (_spread(words[r0:r1, start:stop]) * coef).sum(dim=1)
     z = _fmix64(h + _i64(nbytes * _GOLDEN) + _seed_word(seed, _STREAM_KEY))
     z = z ^ _fmix64(y * _MIX1 + _seed_word(seed, _STREAM_LABEL))
     z = _fmix64(z + _GOLDEN)

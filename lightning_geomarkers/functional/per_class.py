@@ -136,7 +136,8 @@ class PerClassGlue:
         n_pairs: ``(C,)`` int64, how many sampled pairs contain each class.
         values: marker name (without ``glue_``) -> ``(C,)`` float64 pair-averaged values (NaN where all of a
             class's pair values are NaN).
-        capacity_matrix: ``(C, C)`` float64 pairwise capacity (see :func:`pairwise_matrix`).
+        capacity_matrix: ``(C, C)`` float64 pairwise capacity (see :func:`pairwise_matrix`), or None where
+            ``per_class_glue`` was asked not to build it (``max_matrix_classes``).
     """
 
     classes: torch.Tensor
@@ -162,7 +163,9 @@ class PerClassGlue:
         return out
 
 
-def per_class_glue(result: Any, markers: Sequence[str] = PER_CLASS_MARKERS) -> PerClassGlue:
+def per_class_glue(
+    result: Any, markers: Sequence[str] = PER_CLASS_MARKERS, *, max_matrix_classes: int | None = None
+) -> PerClassGlue:
     """Per-class pair-averaged GLUE markers and the pairwise capacity matrix of a pairs-protocol result.
 
     For class ``c``: ``m_c = mean_{pairs p containing c} per_pair[m][p]`` (NaN values left out), for each
@@ -174,6 +177,9 @@ def per_class_glue(result: Any, markers: Sequence[str] = PER_CLASS_MARKERS) -> P
             :func:`~lightning_geomarkers.functional.geometry_markers` with ``glue_protocol="pairs"``.
         markers: GLUE marker names without the ``glue_`` prefix (default: capacity, dimension, radius,
             utility).
+        max_matrix_classes: build the (C, C) capacity matrix only up to this many classes (``None``: always);
+            above it ``capacity_matrix`` is None. The matrix takes ``8 C^2`` bytes (and about four times
+            that while it is built: 5 GB at 12,500 classes) for at most ``n_pairs`` measured entries.
 
     Returns:
         :class:`PerClassGlue` (CPU tensors).
@@ -208,5 +214,6 @@ def per_class_glue(result: Any, markers: Sequence[str] = PER_CLASS_MARKERS) -> P
     per_class = {
         name: _nan_mean_by_index(values[name].repeat_interleave(2), idx, n) for name in dict.fromkeys(markers)
     }
-    matrix = _pair_matrix(pair_idx, values["capacity"], n)
+    build = max_matrix_classes is None or n <= max_matrix_classes
+    matrix = _pair_matrix(pair_idx, values["capacity"], n) if build else None
     return PerClassGlue(classes=classes, n_pairs=n_pairs, values=per_class, capacity_matrix=matrix)
