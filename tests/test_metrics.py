@@ -295,7 +295,9 @@ def test_metric_memory_stays_bounded_at_100x_capacity():
         assert metric.num_stored <= 20
     assert peak <= 32 + 20 + 25, peak  # pending buffer + store + one batch
     assert metric.num_stored == 20 and len(metric.n_seen) == 20
-    assert len(metric.seen_classes) == 1 and metric.seen_classes[0].numel() == 20
+    # The seen counts are summed lazily (amortised), so they hold at most the distinct classes plus
+    # 1024 entries of batch chunks (and one batch) at any time.
+    assert sum(int(c.numel()) for c in metric.seen_classes) <= 20 + 1024 + 25
 
 
 def test_metric_state_is_independent_of_batch_split_and_order():

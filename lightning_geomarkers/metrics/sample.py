@@ -200,6 +200,10 @@ class PerClassSample(Metric):
         self.add_state("sample_config", default=self._config_tensor(), dist_reduce_fx=_first_row)
         # Derived, never a state: (the store's labels tensor it was computed from, classes, k-th keys).
         self._thr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Derived, never a state: the admitted classes (max_classes) for the seen counts as they were, keyed
+        # by (the seen_classes list object, its length, its first chunk): torchmetrics' reset, sync and
+        # unsync replace the list, and every update below refreshes the key, so a stale entry is never used.
+        self._admit_cache: tuple[Any, int, torch.Tensor, torch.Tensor] | None = None
 
     def _config_tensor(self) -> torch.Tensor:
         mc = -1 if self.max_classes is None else self.max_classes
@@ -282,9 +286,10 @@ class PerClassSample(Metric):
                 self._append(f, y, k)  # records N, dtype and device for a later sync
             return
         classes, counts = torch.unique(y, return_counts=True)
-        seen = self._add_seen(classes, counts)
+        admitted = self._admit(classes)  # before the batch joins the seen counts (the cache's key)
+        self._add_seen(classes, counts)
+        self._remember_admitted(admitted)
         mask = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-        admitted = self._admitted(seen)
         if admitted is not None:
             mask &= torch.isin(y, admitted)
         cache = self._valid_cache()
@@ -354,27 +359,67 @@ class PerClassSample(Metric):
             return empty, empty.clone()
         return _sum_by_class(_cat(self.seen_classes).reshape(-1), _cat(self.seen_counts).reshape(-1))
 
-    def _add_seen(self, classes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Add a batch's (classes, counts) to the seen counts; returns every seen class (ascending)."""
+    def _add_seen(self, classes: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add a batch's (classes, counts) to the seen counts, as a chunk. The chunks are summed into one
+        once they hold as many entries as the summed one (and at least 1024), so each entry is summed
+        O(1) times on average: re-summing every seen class on every batch made an epoch quadratic in
+        the distinct labels (4 -> 102 ms per batch over 600,000 rows of 580,000 labels)."""
         if len(self.seen_classes):
-            old_c, old_n = self._seen()
-            classes, counts = _sum_by_class(
-                torch.cat([old_c.to(classes.device), classes]), torch.cat([old_n.to(classes.device), counts])
-            )
-        self.seen_classes, self.seen_counts = [classes], [counts]
-        return classes
+            device = self.seen_classes[0].device
+            classes, counts = classes.to(device), counts.to(device)
+        self.seen_classes.append(classes)
+        self.seen_counts.append(counts)
+        if len(self.seen_classes) > 1:
+            rest = sum(int(c.numel()) for c in self.seen_classes[1:])
+            if rest >= max(int(self.seen_classes[0].numel()), 1024) or len(self.seen_classes) > 256:
+                merged_c, merged_n = self._seen()
+                self.seen_classes, self.seen_counts = [merged_c], [merged_n]
 
-    def _admitted(self, seen: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The kept classes (ascending): the ``max_classes`` seen classes of smallest (priority, id).
-        ``seen``: every seen class, ascending, when the caller has it (else summed from the chunks)."""
+    def _admit_key(self) -> tuple[Any, int, torch.Tensor | None]:
+        seen = self.seen_classes
+        return seen, len(seen), (seen[0] if len(seen) else None)
+
+    def _remember_admitted(self, admitted: torch.Tensor | None) -> None:
+        if admitted is not None:
+            key = self._admit_key()
+            self._admit_cache = (key[0], key[1], key[2], admitted)  # type: ignore[assignment]
+
+    def _cached_admitted(self) -> torch.Tensor | None:
+        cache, key = self._admit_cache, self._admit_key()
+        if cache is not None and cache[0] is key[0] and cache[1] == key[1] and cache[2] is key[2]:
+            return cache[3]
+        return None
+
+    def _bottom_classes(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The ``max_classes`` of ``candidates`` (distinct, ascending) of smallest (priority, id), ascending."""
+        if candidates.numel() <= (self.max_classes or 0):
+            return candidates
+        order = _lexsort(class_priority(candidates, self.seed), candidates)
+        return candidates[order[: self.max_classes]].sort().values
+
+    def _admit(self, batch_classes: torch.Tensor) -> torch.Tensor | None:
+        """The admitted classes once ``batch_classes`` (distinct) join the seen ones: the bottom-
+        ``max_classes`` of a union is the bottom of (the bottom of the classes seen so far) and the batch's,
+        so with the cache this costs O(max_classes + batch), not O(classes seen)."""
         if self.max_classes is None:
             return None
-        if seen is None:
-            seen = self._seen()[0]
-        if seen.numel() <= self.max_classes:
-            return seen
-        order = _lexsort(class_priority(seen, self.seed), seen)
-        return seen[order[: self.max_classes]].sort().values
+        if not len(self.seen_classes):  # the first batch (nothing seen yet: no tensor on self.device)
+            return self._bottom_classes(batch_classes)
+        before = self._admitted()
+        assert before is not None
+        union = torch.unique(torch.cat([before.to(batch_classes.device), batch_classes]))
+        return self._bottom_classes(union)
+
+    def _admitted(self) -> torch.Tensor | None:
+        """The kept classes (ascending): the ``max_classes`` seen classes of smallest (priority, id)."""
+        if self.max_classes is None:
+            return None
+        cached = self._cached_admitted()
+        if cached is not None:
+            return cached
+        admitted = self._bottom_classes(self._seen()[0])
+        self._remember_admitted(admitted)
+        return admitted
 
     def _valid_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The per-class k-th keys of the store, if still those of ``labels[0]`` (else None)."""
