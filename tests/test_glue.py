@@ -614,3 +614,16 @@ def test_the_scipy_reference_follows_the_documented_edge_conventions():
         assert 0 <= ref["center_alignment"] <= 1 and ref["capacity"] > 0
     ref = reference_glue(list(points), np.zeros((5, n_feat)), y[:5])
     assert ref["utility"] == 0.0 and ref["capacity"] == math.inf
+
+
+def test_simulated_capacity_does_not_depend_on_the_scale():
+    """Strict separability does not change with the scale, but the rows' norms overflowed at 1e160 (every
+    trial 'not separable': a wrong capacity with the advice to use fewer points) and the LP failed at
+    1e-170 (HiGHS 'Model error')."""
+    from lightning_geomarkers.functional import simulated_capacity
+
+    pts = torch.randn(10, 1, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = simulated_capacity(pts, n_trials=30, generator=0)
+    for scale in (1e-170, 1e160):
+        other = simulated_capacity(pts * scale, n_trials=30, generator=0)
+        assert other.capacity == base.capacity and np.array_equal(other.critical_dims, base.critical_dims)

@@ -55,7 +55,11 @@ def _separable(signed_points: np.ndarray) -> bool:
     unit-norm rows, so the solver never faces an infeasible or borderline problem: separable iff m* > 0.
     """
     n_rows, dim = signed_points.shape
-    rows = signed_points / np.linalg.norm(signed_points, axis=1, keepdims=True).clip(min=1e-300)
+    # Unit-norm rows without overflow or underflow: each row is first divided by its largest |entry|
+    # (np.linalg.norm of rows at 1e160 overflowed to inf, and at 1e-170 the squares underflowed).
+    peak = np.abs(signed_points).max(axis=1, keepdims=True)
+    rows = signed_points / np.where(peak > 0, peak, 1.0)
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-300)
     res = linprog(
         c=np.r_[np.zeros(dim), -1.0],
         A_ub=np.c_[-rows, np.ones(n_rows)],

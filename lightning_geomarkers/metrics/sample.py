@@ -146,8 +146,9 @@ class PerClassSample(Metric):
     States (torchmetrics list states, gathered with ``cat``): ``features`` (S, N), ``labels`` and ``keys``
     (S,) int64, ``seen_classes``/``seen_counts`` (int64); and ``sample_config`` (the arguments, so that a
     ``MetricCollection`` shares one sample only between metrics with the same arguments, and a loaded
-    state is checked against them). Features are stored detached in the floating dtype
-    of the first update; labels and keys live on the features' device (a collective needs them there).
+    state is checked against them). Features are stored detached in the widest floating dtype offered
+    (a float32 batch after float16 ones widens what is kept; a narrower batch is widened, never the
+    reverse); labels and keys live on the features' device (a collective needs them there).
 
     Example:
         >>> import torch
@@ -333,7 +334,10 @@ class PerClassSample(Metric):
                     f"`features` has {n} columns but earlier updates had {store.shape[1]}; the feature "
                     "dimension must stay fixed between reset() calls (one sample per layer)."
                 )
-            f = f.to(device=store.device, dtype=store.dtype)
+            wider = torch.promote_types(store.dtype, f.dtype)
+            if wider != store.dtype:  # a wider batch after narrower ones: widen what is kept, lose nothing
+                self.features = [t.to(wider) for t in self.features]
+            f = f.to(device=store.device, dtype=wider)
         y = check_labels(labels, b, device=f.device)
         if keys is None:
             k = sample_keys(f, y, self.seed)
