@@ -627,3 +627,26 @@ def test_simulated_capacity_does_not_depend_on_the_scale():
     for scale in (1e-170, 1e160):
         other = simulated_capacity(pts * scale, n_trials=30, generator=0)
         assert other.capacity == base.capacity and np.array_equal(other.critical_dims, base.critical_dims)
+
+
+def test_the_degenerate_warning_names_exactly_zero_points():
+    """An all-zero point (a dead-ReLU sample without centring) cannot be separated strictly by a
+    hyperplane through the origin, so dichotomies count as degenerate: the warning used to advise fewer
+    points or a wider layer; it names the zero points and the fix now."""
+    import warnings
+
+    from lightning_geomarkers.errors import NonSeparableWarning
+
+    g = torch.Generator().manual_seed(3)
+    pts = 2 * torch.randn(2, 1, 20, generator=g, dtype=torch.float64) + torch.randn(
+        2, 5, 20, generator=g, dtype=torch.float64
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert glue(pts, n_t=30, generator=0).n_degenerate == 0
+    pts[0, 2] = 0
+    with pytest.warns(NonSeparableWarning, match=r"1 point\(s\) are exactly zero .* Drop all-zero rows"):
+        assert glue(pts, n_t=30, generator=0).n_degenerate > 0
+    y = torch.arange(2).repeat_interleave(5)
+    with pytest.warns(NonSeparableWarning, match=r"pairs protocol.*1 point\(s\) are exactly zero"):
+        glue_pairs(pts.reshape(10, 20), y, n_t=30, generator=0)

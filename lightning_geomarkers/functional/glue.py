@@ -832,14 +832,25 @@ def _glue_from_gram(
     }
 
 
-def warn_diagnostics(n_degenerate: int, n_probes: int, converged: bool, kkt: float, where: str = "") -> None:
-    """Turn solver diagnostics into warnings that say what happened and what to do."""
+def warn_diagnostics(
+    n_degenerate: int, n_probes: int, converged: bool, kkt: float, where: str = "", n_zero: int = 0
+) -> None:
+    """Turn solver diagnostics into warnings that say what happened and what to do. ``n_zero``: points
+    that are exactly zero, which no hyperplane through the origin separates strictly."""
     if n_degenerate:
+        advice = (
+            f" {n_zero} point(s) are exactly zero (at the origin): no hyperplane through the origin separates "
+            "them strictly, so dichotomies of their problems count as degenerate, although such points add "
+            "nothing to the cone. Drop all-zero rows (e.g. samples whose ReLU features are all dead) or centre "
+            "the features (center_features=True)."
+            if n_zero
+            else " Use fewer points per class or fewer classes, or a larger feature dimension (roughly "
+            "P * M <= 2 N is needed for generic points)."
+        )
         warnings.warn(
             f"GLUE{where}: {n_degenerate} of {n_probes} probes were degenerate (the manifolds are not linearly "
             "separable by a hyperplane through the origin for that probe's dichotomy), so dimension, radius and "
-            "utility are unreliable. Use fewer points per class or fewer classes, or a larger feature "
-            "dimension (roughly P * M <= 2 N is needed for generic points).",
+            "utility are unreliable." + advice,
             NonSeparableWarning,
             stacklevel=3,
         )
@@ -993,5 +1004,6 @@ def glue(
         anchors=_times_pow2(out["anchors"][0], -shift) if return_anchors else None,
     )
     if warn:
-        warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation)
+        n_zero = int(((points == 0).all(-1) & mask).sum()) if res.n_degenerate else 0
+        warn_diagnostics(res.n_degenerate, res.n_probes, res.converged, res.kkt_violation, n_zero=n_zero)
     return res

@@ -342,8 +342,9 @@ def _glue_pairs(
         per_pair=per_pair,
     )
     if warn:
+        n_zero = int((x == 0).all(1).sum()) if res.n_degenerate else 0
         warn_diagnostics(
-            res.n_degenerate, res.n_probes, res.converged, res.kkt_violation, " (pairs protocol)"
+            res.n_degenerate, res.n_probes, res.converged, res.kkt_violation, " (pairs protocol)", n_zero
         )
     return res
 
