@@ -282,3 +282,18 @@ def test_float32_projection_runs_in_float64_where_float32_matmuls_take_a_shortcu
     monkeypatch.setattr(prep, "ieee_float32_matmul", lambda device: True)
     assert torch.equal(random_projection(x, 16, generator=9), float32)
     assert torch.equal(prep._center_project(x, 16, centered=False, generator=9), float32)
+
+
+def test_class_rows_equal_a_scan_per_class():
+    """The per-class row lists come from one stable sort (a scan of every row per class cost O(C S): 2.8 s
+    for the within-class distance at 20,000 classes); they equal torch.nonzero(y == c) class by class, in
+    the order the classes are asked for."""
+    from lightning_geomarkers.functional.preprocessing import _class_rows
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(-50, 50, (3000,), generator=g)
+    classes = torch.unique(y)[torch.randperm(torch.unique(y).numel(), generator=g)]
+    rows = _class_rows(y, classes)
+    assert len(rows) == classes.numel()
+    for c, r in zip(classes.tolist(), rows, strict=True):
+        assert torch.equal(r, torch.nonzero(y == c).squeeze(1))

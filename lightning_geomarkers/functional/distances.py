@@ -10,6 +10,7 @@ import torch
 from lightning_geomarkers.functional.preprocessing import (
     _abs_peak,
     _block_elements,
+    _class_rows,
     _rows_per_block,
     _safe_shift,
     _times_pow2_,
@@ -59,9 +60,7 @@ def within_class_distance(features: Any, labels: Any) -> torch.Tensor:
 def _within_class_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:func:`within_class_distance` on already validated features and labels."""
     shift = _safe_shift(_abs_peak(x))
-    per_class = [
-        _mean_pairwise_distance(x, torch.nonzero(y == c).squeeze(1), shift) for c in torch.unique(y).tolist()
-    ]
+    per_class = [_mean_pairwise_distance(x, rows, shift) for rows in _class_rows(y, torch.unique(y))]
     result = _unscale(torch.stack(per_class).mean(), shift)
     if not bool(torch.isfinite(result)):
         raise ValueError(

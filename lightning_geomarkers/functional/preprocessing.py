@@ -266,8 +266,7 @@ def per_class_subsample(
                 "Pass only classes that have samples, or classes=None for all of them."
             )
     parts = []
-    for c in class_ids.tolist():
-        idx = torch.nonzero(y == c, as_tuple=True)[0]
+    for idx in _class_rows(y, class_ids):
         m = min(points_per_class, idx.numel())
         perm = torch.randperm(idx.numel(), generator=g, device="cpu")[:m].to(idx.device)
         parts.append(x[idx[perm]])
@@ -277,6 +276,17 @@ def per_class_subsample(
 # ----------------------------------------------------------------------------------------------------
 # Private helpers shared by the marker modules.
 # ----------------------------------------------------------------------------------------------------
+
+
+def _class_rows(y: torch.Tensor, classes: torch.Tensor) -> list[torch.Tensor]:
+    """For each class of ``classes`` (in that order), the ascending indices of its rows in ``y``: the same
+    as ``torch.nonzero(y == c)`` per class, from one stable sort of ``y`` instead of one pass over ``y`` per
+    class (O(S log S) instead of O(C S): 20,000 classes took 2.8 s in the within-class distance)."""
+    order = torch.argsort(y, stable=True)
+    sorted_y = y[order]
+    lo = torch.searchsorted(sorted_y, classes.to(y.device), right=False).tolist()
+    hi = torch.searchsorted(sorted_y, classes.to(y.device), right=True).tolist()
+    return [order[a:b] for a, b in zip(lo, hi, strict=True)]
 
 
 def _as_class_ids(classes: Any) -> torch.Tensor:

@@ -29,7 +29,7 @@ from lightning_geomarkers.functional.glue import (
     glue,
     warn_diagnostics,
 )
-from lightning_geomarkers.functional.preprocessing import _abs_peak, _safe_shift, _times_pow2_
+from lightning_geomarkers.functional.preprocessing import _abs_peak, _class_rows, _safe_shift, _times_pow2_
 from lightning_geomarkers.utilities.checks import (
     check_eigen_cutoff,
     check_features_labels,
@@ -240,7 +240,7 @@ def _glue_pairs(
         all_pairs = _pairs_at(pick, n_cls)
     else:
         all_pairs = list(itertools.combinations(range(n_cls), 2))
-    members = [torch.nonzero(y == c, as_tuple=True)[0] for c in classes.tolist()]
+    members = _class_rows(y, classes)
     m_max = min(points_per_class, max(m.numel() for m in members))
     n_feat = x.shape[1]
 
@@ -381,10 +381,7 @@ def glue_joint(
         max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
     gen = as_generator(generator)
     classes = _select_classes(torch.unique(y), max_classes, gen)
-    manifolds = [
-        x[_subsample_indices(torch.nonzero(y == c, as_tuple=True)[0], points_per_class, gen)]
-        for c in classes.tolist()
-    ]
+    manifolds = [x[_subsample_indices(rows, points_per_class, gen)] for rows in _class_rows(y, classes)]
     return glue(
         manifolds,
         n_t=n_t,
