@@ -61,9 +61,9 @@ def test_check_labels_accepts_class_ids_in_every_container() -> None:
         (
             torch.tensor([300.0, 1.0, 2.0, 3.0], dtype=torch.bfloat16),
             ValueError,
-            "holds every integer only up to 256",
+            "tells integers apart only below 256",
         ),
-        (torch.tensor([2.0**25, 1.0, 2.0, 3.0]), ValueError, "holds every integer only up to 16777216"),
+        (torch.tensor([2.0**25, 1.0, 2.0, 3.0]), ValueError, "tells integers apart only below 16777216"),
     ],
 )
 def test_check_labels_rejects_with_the_fix(labels, error, fix) -> None:
@@ -252,9 +252,12 @@ def test_glue_solver_and_dichotomy_arguments_are_validated() -> None:
 
 
 def test_whole_number_float_labels_within_the_exact_range_are_accepted() -> None:
-    got = check_labels(torch.tensor([256.0, 3.0], dtype=torch.bfloat16))
-    assert got.tolist() == [256, 3]
-    assert check_labels(torch.tensor([2048.0, 0.0], dtype=torch.float16)).tolist() == [2048, 0]
+    got = check_labels(torch.tensor([255.0, 3.0], dtype=torch.bfloat16))
+    assert got.tolist() == [255, 3]
+    assert check_labels(torch.tensor([2047.0, 0.0], dtype=torch.float16)).tolist() == [2047, 0]
+    # 2049 in float16 is stored as 2048: the largest whole number is already ambiguous, so it is refused
+    with pytest.raises(ValueError, match="tells integers apart only below 2048"):
+        check_labels(torch.tensor([2048.0, 2049.0], dtype=torch.float16))
 
 
 def test_integer_features_are_measured_exactly() -> None:

@@ -690,3 +690,15 @@ def test_ranking_with_other_settings_than_the_run_warns_naming_them(run):
     assert score.values["geometry/glue_dimension"] == pytest.approx(
         live[score.epoch]["glue_dimension"], rel=1e-9
     )
+
+
+def test_settings_comparison_is_not_fooled_by_spellings_or_tensors():
+    """layers=["fc"] and layers="fc" log the same keys and values (a one-layer list is recorded as the
+    name); explicit dichotomies are tensors (their comparison raised 'Boolean value of Tensor ...')."""
+    one = GeometryMonitor(layers=["fc:input"]).value_settings()
+    assert one["layers"] == "fc:input" == GeometryMonitor(layers="fc:input").value_settings()["layers"]
+    y = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    logged = GeometryMonitor(dichotomies=y).value_settings()
+    assert rank_module._settings_differ(logged, GeometryMonitor(dichotomies=y.clone()).value_settings()) == []
+    differ = rank_module._settings_differ(logged, GeometryMonitor(dichotomies=-y).value_settings())
+    assert [name for name, _, _ in differ] == ["dichotomies"]

@@ -469,3 +469,18 @@ def test_lid_warns_about_neighbours_within_the_inputs_round_off():
     ):
         biased = float(local_intrinsic_dimension(near, method="twonn"))
     assert biased < 0.5 * clean  # the bias the warning is about
+
+
+def test_lid_does_not_take_a_dense_bfloat16_manifold_for_near_duplicates():
+    """In bfloat16 the round-off level (4 eps) is 3% of a point's norm, the spacing of ordinary clustered
+    features: a warning needs the second neighbour far beyond the first, as for a real near-duplicate."""
+    import warnings
+
+    from lightning_geomarkers.functional import local_intrinsic_dimension
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(3000, 3, generator=g) @ torch.randn(3, 32, generator=g)
+    x = torch.relu(z + 1.0).bfloat16()  # a 3-D ReLU manifold in 32-D (a review: 4099 of 5000 flagged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local_intrinsic_dimension(x)

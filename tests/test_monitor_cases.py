@@ -945,3 +945,14 @@ def test_problems_of_a_ranks_own_batches_are_warned_by_that_rank(monkeypatch):
     monkeypatch.setattr(rank_zero_only, "rank", 0)
     with pytest.warns(MonitorWarning, match=r"^shared problem$"):
         monitor._problem("compute:fc2", "shared problem")
+
+
+def test_a_restore_note_of_an_earlier_validate_is_not_said_at_a_later_fresh_fit(tmp_path):
+    """load_state_dict (trainer.validate(ckpt_path=...)) kept its note for the next fit, which then said
+    that 'the checkpoint holds no alert state' although that fit restored nothing."""
+    monitor = GeometryMonitor(alerts=[MarkerAlert("participation_ratio", threshold=1e9)], **CHEAP)
+    monitor.load_state_dict(GeometryMonitor(**CHEAP).state_dict())  # as a validate(ckpt_path) would
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [monitor])
+    assert not [str(w.message) for w in caught if "checkpoint holds" in str(w.message)]

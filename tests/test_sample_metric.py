@@ -446,3 +446,41 @@ def test_many_distinct_labels_cost_the_same_per_batch_and_match_a_brute_force() 
     counts = sample.n_seen
     assert len(counts) == classes.numel() and sum(counts.values()) == n
     assert sum(int(c.numel()) for c in sample.seen_classes) <= classes.numel() + 1024 + 500
+
+
+def test_widening_keeps_keys_respects_set_dtype_and_waits_for_a_valid_batch() -> None:
+    """Keys come from the batch as given: the same float16 rows offered before and after a float32 batch
+    widened the store got other keys the second time and were kept twice. set_dtype() fixes the dtype
+    (later batches are cast to it, not widened), and a batch that fails validation widens nothing."""
+    x, y = _dataset(12, 2)
+    s = PerClassSample(30, seed=0)
+    s.update(x[:4].half(), y[:4])
+    s.update(x[4:5], y[4:5])  # float32: widens the store
+    s.update(x[:4].half(), y[:4])  # the same rows again: the same keys, counted once
+    assert s.num_stored == 5 and s.state()[0].dtype == torch.float32
+    fixed = PerClassSample(30, seed=0)
+    fixed.update(x[:4], y[:4])
+    fixed.set_dtype(torch.float16)
+    fixed.update(x[4:8], y[4:8])
+    assert fixed.state()[0].dtype == torch.float16
+    bad = PerClassSample(30, seed=0)
+    bad.update(x[:4].half(), y[:4])
+    with pytest.raises(ValueError, match="non-integer"):
+        bad.update(x[4:8].double(), torch.tensor([0.5, 1.0, 0.0, 1.0]))
+    assert bad.state()[0].dtype == torch.float16
+
+
+def test_sync_promotes_mixed_half_dtypes_like_one_process() -> None:
+    """A float16 rank and a bfloat16 rank: one process would widen to float32; the sync took the 'largest'
+    code, bfloat16, and rounded the float16 rank's rows."""
+    x, y = _dataset(40, 2)
+    ranks = [PerClassSample(30, seed=0), PerClassSample(30, seed=0)]
+    ranks[0].update(x[:20].half(), y[:20])
+    ranks[1].update(x[20:].bfloat16(), y[20:])
+    _sync_as_ranks(ranks)
+    for r in ranks:
+        assert r.state()[0].dtype == torch.float32
+    one = PerClassSample(30, seed=0)
+    one.update(x[:20].half(), y[:20])
+    one.update(x[20:].bfloat16(), y[20:])
+    assert torch.equal(one.state()[0], ranks[0].state()[0])

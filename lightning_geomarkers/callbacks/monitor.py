@@ -285,6 +285,8 @@ class GeometryMonitor(L.Callback):
             layers = self.layers
         elif isinstance(self.layers, (list, tuple)):
             layers = [x if isinstance(x, str) else "module" for x in self.layers]
+            if len(layers) == 1:  # layers=["fc"] logs the same keys and values as layers="fc"
+                layers = layers[0]
         else:
             layers = "module"
         # glue_kwargs["max_classes"] is GLUE's own class cap (None: GLUE uses every sampled class); the
@@ -365,6 +367,7 @@ class GeometryMonitor(L.Callback):
             alert.reset()
         self._layout_written = False
         self._run_warnings = set()
+        self._restore_note = None  # a checkpoint restored for an earlier validate() is not this fit's
 
     def logged_keys(self, pl_module: nn.Module | None = None) -> list[str]:
         """Every key this monitor logs with ``pl_module.log`` (markers, their standard errors when

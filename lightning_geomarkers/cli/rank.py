@@ -379,7 +379,15 @@ def _settings_differ(logged: dict[str, Any] | None, here: dict[str, Any]) -> lis
     """(name, logged value, value here) for every value setting that differs (none without a record)."""
     if logged is None:
         return []
-    return [(k, logged[k], v) for k, v in here.items() if k in logged and logged[k] != v]
+
+    def same(a: Any, b: Any) -> bool:  # explicit dichotomies are tensors
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (
+                isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+            )
+        return bool(a == b)
+
+    return [(k, logged[k], v) for k, v in here.items() if k in logged and not same(logged[k], v)]
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:

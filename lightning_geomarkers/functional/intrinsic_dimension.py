@@ -120,7 +120,7 @@ def _local_intrinsic_dimension(x: torch.Tensor, k: int, method: str) -> torch.Te
             "their distance is 0 and the estimate undefined. Merge near-duplicate rows (e.g. round them) "
             "first."
         )
-    n_close = _round_off_neighbours(x, rows, dist[:, 0])
+    n_close = _round_off_neighbours(x, rows, dist[:, 0], dist[:, 1])
     if n_close:
         warnings.warn(
             f"{n_close} of {n_distinct} distinct points have a nearest neighbour within the round-off of "
@@ -160,11 +160,17 @@ def _local_intrinsic_dimension(x: torch.Tensor, k: int, method: str) -> torch.Te
 #: A nearest-neighbour distance below this many eps of the input dtype times the point's norm is at the
 #: level of the input's own rounding: such neighbours are near-duplicates (warned).
 _ROUND_OFF_ULPS = 4
+#: ... and its second neighbour at least this many times farther (what biases TwoNN: r2 / r1 huge).
+_NEAR_DUPLICATE_GAP = 100
 
 
-def _round_off_neighbours(x: torch.Tensor, rows: torch.Tensor | None, nearest: torch.Tensor) -> int:
+def _round_off_neighbours(
+    x: torch.Tensor, rows: torch.Tensor | None, nearest: torch.Tensor, second: torch.Tensor
+) -> int:
     """How many points (the distinct ``rows`` of ``x``, all if None) have their nearest neighbour within
-    ``_ROUND_OFF_ULPS`` eps of ``x``'s dtype times their own norm (norms in float64, in row blocks)."""
+    ``_ROUND_OFF_ULPS`` eps of ``x``'s dtype times their own norm (norms in float64, in row blocks) and
+    their second one at least ``_NEAR_DUPLICATE_GAP`` times farther: a near-duplicate, not a tight
+    cluster (in bfloat16, 4 eps is 3% of the norm, the spacing of ordinary clustered features)."""
     n_rows = nearest.shape[0]
     norms = torch.empty(n_rows, dtype=torch.float64, device=nearest.device)
     step = _rows_per_block(x.shape[1])
@@ -173,7 +179,7 @@ def _round_off_neighbours(x: torch.Tensor, rows: torch.Tensor | None, nearest: t
         block = x[idx] if rows is None else x.index_select(0, rows[idx])
         norms[idx] = torch.linalg.vector_norm(block.to(torch.float64), dim=1)
     tol = _ROUND_OFF_ULPS * torch.finfo(x.dtype).eps
-    return int((nearest <= tol * norms).sum())
+    return int(((nearest <= tol * norms) & (second >= _NEAR_DUPLICATE_GAP * nearest)).sum())
 
 
 def _log_ratio(far: torch.Tensor, near: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ package accumulate into it, and ``GeometryMonitor`` holds one per monitored laye
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -205,6 +206,8 @@ class PerClassSample(Metric):
         # by (the seen_classes list object, its length, its first chunk): torchmetrics' reset, sync and
         # unsync replace the list, and every update below refreshes the key, so a stale entry is never used.
         self._admit_cache: tuple[Any, int, torch.Tensor, torch.Tensor] | None = None
+        # The features' dtype fixed by set_dtype() (None: the widest dtype offered).
+        self._fixed_dtype: torch.dtype | None = None
 
     def _config_tensor(self) -> torch.Tensor:
         mc = -1 if self.max_classes is None else self.max_classes
@@ -326,7 +329,8 @@ class PerClassSample(Metric):
             raise ValueError(
                 f"`features` has no columns (shape {tuple(features.shape)}); pass at least one feature per row."
             )
-        f = features.detach()
+        raw = features.detach()
+        f, widen = raw, None
         if self.features:
             store = self.features[0]
             if n != store.shape[1]:
@@ -334,13 +338,16 @@ class PerClassSample(Metric):
                     f"`features` has {n} columns but earlier updates had {store.shape[1]}; the feature "
                     "dimension must stay fixed between reset() calls (one sample per layer)."
                 )
-            wider = torch.promote_types(store.dtype, f.dtype)
-            if wider != store.dtype:  # a wider batch after narrower ones: widen what is kept, lose nothing
-                self.features = [t.to(wider) for t in self.features]
-            f = f.to(device=store.device, dtype=wider)
+            # The widest dtype offered, unless set_dtype() fixed one: a wider batch after narrower ones
+            # widens what is kept (after the batch is validated below), so nothing is rounded.
+            target = self._fixed_dtype or torch.promote_types(store.dtype, raw.dtype)
+            widen = target if target != store.dtype else None
+            f = raw.to(device=store.device, dtype=target)
         y = check_labels(labels, b, device=f.device)
         if keys is None:
-            k = sample_keys(f, y, self.seed)
+            # From the batch as given, not as stored: the same rows get the same keys whatever the
+            # store's dtype is at the time (duplicated (label, key) pairs count once).
+            k = sample_keys(raw, y.to(raw.device), self.seed).to(f.device)
         else:
             if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
                 raise TypeError(
@@ -349,6 +356,8 @@ class PerClassSample(Metric):
             if keys.shape != (b,):
                 raise ValueError(f"`keys` must have shape ({b},), got {tuple(keys.shape)}.")
             k = keys.detach().to(f.device)
+        if widen is not None:
+            self.features = [t.to(widen) for t in self.features]
         return f, y, k
 
     def _append(self, f: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> None:
@@ -477,6 +486,16 @@ class PerClassSample(Metric):
         if self.features:
             self._update_count = max(self._update_count, 1)
 
+    def set_dtype(self, dst_type: str | torch.dtype) -> Metric:
+        """Convert the stored features to ``dst_type`` and keep later batches in it (instead of the widest
+        dtype offered); the integer states are left as they are."""
+        out = super().set_dtype(dst_type)
+        if self.features:
+            self._fixed_dtype = self.features[0].dtype
+        elif isinstance(dst_type, torch.dtype):
+            self._fixed_dtype = dst_type
+        return out
+
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> Module:
         """``to(device)`` moves every state; ``set_dtype`` converts only the features. The integer states
         (labels, 63-bit keys, counts, configuration) keep int64: a float cast would lose key bits."""
@@ -525,7 +544,13 @@ class PerClassSample(Metric):
             return
         dim = dims.pop()
         codes = [m[1] for m in metas if m[1] > 0]
-        dtype = _DTYPE_CODES[max(codes) - 1] if codes else (local.dtype if local is not None else self.dtype)
+        dtype = (
+            functools.reduce(
+                torch.promote_types, [_DTYPE_CODES[c - 1] for c in codes]
+            )  # float16 + bfloat16: float32
+            if codes
+            else (local.dtype if local is not None else self.dtype)
+        )
         empty_i = torch.zeros(0, dtype=torch.int64, device=device)
         if local is None:
             self.features = [torch.zeros((0, dim), dtype=dtype, device=device)]

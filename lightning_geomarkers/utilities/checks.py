@@ -196,12 +196,13 @@ def check_labels(
             f"class ids.{tail}"
         )
     if y.is_floating_point() and y.numel():
-        # Every integer up to 2 / eps (2**(mantissa bits + 1)) is a float of the dtype; 256 for bfloat16.
+        # Every integer up to 2 / eps (2**(mantissa bits + 1)) is a float of the dtype (256 for bfloat16),
+        # but that last one may already be a rounded exact + 1: whole numbers below it are unambiguous.
         exact = round(2 / torch.finfo(y.dtype).eps)
-        if float(y.abs().max()) > exact:
+        if float(y.abs().max()) >= exact:
             raise ValueError(
-                f"{name} are {y.dtype} whole numbers up to {float(y.abs().max()):.0f}, but {y.dtype} holds "
-                f"every integer only up to {exact}: beyond it neighbouring class ids have been rounded "
+                f"{name} are {y.dtype} whole numbers up to {float(y.abs().max()):.0f}, but {y.dtype} tells "
+                f"integers apart only below {exact}: from there on neighbouring class ids are rounded "
                 f"together, and classes may have merged. Pass integer class ids (keep the labels int64; "
                 f"do not cast them to a floating dtype).{tail}"
             )
