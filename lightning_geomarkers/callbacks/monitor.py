@@ -415,7 +415,7 @@ class GeometryMonitor(L.Callback):
             self._deferred, self._deferred_module = stage, pl_module
 
     def _check_distributed_setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Refuse what would hang a distributed run; quieten Lightning's advice that does not apply."""
+        """Refuse what would hang a distributed run."""
         if getattr(trainer, "world_size", 1) <= 1:
             return
         flag = "allow_zero_length_dataloader_with_multiple_devices"
@@ -426,11 +426,6 @@ class GeometryMonitor(L.Callback):
                 "forever when they gather the per-class sample. Give every process at least one validation "
                 f"batch (e.g. fewer devices for validation, or a smaller batch size) and leave {flag} False."
             )
-        # The markers are computed on the gathered sample and are the same on every rank: they are logged
-        # with sync_dist=False on purpose, so Lightning's advice to sync each of them is noise.
-        warnings.filterwarnings(
-            "ignore", message=rf"It is recommended to use `self\.log\('{re.escape(self.prefix)}/"
-        )
 
     def _attach_deferred(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the layers of a module that builds them in ``configure_model()`` / ``setup()``, at the
@@ -448,6 +443,12 @@ class GeometryMonitor(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._attach_deferred(trainer, pl_module)
+        if getattr(trainer, "world_size", 1) > 1 and self._hooks:
+            # The markers are computed on the gathered sample and are the same on every rank: they are
+            # logged with sync_dist=False on purpose, so Lightning's advice to sync each of them is noise.
+            # Only this monitor's own keys (a filter on the prefix would hide the advice for other keys).
+            keys = "|".join(re.escape(k) for k in self.logged_keys())
+            warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('(?:{keys})'")
 
     def _layer_id_map(
         self, model: nn.Module, resolved: Mapping[str, tuple[nn.Module, str]] | None = None
