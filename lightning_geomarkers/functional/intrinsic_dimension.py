@@ -171,15 +171,19 @@ def _round_off_neighbours(
     ``_ROUND_OFF_ULPS`` eps of ``x``'s dtype times their own norm (norms in float64, in row blocks) and
     their second one at least ``_NEAR_DUPLICATE_GAP`` times farther: a near-duplicate, not a tight
     cluster (in bfloat16, 4 eps is 3% of the norm, the spacing of ordinary clustered features)."""
-    n_rows = nearest.shape[0]
-    norms = torch.empty(n_rows, dtype=torch.float64, device=nearest.device)
+    # The gap test first (O(S), almost never passed by ordinary data): the norms, a pass over the features,
+    # only for the points it leaves.
+    gap = torch.nonzero(second >= _NEAR_DUPLICATE_GAP * nearest).squeeze(1)
+    if not gap.numel():
+        return 0
+    points = gap if rows is None else rows.index_select(0, gap)
+    norms = torch.empty(gap.numel(), dtype=torch.float64, device=nearest.device)
     step = _rows_per_block(x.shape[1])
-    for start in range(0, n_rows, step):
+    for start in range(0, gap.numel(), step):
         idx = slice(start, start + step)
-        block = x[idx] if rows is None else x.index_select(0, rows[idx])
-        norms[idx] = torch.linalg.vector_norm(block.to(torch.float64), dim=1)
+        norms[idx] = torch.linalg.vector_norm(x.index_select(0, points[idx]).to(torch.float64), dim=1)
     tol = _ROUND_OFF_ULPS * torch.finfo(x.dtype).eps
-    return int(((nearest <= tol * norms) & (second >= _NEAR_DUPLICATE_GAP * nearest)).sum())
+    return int((nearest.index_select(0, gap) <= tol * norms).sum())
 
 
 def _log_ratio(far: torch.Tensor, near: torch.Tensor) -> torch.Tensor:

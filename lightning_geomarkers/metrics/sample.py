@@ -205,7 +205,7 @@ class PerClassSample(Metric):
         # Derived, never a state: the admitted classes (max_classes) for the seen counts as they were, keyed
         # by (the seen_classes list object, its length, its first chunk): torchmetrics' reset, sync and
         # unsync replace the list, and every update below refreshes the key, so a stale entry is never used.
-        self._admit_cache: tuple[Any, int, torch.Tensor, torch.Tensor] | None = None
+        self._admit_cache: tuple[tuple[Any, int, Any], torch.Tensor] | None = None
         # The features' dtype fixed by set_dtype() (None: the widest dtype offered).
         self._fixed_dtype: torch.dtype | None = None
 
@@ -388,20 +388,20 @@ class PerClassSample(Metric):
                 merged_c, merged_n = self._seen()
                 self.seen_classes, self.seen_counts = [merged_c], [merged_n]
 
-    def _admit_key(self) -> tuple[Any, int, torch.Tensor | None]:
+    def _admit_key(self) -> tuple[Any, int, Any]:
         seen = self.seen_classes
         return seen, len(seen), (seen[0] if len(seen) else None)
 
     def _remember_admitted(self, admitted: torch.Tensor | None) -> None:
         if admitted is not None:
-            key = self._admit_key()
-            self._admit_cache = (key[0], key[1], key[2], admitted)  # type: ignore[assignment]
+            self._admit_cache = (self._admit_key(), admitted)
 
     def _cached_admitted(self) -> torch.Tensor | None:
-        cache, key = self._admit_cache, self._admit_key()
-        if cache is not None and cache[0] is key[0] and cache[1] == key[1] and cache[2] is key[2]:
-            return cache[3]
-        return None
+        if self._admit_cache is None:
+            return None
+        (seen, length, first), admitted = self._admit_cache
+        now_seen, now_length, now_first = self._admit_key()
+        return admitted if seen is now_seen and length == now_length and first is now_first else None
 
     def _bottom_classes(self, candidates: torch.Tensor) -> torch.Tensor:
         """The ``max_classes`` of ``candidates`` (distinct, ascending) of smallest (priority, id), ascending."""
