@@ -111,3 +111,22 @@ def test_bench_scale_runs_a_case_with_its_environment_setting(monkeypatch):
     assert bench_scale.in_subprocess(with_env)["openmp"] == "OMP_WAIT_POLICY=PASSIVE"
     result = bench_scale.in_subprocess(tiny)
     assert result["openmp"] == "default wait policy" and result["ours_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_sync_runs_both_gathers_and_checks_them_against_one_process():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
+    args = ["--world", "2", "--classes", "6", "--per-class", "5", "--width", "16", "--repeats", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_sync.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "load average" in lines[0]
+    rows = [line.split() for line in lines if line.startswith(("this package", "torchmetrics cat"))]
+    assert len(rows) == 2 and all(row[-1] == "True" for row in rows)  # both equal the single process
+    assert lines[-1].startswith("ratio (torchmetrics cat / this package): time ")

@@ -287,8 +287,9 @@ def test_a_wider_batch_widens_the_sample_instead_of_being_narrowed() -> None:
 # ------------------------------------------------------------------------- DDP sync (threads as ranks)
 
 
-def _sync_as_ranks(samples: list[PerClassSample]) -> None:
-    """Run torchmetrics' ``sync()`` of each sample in its own thread, with an all-gather across threads."""
+def _sync_as_ranks(samples: list[PerClassSample], sent: list[list[torch.Tensor]] | None = None) -> None:
+    """Run torchmetrics' ``sync()`` of each sample in its own thread, with an all-gather across threads
+    (what each rank sends is appended to ``sent[rank]`` if given)."""
     n = len(samples)
     barrier = threading.Barrier(n)
     slots: list[torch.Tensor | None] = [None] * n
@@ -296,6 +297,8 @@ def _sync_as_ranks(samples: list[PerClassSample]) -> None:
 
     def run(rank: int) -> None:
         def gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+            if sent is not None:
+                sent[rank].append(t)
             slots[rank] = t
             barrier.wait()
             out = [s for s in slots if s is not None]
@@ -384,6 +387,57 @@ def test_sync_rejects_different_feature_dims() -> None:
     a.update(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
     b.update(torch.randn(4, 5), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(RuntimeError, match="Feature dimensions differ"):
+        _sync_as_ranks([a, b])
+
+
+def test_sync_moves_only_the_selected_feature_rows() -> None:
+    """The ranks first gather labels and keys, then only the selected rows' features: one store in all,
+    where gathering every rank's whole store moved world_size stores (and every rank held them twice)."""
+    x, y = _dataset(600, 5, dim=7)
+    keys = sample_keys(x, y, 1)
+    full = PerClassSample(6, max_classes=3, seed=1)
+    full.update(x, y, keys)
+    ranks = [PerClassSample(6, max_classes=3, seed=1) for _ in range(3)]
+    for r, sample in enumerate(ranks):
+        idx = torch.arange(r, 600, 3)
+        sample.update(x[idx], y[idx], keys[idx])
+    assert all(s.num_stored == 18 for s in ranks)  # each rank's own bottom-6 of 3 classes
+    sent: list[list[torch.Tensor]] = [[], [], []]
+    _sync_as_ranks(ranks, sent)
+    for sample in ranks:
+        for ta, tb in zip(sample.state(), full.state(), strict=True):
+            assert torch.equal(ta, tb)
+    feature_rows = sum(t.shape[0] for per_rank in sent for t in per_rank if t.is_floating_point())
+    assert feature_rows == full.num_stored == 18
+
+
+def test_sync_of_identical_ranks_and_padding_copies_equals_one_process() -> None:
+    """Every rank fed the same data (no DistributedSampler), or shards overlapping in a few padding copies:
+    each shared sample is sent by every rank that holds it and kept once."""
+    x, y = _dataset(120, 4, dim=5)
+    keys = sample_keys(x, y, 0)
+    full = PerClassSample(5, max_classes=None, seed=0)
+    full.update(x, y, keys)
+    same = [PerClassSample(5, max_classes=None, seed=0) for _ in range(3)]
+    for s in same:
+        s.update(x, y, keys)
+    _sync_as_ranks(same)
+    padded = [PerClassSample(5, max_classes=None, seed=0) for _ in range(2)]
+    padded[0].update(x[:70], y[:70], keys[:70])
+    padded[1].update(x[60:], y[60:], keys[60:])  # rows 60-69 on both ranks
+    _sync_as_ranks(padded)
+    for sample in (*same, *padded):
+        for ta, tb in zip(sample.state(), full.state(), strict=True):
+            assert torch.equal(ta, tb)
+
+
+def test_sync_rejects_samples_with_different_arguments() -> None:
+    a, b = PerClassSample(4, seed=0), PerClassSample(4, seed=1)
+    a.update(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    b.update(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(
+        RuntimeError, match=r"different \(samples_per_class, max_classes, seed\).*same arguments"
+    ):
         _sync_as_ranks([a, b])
 
 

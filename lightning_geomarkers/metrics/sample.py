@@ -12,9 +12,10 @@ Classes are subset the same way (``max_classes``): the classes with the smallest
 
 The sample is held in torchmetrics states (``add_state(..., dist_reduce_fx="cat")``), so pickling,
 ``clone()``, ``state_dict()`` (after ``persistent(True)``), ``reset()``, ``to(device)`` and the DDP gather
-(torchmetrics' ``sync()``/``unsync()``, ``compute()``) work as for any torchmetrics metric; after the gather
-the bottom-k selection is re-applied, which is the only DDP-specific logic. The metric classes of this
-package accumulate into it, and ``GeometryMonitor`` holds one per monitored layer.
+(torchmetrics' ``sync()``/``unsync()``, ``compute()``) work as for any torchmetrics metric. The DDP-specific
+logic is the gather itself: labels and keys first, from which every rank computes the same bottom-k
+selection, then the features of the selected rows only (one store's worth, not every rank's store). The
+metric classes of this package accumulate into it, and ``GeometryMonitor`` holds one per monitored layer.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def _bottom_k(labels: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
     order = _lexsort(labels, keys)
     order = order[_first_of_duplicates(labels[order], keys[order])]
     return order[_rank_in_run(labels[order]) < k]
+
+
+def _pair_member(
+    labels: torch.Tensor, keys: torch.Tensor, ref_labels: torch.Tensor, ref_keys: torch.Tensor
+) -> torch.Tensor:
+    """Mask of the rows whose (label, key) pair is one of the ``ref`` pairs."""
+    both_l, both_k = torch.cat([ref_labels, labels]), torch.cat([ref_keys, keys])
+    order = _lexsort(both_l, both_k)
+    run = torch.cumsum(_first_of_duplicates(both_l[order], both_k[order]).to(torch.int64), 0) - 1
+    run_of = torch.empty_like(run).scatter_(0, order, run)  # each row's run of equal pairs
+    in_ref = torch.zeros(int(run[-1]) + 1 if run.numel() else 0, dtype=torch.bool, device=labels.device)
+    in_ref[run_of[: ref_labels.numel()]] = True
+    return in_ref[run_of[ref_labels.numel() :]]
 
 
 def _cat(chunks: Any) -> torch.Tensor:
@@ -459,10 +473,23 @@ class PerClassSample(Metric):
             if cache is not None and (admitted is None or bool(torch.isin(cache[1], admitted).all())):
                 return
         labels, keys = torch.cat(self.labels), torch.cat(self.keys)
+        sel = self._select(labels, keys, admitted)
+        self.features, self.labels, self.keys = [_gather_rows(self.features, sel)], [labels[sel]], [keys[sel]]
+        self._set_thresholds()
+
+    def _select(
+        self, labels: torch.Tensor, keys: torch.Tensor, admitted: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Indices of the kept rows, sorted by (label, key): per admitted class the k smallest distinct keys
+        (of equal (label, key) pairs the first)."""
         sel = _bottom_k(labels, keys, self.samples_per_class)
         if admitted is not None:  # admission depends on the class only: filtering after the ranks is the same
             sel = sel[torch.isin(labels[sel], admitted.to(labels.device))]
-        self.features, self.labels, self.keys = [_gather_rows(self.features, sel)], [labels[sel]], [keys[sel]]
+        return sel
+
+    def _set_thresholds(self) -> None:
+        """Cache the per-class k-th keys of the store (one chunk, sorted by (label, key)): a batch's sample
+        is admitted only below them."""
         store_y, store_k = self.labels[0], self.keys[0]
         cls, counts = torch.unique_consecutive(store_y, return_counts=True)
         last = torch.cumsum(counts, 0) - 1
@@ -516,13 +543,21 @@ class PerClassSample(Metric):
     def _sync_dist(
         self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None
     ) -> None:
-        """Gather every rank's sample (torchmetrics ``cat``) and re-apply the bottom-k selection.
+        """Gather the union of every rank's sample and re-apply the bottom-k selection, in three gathers.
 
-        Called by torchmetrics' ``sync()`` (and so by ``compute()`` under DDP) on every rank. A rank that
-        stored nothing takes part with empty ``(0, N)`` states (N and the dtype are gathered first). The
-        ``seen`` counts are summed per class, the class subset and the bottom-k selection re-applied and
-        duplicates (the same sample on two ranks) dropped, so every rank ends with the single-process
-        selection.
+        Called by torchmetrics' ``sync()`` (and so by ``compute()`` under DDP) on every rank, with the same
+        collectives on every rank (a rank that stored nothing takes part with empty states):
+
+        1. every rank's feature width, dtype and configuration (a rank with no samples knows no width);
+        2. every rank's labels and keys, and its ``seen`` counts (16 bytes per stored row and per class).
+           From these every rank computes the same selection: the kept classes (from the summed counts),
+           per class the k smallest distinct keys;
+        3. the feature rows of that selection only: each rank sends its rows whose (label, key) is selected
+           (a sample held by several ranks, such as a ``DistributedSampler`` padding copy, is sent by each
+           and taken from the lowest rank).
+
+        So every rank ends with the single-process selection, and the feature rows moved are those of
+        one store (the gather pads each rank's share to the largest one), not every rank's whole store.
         """
         group = process_group or self.process_group
         self._compact()
@@ -530,13 +565,22 @@ class PerClassSample(Metric):
         device = local.device if local is not None else self.device
         dim = int(local.shape[1]) if local is not None else 0
         code = _DTYPE_CODES.index(local.dtype) + 1 if local is not None and local.dtype in _DTYPE_CODES else 0
-        meta = torch.tensor([dim, code], dtype=torch.int64, device=device)
-        metas = [t.reshape(-1).tolist() for t in dist_sync_fn(meta, group=group)]
+        head = torch.tensor([dim, code], dtype=torch.int64, device=device)
+        metas = [
+            t.reshape(-1).tolist()
+            for t in dist_sync_fn(torch.cat([head, self.sample_config.to(device)]), group=group)
+        ]
         dims = {m[0] for m in metas if m[0] > 0}
         if len(dims) > 1:
             raise RuntimeError(
                 f"Feature dimensions differ across processes: {sorted(dims)}; every rank must feed the same "
                 "layer's features to this sample."
+            )
+        configs = sorted({tuple(m[2:]) for m in metas})
+        if len(configs) > 1:
+            raise RuntimeError(
+                f"The ranks' samples have different (samples_per_class, max_classes, seed): {configs}; "
+                "construct the sample with the same arguments on every rank."
             )
         if not dims:  # nobody has anything: no further collective, on any rank
             for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
@@ -551,19 +595,33 @@ class PerClassSample(Metric):
             if codes
             else (local.dtype if local is not None else self.dtype)
         )
-        empty_i = torch.zeros(0, dtype=torch.int64, device=device)
-        if local is None:
-            self.features = [torch.zeros((0, dim), dtype=dtype, device=device)]
-            self.labels, self.keys = [empty_i], [empty_i.clone()]
-        else:
-            self.features = [local.to(device=device, dtype=dtype)]
-        seen_c, seen_n = self._seen()
-        self.seen_classes, self.seen_counts = [seen_c.to(device)], [seen_n.to(device)]
-        self.sample_config = self.sample_config.to(device)
-        super()._sync_dist(dist_sync_fn, process_group=process_group)
-        # torchmetrics leaves concatenated tensors: back to list states, then re-select.
-        self.features = [_cat(self.features).reshape(-1, dim)]
-        self.labels, self.keys = [_cat(self.labels).reshape(-1)], [_cat(self.keys).reshape(-1)]
-        seen_c, seen_n = self._seen()
+        # 2. labels and keys, and the seen counts.
+        pairs = (
+            torch.stack([self.labels[0], self.keys[0]], 1).to(device)
+            if local is not None
+            else torch.zeros((0, 2), dtype=torch.int64, device=device)
+        )
+        every = torch.cat([t.reshape(-1, 2) for t in dist_sync_fn(pairs, group=group)])
+        seen = torch.cat(
+            [t.reshape(-1, 2) for t in dist_sync_fn(torch.stack(self._seen(), 1).to(device), group=group)]
+        )
+        seen_c, seen_n = _sum_by_class(seen[:, 0], seen[:, 1])
         self.seen_classes, self.seen_counts = [seen_c], [seen_n]
-        self._compact(force=True)
+        labels, keys = every[:, 0], every[:, 1]
+        sel = self._select(labels, keys, self._admitted())  # of duplicates, the first: the lowest rank's
+        # 3. the selected rows' features, from the ranks that hold them (a decision every rank shares).
+        if sel.numel():
+            sent = _pair_member(labels, keys, labels[sel], keys[sel])  # what every rank sends, in order
+            mine = (
+                local[_pair_member(pairs[:, 0], pairs[:, 1], labels[sel], keys[sel])].to(dtype)
+                if local is not None
+                else torch.zeros((0, dim), dtype=dtype, device=device)
+            )
+            blocks = [t.reshape(-1, dim) for t in dist_sync_fn(mine, group=group)]
+            rows = (torch.cumsum(sent.to(torch.int64), 0) - 1)[sel]
+            self.features = [_gather_rows(blocks, rows)]
+        else:
+            self.features = [torch.zeros((0, dim), dtype=dtype, device=device)]
+        self.labels, self.keys = [labels[sel]], [keys[sel]]
+        self.sample_config = self.sample_config.to(device)
+        self._set_thresholds()
