@@ -699,6 +699,6 @@ def test_settings_comparison_is_not_fooled_by_spellings_or_tensors():
     assert one["layers"] == "fc:input" == GeometryMonitor(layers="fc:input").value_settings()["layers"]
     y = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
     logged = GeometryMonitor(dichotomies=y).value_settings()
-    assert rank_module._settings_differ(logged, GeometryMonitor(dichotomies=y.clone()).value_settings()) == []
-    differ = rank_module._settings_differ(logged, GeometryMonitor(dichotomies=-y).value_settings())
+    assert GeometryMonitor(dichotomies=y.clone()).settings_differences(logged) == []
+    differ = GeometryMonitor(dichotomies=-y).settings_differences(logged)
     assert [name for name, _, _ in differ] == ["dichotomies"]

@@ -956,3 +956,101 @@ def test_a_restore_note_of_an_earlier_validate_is_not_said_at_a_later_fresh_fit(
         warnings.simplefilter("always")
         fit(tmp_path, [monitor])
     assert not [str(w.message) for w in caught if "checkpoint holds" in str(w.message)]
+
+
+# ------------------------------------------------------------------ checkpoints outside fit, and sharing
+
+
+def test_validate_with_a_checkpoint_after_fit_keeps_the_record_and_tags_the_checkpoint_epoch(tmp_path):
+    """trainer.validate/test(ckpt_path="best") after fit: Lightning restores the callbacks too, and the
+    monitor's history, per-class history, alert history and alert states were replaced by the (older)
+    checkpoint's; the validate entry was tagged with the fit's last epoch, not the weights' epoch."""
+
+    class Tested(TinyMLP):
+        def test_step(self, batch, batch_idx):
+            self.log("test_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    alert = MarkerAlert("glue_dimension", relative_drop=0.01)
+    monitor = GeometryMonitor(markers=["glue_dimension"], alerts=[alert], **FAST)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="geometry/glue_dimension", mode="max")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr, model = fit(tmp_path, [monitor, ckpt], model=Tested(), max_epochs=4)
+    before = [dict(h) for h in monitor.history]
+    per_class, fired, alert_state = (
+        list(monitor.per_class_history),
+        list(monitor.alert_history),
+        alert.state_dict(),
+    )
+    assert [h["epoch"] for h in before] == [0, 1, 2, 3] and alert.n_values == 4
+    best_epoch = torch.load(ckpt.best_model_path, weights_only=False)["epoch"]  # the fit ended at epoch 4
+    x, y = gaussian_classes()
+    _, val = loaders(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.test(model, val, ckpt_path="best")
+        tr.validate(model, val, ckpt_path="best")
+    assert monitor.history[:4] == before and monitor.per_class_history[:4] == per_class
+    assert monitor.alert_history == fired and alert.state_dict() == alert_state
+    (entry,) = monitor.history[4:]
+    assert entry["stage"] == "validate" and entry["epoch"] == best_epoch
+    assert entry["glue_dimension"] == pytest.approx(before[best_epoch]["glue_dimension"], rel=1e-9)
+    assert monitor.per_class_history[4]["epoch"] == best_epoch
+
+
+def test_resume_with_other_value_settings_warns_and_starts_the_alerts_afresh(tmp_path):
+    """The values of other settings (e.g. fewer samples per class) are not comparable with the checkpoint's,
+    and the alerts compared them silently (a false 28% drop in a review's run); only the seed was checked."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    kwargs = dict(markers=["glue_dimension"], n_t=30, n_pairs=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(
+            tmp_path / "a",
+            [
+                GeometryMonitor(
+                    samples_per_class=30, alerts=[MarkerAlert("glue_dimension", relative_drop=0.2)], **kwargs
+                ),
+                ckpt,
+            ],
+            max_epochs=2,
+        )
+    alert = MarkerAlert("glue_dimension", relative_drop=0.2)
+    monitor = GeometryMonitor(samples_per_class=4, alerts=[alert], **kwargs)
+    x, y = gaussian_classes()
+    train, val = loaders(x, y)
+    with pytest.warns(MonitorWarning) as record:
+        trainer(tmp_path / "b", [monitor], max_epochs=3, logger=False).fit(
+            TinyMLP(), train, val, ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+        )
+    messages = [str(w.message) for w in record]
+    (said,) = [m for m in messages if "other value settings" in m]
+    assert "samples_per_class: checkpoint 30, now 4" in said and "alerts start afresh" in said
+    assert not [m for m in messages if "checkpoint holds" in m]  # no confusing second note
+    assert [h["epoch"] for h in monitor.history] == [0, 1, 2]  # the earlier values are kept
+    assert alert.n_values == 1  # only the value measured with the new settings
+
+
+def test_two_monitors_with_one_checkpoint_state_key_are_refused_at_setup(tmp_path):
+    """Disjoint markers on the same resolved layer and prefix log no key in common, but their checkpoint
+    states shared one key: a checkpoint kept one of them and a resume loaded it into both."""
+    a = GeometryMonitor(markers=["participation_ratio"], samples_per_class=50, lid_k=10)
+    b = GeometryMonitor("fc:input", markers=["effective_rank"], samples_per_class=50, lid_k=10)
+    with pytest.raises(ValueError, match=r"checkpoint states would share the key.*own prefix"):
+        fit(tmp_path, [a, b])
+    fit(
+        tmp_path,
+        [a, GeometryMonitor("fc:input", markers=["effective_rank"], prefix="g2", samples_per_class=50)],
+    )
+
+
+def test_one_alert_object_in_two_places_is_refused():
+    alert = MarkerAlert("participation_ratio", relative_drop=0.5)
+    with pytest.raises(ValueError, match="given twice in `alerts`"):
+        GeometryMonitor(alerts=[alert, alert], **CHEAP)
+    a = GeometryMonitor(prefix="a", alerts=[alert], **CHEAP)
+    b = GeometryMonitor(layers="body.1", prefix="b", alerts=[alert], **CHEAP)
+    with pytest.raises(
+        ValueError, match="same MarkerAlert object .* two GeometryMonitors.*one MarkerAlert per"
+    ):
+        fit(None, [a, b])

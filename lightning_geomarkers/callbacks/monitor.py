@@ -211,6 +211,11 @@ class GeometryMonitor(L.Callback):
                     f"Alert on {alert.marker!r} but that marker is not computed; add it to `markers` "
                     f"(currently {list(self.markers)})."
                 )
+        if len({id(a) for a in alerts}) < len(alerts):
+            raise ValueError(
+                "The same MarkerAlert object is given twice in `alerts`: it would see every value twice. "
+                "Create one MarkerAlert per alert."
+            )
         self.alerts = alerts
         self.seed = check_seed(seed)
         self.log_spectrum = bool(log_spectrum)
@@ -247,6 +252,10 @@ class GeometryMonitor(L.Callback):
         self._logged_now: dict[str, float] = {}
         # What a restored checkpoint's alert state lacked or had in excess, said at the next fit's start.
         self._restore_note: str | None = None
+        # (epoch, step) of the checkpoint whose weights trainer.validate(ckpt_path=...) measures, and
+        # whether the checkpoint being loaded is loaded for fit (set by on_load_checkpoint).
+        self._weights_from: tuple[int, int] | None = None
+        self._loading_for_fit = True
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -300,6 +309,29 @@ class GeometryMonitor(L.Callback):
             **glue,
         }
 
+    def settings_differences(self, logged: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+        """``(name, logged value, value here)`` for every :meth:`value_settings` entry that differs from
+        ``logged`` (the ``"settings"`` a checkpoint of a monitor holds); none without a record.
+
+        Example:
+            >>> GeometryMonitor(n_t=50).settings_differences(GeometryMonitor().value_settings())
+            [('n_t', 100, 50)]
+        """
+        if logged is None:
+            return []
+
+        def same(a: Any, b: Any) -> bool:  # explicit dichotomies are tensors
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                return (
+                    isinstance(a, torch.Tensor)
+                    and isinstance(b, torch.Tensor)
+                    and torch.equal(a.cpu(), b.cpu())
+                )
+            return bool(a == b)
+
+        here = self.value_settings()
+        return [(k, logged[k], v) for k, v in here.items() if k in logged and not same(logged[k], v)]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(h) for h in self.history],
@@ -312,10 +344,27 @@ class GeometryMonitor(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._loading_for_fit and (self.history or self.alert_history or self.per_class_history):
+            # trainer.validate/test(ckpt_path=...) after a fit: Lightning restores the callbacks too, but
+            # this monitor's own record runs further than the checkpoint's (written during that fit).
+            return
         if state_dict.get("seed", self.seed) != self.seed:
             rank_zero_warn(
                 f"GeometryMonitor resumed with seed={self.seed} but the checkpoint used seed={state_dict['seed']}: "
                 "a different subsample and probes will be used, so markers may jump.",
+                category=MonitorWarning,
+            )
+        differ = self.settings_differences(state_dict.get("settings"))
+        if differ:
+            listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in differ)
+            rank_zero_warn(
+                f"GeometryMonitor resumed with other value settings than the checkpoint's ({listed}): the "
+                "markers measure something else from here on, so the alerts start afresh instead of comparing "
+                "with values of the old settings; the history keeps the earlier values. Resume with the "
+                "checkpoint's settings to continue the same series."
+                if self._loading_for_fit
+                else f"GeometryMonitor measures with other value settings than the checkpoint's monitor "
+                f"({listed}): its values are not comparable with the ones logged during training.",
                 category=MonitorWarning,
             )
         self.history = [dict(h) for h in state_dict.get("history", [])]
@@ -330,7 +379,11 @@ class GeometryMonitor(L.Callback):
         fresh = []
         for alert in self.alerts:
             queue = saved.get(self._normalise_alert_name(alert.marker))
-            if queue:
+            if differ:  # said above; the saved state is dropped
+                alert.reset()
+                if queue:
+                    queue.pop(0)
+            elif queue:
                 alert.load_state_dict({**queue.pop(0), "marker": alert.marker})
             else:
                 fresh.append(alert.marker)
@@ -393,6 +446,7 @@ class GeometryMonitor(L.Callback):
 
     # ------------------------------------------------------------------ set-up and tear-down
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._weights_from, self._loading_for_fit = None, True  # set again if this stage loads a checkpoint
         if stage == "test":
             self._warn_run(
                 "test",
@@ -440,6 +494,11 @@ class GeometryMonitor(L.Callback):
     ) -> None:
         # Lightning reads state_key again right after this hook to restore the state.
         self._attach_deferred(trainer, pl_module)
+        self._loading_for_fit = trainer.state.fn == TrainerFn.FITTING
+        if not self._loading_for_fit:  # trainer.validate(ckpt_path=...): the weights are this checkpoint's
+            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+            if isinstance(epoch, int) and isinstance(step, int):
+                self._weights_from = (epoch, step)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._attach_deferred(trainer, pl_module)
@@ -515,6 +574,20 @@ class GeometryMonitor(L.Callback):
                         "Lightning would silently average their values. Give each monitor its own prefix, "
                         f"e.g. GeometryMonitor(..., prefix='{self.prefix}_<layer>'), or use one monitor "
                         "with layers=[...] (keys '<prefix>/<layer>/<marker>')."
+                    )
+                if cb.state_key == self.state_key:
+                    raise ValueError(
+                        f"Two GeometryMonitors watch the same layers ({sorted(self._layer_ids.values())}) with "
+                        f"prefix={self.prefix!r}: their checkpoint states would share the key {self.state_key!r}, "
+                        "so a checkpoint keeps only one of them and a resumed run restores it into both. Give "
+                        f"each monitor its own prefix, e.g. GeometryMonitor(..., prefix='{self.prefix}_2'), or "
+                        "use one monitor with all the markers."
+                    )
+                shared = [a.marker for a in self.alerts if any(a is b for b in cb.alerts)]
+                if shared:
+                    raise ValueError(
+                        f"The same MarkerAlert object ({shared[0]!r}) is given to two GeometryMonitors: it would "
+                        "compare one monitor's values with the other's. Create one MarkerAlert per monitor."
                     )
             if isinstance(cb, EarlyStopping) and cb.monitor in mine and cb.strict:
                 raise ValueError(
@@ -850,7 +923,7 @@ class GeometryMonitor(L.Callback):
             hook.enabled = False
         distributed = self._distributed(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
-        epoch, step = trainer.current_epoch, self._log_step(trainer)
+        epoch, step = self._epoch_and_step(trainer)
         fired: list[tuple[MarkerAlert, AlertEvent]] = []
         computed_any = False
         fresh: set[str] = set()
@@ -932,6 +1005,13 @@ class GeometryMonitor(L.Callback):
         """The step Lightning writes epoch-level scalars at (batches that stepped the optimizer), so the
         histogram, the history and alert messages line up with the scalar charts."""
         return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+    def _epoch_and_step(self, trainer: L.Trainer) -> tuple[int, int]:
+        """The (epoch, step) a computation is recorded under: the training's, or under
+        ``trainer.validate(ckpt_path=...)`` the checkpoint's, whose weights are measured."""
+        if self._weights_from is not None and trainer.state.fn != TrainerFn.FITTING:
+            return self._weights_from
+        return trainer.current_epoch, self._log_step(trainer)
 
     def _no_fresh_values(self, trainer: L.Trainer, fresh: set[str]) -> None:
         """Take every key not computed at this validation out of ``trainer.callback_metrics``.
@@ -1047,10 +1127,11 @@ class GeometryMonitor(L.Callback):
             for marker, se in ses.items():
                 self._log_value(pl_module, self._key(name, marker + "_se"), se, fresh)
         if per_class is not None:
+            epoch, step = self._epoch_and_step(trainer)
             self.per_class_history.append(
                 {
-                    "epoch": trainer.current_epoch,
-                    "step": self._log_step(trainer),
+                    "epoch": epoch,
+                    "step": step,
                     "layer": name,
                     "per_class": per_class,
                 }

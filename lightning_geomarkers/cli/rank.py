@@ -375,21 +375,6 @@ def _checkpoint_info(
     )
 
 
-def _settings_differ(logged: dict[str, Any] | None, here: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(name, logged value, value here) for every value setting that differs (none without a record)."""
-    if logged is None:
-        return []
-
-    def same(a: Any, b: Any) -> bool:  # explicit dichotomies are tensors
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return (
-                isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
-            )
-        return bool(a == b)
-
-    return [(k, logged[k], v) for k, v in here.items() if k in logged and not same(logged[k], v)]
-
-
 def _labels(paths: Sequence[Path]) -> list[str]:
     """Short unique display names: the file stems, with parent directories where stems collide."""
     labels = [p.stem for p in paths]
@@ -502,7 +487,7 @@ def rank_checkpoints(
     for path, label in zip(bar, labels, strict=True):
         bar.set_postfix_str(label[-40:])
         epoch, step, run_seed, run_settings = _checkpoint_info(path, monitor.prefix)
-        differ = _settings_differ(run_settings, monitor.value_settings())
+        differ = monitor.settings_differences(run_settings)
         if differ and not settings_warned:
             settings_warned = True
             warnings.warn(
