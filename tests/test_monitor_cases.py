@@ -1054,3 +1054,40 @@ def test_one_alert_object_in_two_places_is_refused():
         ValueError, match="same MarkerAlert object .* two GeometryMonitors.*one MarkerAlert per"
     ):
         fit(None, [a, b])
+
+
+def test_a_layer_called_in_a_loop_is_skipped_without_buffering_every_call(tmp_path):
+    """The watched module runs 40 times per step: the monitor skips those batches (one row per sample is
+    impossible) and its hook never holds more rows than the batch has samples."""
+
+    class Looped(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(32, 32)
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            for _ in range(40):
+                h = torch.tanh(self.cell(h))
+            return h
+
+    monitor = GeometryMonitor("cell", markers=["participation_ratio"], samples_per_class=10)
+    held: list[int] = []
+
+    def watch(module, args, output):  # before the monitor's hook (registered later): the earlier calls' rows
+        hook = monitor._hooks.get("cell")
+        if hook is not None and hook.enabled:
+            held.append(sum(b.shape[0] for b in hook._buffer))
+
+    model = Looped()
+    model.cell.register_forward_hook(watch)
+    x, y = gaussian_classes()
+    _, val = loaders(x, y)
+    with pytest.warns(MonitorWarning) as record:
+        trainer(tmp_path, [monitor], logger=False).validate(model, val, verbose=False)
+    batch = next(iter(val))[1].shape[0]
+    assert held and max(held) <= batch
+    assert any(
+        f"produced {40 * batch} feature rows for a batch of {batch} labels" in str(w.message) for w in record
+    )
+    assert monitor.history == []

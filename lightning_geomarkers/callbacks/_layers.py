@@ -488,6 +488,10 @@ class FeatureHook:
     returns immediately. The hook functions are bound methods, so the hook and a model carrying it can be
     pickled / deep-copied (the copy gets an empty buffer; a lambda ``pooling`` is not picklable, though).
 
+    Memory is bounded by :attr:`max_rows` when it is set (the number of samples in the batch): rows
+    beyond it (a module called in a loop, e.g. a recurrent cell) are counted in :attr:`step_rows` but not
+    kept, and the buffer is dropped, since such a step cannot give one feature row per sample anyway.
+
     A pooling failure inside the forward pass does not crash training: it is stored in :attr:`error`,
     reported once as a :class:`MonitorWarning`, and the call is skipped (``strict=True`` re-raises instead).
 
@@ -528,6 +532,9 @@ class FeatureHook:
         self.error: BaseException | None = None
         self._warned = False
         self._buffer: list[torch.Tensor] = []
+        #: Rows the buffer may hold (None: no bound); rows captured since the last pop, kept or not.
+        self.max_rows: int | None = None
+        self.step_rows = 0
         if where == "input":
             self._handle: Any = module.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True)
         else:
@@ -566,8 +573,12 @@ class FeatureHook:
                 raise
             self._fail(err)
             return
-        self._buffer.append(feats)
         self.calls += 1
+        self.step_rows += int(feats.shape[0]) if feats.ndim else 1
+        if self.max_rows is not None and self.step_rows > self.max_rows:
+            self._buffer = []  # more rows than samples: the step is unusable, and must not grow memory
+            return
+        self._buffer.append(feats)
 
     def _fail(self, err: BaseException) -> None:
         self.error = err
@@ -590,7 +601,9 @@ class FeatureHook:
         return len(self._buffer)
 
     def pop(self) -> torch.Tensor | None:
-        """Features captured since the last pop, ``(B_total, N)``, or None if nothing was captured."""
+        """Features captured since the last pop, ``(B_total, N)``, or None if nothing was kept (read
+        :attr:`step_rows` before: rows beyond :attr:`max_rows` are counted there, not kept)."""
+        self.step_rows = 0
         if not self._buffer:
             return None
         buf, self._buffer = self._buffer, []
@@ -606,10 +619,12 @@ class FeatureHook:
     def drop(self) -> None:
         """Drop buffered features (those of a batch that was skipped), keeping :attr:`calls`."""
         self._buffer = []
+        self.step_rows = 0
 
     def clear(self) -> None:
         """Drop buffered features and reset :attr:`calls` and :attr:`error` (a new epoch's capture)."""
         self._buffer = []
+        self.step_rows = 0
         self.calls = 0
         self.error = None
 

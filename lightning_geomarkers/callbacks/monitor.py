@@ -250,6 +250,8 @@ class GeometryMonitor(L.Callback):
         self._deferred_module: nn.Module | None = None  # the module it waits for (for state_key meanwhile)
         # Marker values logged at this validation (compared with what Lightning reports at its end).
         self._logged_now: dict[str, float] = {}
+        # (batch, labels) extracted at the batch's start, for its end (see _arm).
+        self._armed: tuple[Any, torch.Tensor] | None = None
         # What a restored checkpoint's alert state lacked or had in excess, said at the next fit's start.
         self._restore_note: str | None = None
         # (epoch, step) of the checkpoint whose weights trainer.validate(ckpt_path=...) measures, and
@@ -782,6 +784,22 @@ class GeometryMonitor(L.Callback):
         on = self._capturing and dataloader_idx == self.dataloader_idx
         for hook in self._hooks.values():
             hook.enabled = on
+        if on:
+            self._arm(batch)
+
+    def _arm(self, batch: Any) -> None:
+        """Bound every hook's buffer by the batch's number of labels (a layer called in a loop must not
+        buffer its rows for the whole step), and keep the labels for :meth:`_capture_batch`."""
+        try:
+            labels = extract_labels(batch, self.label_fn)
+        except Exception:  # said at the batch's end, where it is extracted again
+            self._armed = None
+            rows = None
+        else:
+            self._armed = (batch, labels)
+            rows = int(labels.shape[0])
+        for hook in self._hooks.values():
+            hook.max_rows = rows
 
     def on_validation_batch_end(
         self,
@@ -814,7 +832,8 @@ class GeometryMonitor(L.Callback):
             self._problem(f"capture:{type(err).__name__}", f"{what} and skipped it: {err}", local=True)
 
     def _capture_batch(self, batch: Any, trainer: L.Trainer | None = None) -> None:
-        labels = extract_labels(batch, self.label_fn)
+        armed, self._armed = self._armed, None
+        labels = armed[1] if armed is not None and armed[0] is batch else extract_labels(batch, self.label_fn)
         inputs = self._inputs(batch, labels.shape[0], trainer)
         keep = labels >= 0
         if self._num_classes is not None:
@@ -837,13 +856,14 @@ class GeometryMonitor(L.Callback):
         keys: torch.Tensor | None = None  # one set of sampling keys per batch, shared by the layers
         kept_labels = labels if every else labels[keep]
         for name, hook in self._hooks.items():
+            rows = hook.step_rows
             feats = hook.pop()
-            if feats is None:
+            if rows == 0 or (feats is None and rows <= labels.shape[0]):  # nothing, or a failure it warned
                 continue
-            if feats.shape[0] != labels.shape[0]:
+            if feats is None or feats.shape[0] != labels.shape[0]:
                 self._problem(
                     f"rows:{name}",
-                    f"GeometryMonitor: layer {name!r} produced {feats.shape[0]} feature rows for a batch of "
+                    f"GeometryMonitor: layer {name!r} produced {rows} feature rows for a batch of "
                     f"{labels.shape[0]} labels (called several times per step?); those batches are skipped. "
                     "Monitor a layer that runs once per sample, or pass `label_fn`.",
                     local=True,

@@ -214,6 +214,7 @@ def evaluate_model(
                 for hook in shadow._hooks.values():
                     hook.clear()
                     hook.enabled = True
+                shadow._arm(batch)
                 try:
                     forward(model, batch)
                 finally:
