@@ -1091,3 +1091,27 @@ def test_a_layer_called_in_a_loop_is_skipped_without_buffering_every_call(tmp_pa
         f"produced {40 * batch} feature rows for a batch of {batch} labels" in str(w.message) for w in record
     )
     assert monitor.history == []
+
+
+def test_a_single_logit_binary_head_keeps_both_classes(tmp_path):
+    """nn.Linear(width, 1) trained with BCE: the class range was taken as out_features = 1, so every
+    label 1 was dropped and no epoch had two classes (nothing was ever logged)."""
+
+    class Binary(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__(n_classes=1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.binary_cross_entropy_with_logits(self(x)[:, 0], y.float())
+
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            self(batch[0])
+
+    monitor = GeometryMonitor(**CHEAP)
+    tr, model = fit(tmp_path, [monitor], model=Binary(), data=gaussian_classes(n_classes=2))
+    x, y = gaussian_classes(n_classes=2)
+    expected = geometry_markers(penultimate(model, x), y, markers=["participation_ratio"])
+    assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
+        float(expected.values["participation_ratio"]), rel=1e-5
+    )

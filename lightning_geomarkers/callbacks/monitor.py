@@ -530,7 +530,8 @@ class GeometryMonitor(L.Callback):
         self._num_classes, self._head_name = None, None
         if self.layers is None:
             self._head_name, head = find_classifier_head(pl_module)
-            self._num_classes = head.out_features
+            # One logit (a binary classifier trained with BCE) still separates two classes, 0 and 1.
+            self._num_classes = max(2, int(head.out_features))
         for name, (module, where) in resolved.items():
             self._hooks[name] = FeatureHook(module, where, self.pooling, name=name, strict=self.strict)
             self._samplers[name] = self._new_sampler()
