@@ -1115,3 +1115,39 @@ def test_a_single_logit_binary_head_keeps_both_classes(tmp_path):
     assert float(tr.callback_metrics["geometry/participation_ratio"]) == pytest.approx(
         float(expected.values["participation_ratio"]), rel=1e-5
     )
+
+
+def test_samples_that_share_their_key_are_warned_with_the_tensor_it_came_from(tmp_path):
+    """A dict batch whose first recognised input ('input_ids', a prompt shared by every sample) does not
+    identify the samples: every row of a class got one key and counted once, silently (three prompt
+    variants kept 3 of 20 samples per class, and markers were logged)."""
+    x, y = gaussian_classes()
+    prompt = torch.arange(8)
+
+    class Prompted(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(y)
+
+        def __getitem__(self, i):
+            return {"input_ids": prompt + i % 3, "pixel_values": x[i], "labels": y[i]}
+
+    class DictModel(TinyMLP):
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch["pixel_values"]), batch["labels"])
+
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            self(batch["pixel_values"])
+
+    def run(monitor):
+        loader = DataLoader(Prompted(), batch_size=50)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(DictModel(), loader, loader)
+        return [str(w.message) for w in caught if issubclass(w.category, MonitorWarning)]
+
+    said = run(GeometryMonitor(**CHEAP))
+    repeated = 50 - len({(int(y[i]), i % 3) for i in range(50)})  # the first batch: 2 classes x 3 prompts
+    expected = f"{repeated} of 50 samples of a validation batch have the same input (batch['input_ids'])"
+    assert any(expected in m for m in said)
+    fixed = GeometryMonitor(**CHEAP, input_fn=lambda b: b["pixel_values"])
+    assert not [m for m in run(fixed) if "same input" in m] and len(fixed.history) == 1

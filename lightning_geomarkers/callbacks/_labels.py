@@ -9,7 +9,7 @@ import torch
 
 from lightning_geomarkers.utilities.checks import check_labels
 
-__all__ = ["LABEL_KEYS", "INPUT_KEYS", "extract_labels", "batch_inputs"]
+__all__ = ["LABEL_KEYS", "INPUT_KEYS", "extract_labels", "batch_inputs", "find_inputs"]
 
 #: Dict keys searched, in order, for the labels of a dict batch.
 LABEL_KEYS: tuple[str, ...] = ("label", "labels", "y", "target", "targets")
@@ -80,23 +80,28 @@ def batch_inputs(batch: Any) -> torch.Tensor | None:
     A tuple/list gives ``batch[0]`` (if a tensor), a dict or a named tuple the first tensor under
     :data:`INPUT_KEYS` (a named tuple without such a field: ``batch[0]``), a bare tensor itself.
     """
+    return find_inputs(batch)[0]
+
+
+def find_inputs(batch: Any) -> tuple[torch.Tensor | None, str]:
+    """:func:`batch_inputs` and where it was found, for messages (``"batch['input_ids']"``, ...)."""
     if isinstance(batch, torch.Tensor):
-        return batch
+        return batch, "the batch tensor"
     if isinstance(batch, Mapping):
         for key in INPUT_KEYS:
             value = batch.get(key) if key in batch else None
             if isinstance(value, torch.Tensor):
-                return value
-        return None
+                return value, f"batch[{key!r}]"
+        return None, ""
     fields = _named_fields(batch)
     if fields is not None:
         for key in INPUT_KEYS:
             value = getattr(batch, key) if key in fields else None
             if isinstance(value, torch.Tensor):
-                return value
+                return value, f"batch.{key}"
     if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    return None
+        return batch[0], "batch[0]"
+    return None, ""
 
 
 def _named_fields(batch: Any) -> tuple[str, ...] | None:

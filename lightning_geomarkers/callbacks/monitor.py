@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler
 
 from lightning_geomarkers.callbacks._heatmap import class_view, write_class_heatmap
-from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels
+from lightning_geomarkers.callbacks._labels import batch_inputs, extract_labels, find_inputs
 from lightning_geomarkers.callbacks._layers import (
     FeatureHook,
     builds_layers_later,
@@ -873,7 +873,27 @@ class GeometryMonitor(L.Callback):
             if keys is None:
                 kept_inputs = inputs if every else inputs[keep.to(inputs.device)]
                 keys = sample_keys(kept_inputs, kept_labels, self.seed)
+                self._check_distinct(keys, batch)
             self._samplers[name].update(feats if every else feats[keep.to(feats.device)], kept_labels, keys)
+
+    def _check_distinct(self, keys: torch.Tensor, batch: Any) -> None:
+        """Warn (once per epoch) when many samples of a batch share their key: equal (input, label) pairs
+        are one sample to :class:`PerClassSample`, so where the tensor the keys come from does not tell
+        the samples apart (a prompt shared by every row under ``input_ids``), classes shrink silently."""
+        n = int(keys.numel())
+        repeated = n - int(torch.unique(keys).numel()) if n > 1 else 0
+        if repeated < 2 or 10 * repeated < n:  # an occasional true duplicate in the data is fine
+            return
+        source = "input_fn(batch)" if self.input_fn is not None else (find_inputs(batch)[1] or "the batch")
+        self._problem(
+            "duplicate-keys",
+            f"GeometryMonitor: {repeated} of {n} samples of a validation batch have the same input ({source}) "
+            "and label as another sample of the batch, so they count once in the per-class sample. If they "
+            "are different samples, that tensor does not identify them (e.g. a prompt shared by every "
+            "sample): pass input_fn=<callable(batch) -> a tensor that differs per sample>, e.g. "
+            "input_fn=lambda b: b['pixel_values'].",
+            local=True,
+        )
 
     def _inputs(self, batch: Any, n: int, trainer: L.Trainer | None) -> torch.Tensor:
         """What identifies each sample for the sampling keys: the raw inputs (``input_fn`` or found in the
