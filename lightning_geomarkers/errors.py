@@ -1,4 +1,5 @@
-"""Warning classes shared by every layer of the package (a leaf module: imports nothing of ours)."""
+"""Warning classes shared by every layer of the package, and how an error is said in a skip reason (a leaf
+module: imports nothing of ours)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ __all__ = [
     "SolverWarning",
     "GeometryWarning",
     "MonitorWarning",
+    "error_reason",
 ]
 
 
@@ -33,3 +35,18 @@ class MonitorWarning(GeomarkersWarning):
 
 class GeometryWarning(GeomarkersWarning):
     """A ``MarkerAlert`` fired: a geometry marker crossed its threshold or dropped too far."""
+
+
+def error_reason(err: BaseException) -> str:
+    """How a skipped computation's error is said: its message, prefixed with its type unless it is one of
+    the ``ValueError``/``RuntimeError`` this package raises with a full sentence (an out-of-memory error,
+    a ``TypeError`` or an ``AssertionError`` without a message would say nothing otherwise).
+
+    Example:
+        >>> error_reason(ValueError("fewer than 2 classes")), error_reason(MemoryError())
+        ('fewer than 2 classes', 'MemoryError')
+    """
+    text = str(err)
+    if type(err) in (ValueError, RuntimeError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

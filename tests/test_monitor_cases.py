@@ -1151,3 +1151,20 @@ def test_samples_that_share_their_key_are_warned_with_the_tensor_it_came_from(tm
     assert any(expected in m for m in said)
     fixed = GeometryMonitor(**CHEAP, input_fn=lambda b: b["pixel_values"])
     assert not [m for m in run(fixed) if "same input" in m] and len(fixed.history) == 1
+
+
+def test_a_failing_per_class_view_leaves_the_markers_logged(tmp_path, monkeypatch):
+    """The per-class view (per_class_history, the heat map) failed inside the layer's computation, so all
+    of the layer's markers were dropped although they had been computed."""
+
+    def failing(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(monitor_module, "class_view", failing)
+    monitor = GeometryMonitor(markers=["glue_dimension", "participation_ratio"], **FAST)
+    with pytest.warns(
+        MonitorWarning, match=r"skipped the per-class view of layer 'fc' at epoch 0 \(MemoryError\)"
+    ):
+        tr, _ = fit(tmp_path, [monitor])
+    assert {"geometry/glue_dimension", "geometry/participation_ratio"} <= set(tr.callback_metrics)
+    assert len(monitor.history) == 1 and monitor.per_class_history == []

@@ -927,3 +927,27 @@ def test_a_two_class_sample_draws_class_against_class_dichotomies():
     x3 = (2 * torch.randn(3, 64, generator=g)[y3] + torch.randn(60, 64, generator=g)).relu()
     three = geometry_markers(x3, y3, **args)
     assert _flat(three.values) != _flat(geometry_markers(x3, y3, dichotomies="balanced", **args).values)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), TypeError("bad argument"), ZeroDivisionError()])
+def test_any_error_of_one_marker_skips_that_marker_only_and_says_what_it_was(monkeypatch, error):
+    """Only ValueError and RuntimeError were caught per marker: an out-of-memory error in LID dropped every
+    marker of the call (the monitor skipped the whole layer), and a bare MemoryError() gave an empty
+    reason."""
+    x, y = _labelled_clouds()
+    names = ["glue_capacity", "nc1", "lid", "within_class_distance"]
+    clean = geometry_markers(x, y, markers=names, n_t=20, generator=0)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(suite_module, "_local_intrinsic_dimension", failing)
+    for workers in (1, 2):
+        report = geometry_markers(x, y, markers=names, n_t=20, generator=0, workers=workers, strict=False)
+        expected = type(error).__name__ + (f": {error}" if str(error) else "")
+        assert report.skipped == {"lid": expected}
+        assert {k: float(v) for k, v in report.values.items()} == {
+            k: float(v) for k, v in clean.values.items() if k != "lid"
+        }
+        with pytest.raises(type(error)):
+            geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=workers)

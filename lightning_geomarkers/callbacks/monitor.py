@@ -31,7 +31,7 @@ from lightning_geomarkers.callbacks._layers import (
 from lightning_geomarkers.callbacks.alerts import AlertEvent, MarkerAlert
 from lightning_geomarkers.callbacks.checkpoint import MarkerCheckpoint
 from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
-from lightning_geomarkers.errors import GeometryWarning, MonitorWarning
+from lightning_geomarkers.errors import GeometryWarning, MonitorWarning, error_reason
 from lightning_geomarkers.functional.suite import (
     GLUE_MARKER_NAMES,
     MARKERS,
@@ -994,7 +994,7 @@ class GeometryMonitor(L.Callback):
             except Exception as err:
                 if self.strict and not distributed:
                     raise
-                outcome = str(err)
+                outcome = error_reason(err)
             if distributed:  # one broadcast per layer, reached by every rank
                 outcome = trainer.strategy.broadcast(outcome, src=0)
             if isinstance(outcome, str):
@@ -1147,7 +1147,17 @@ class GeometryMonitor(L.Callback):
             if m in values and se is not None and math.isfinite(float(se))
         }
         heatmap = self.log_class_heatmap and self._tensorboard(trainer) is not None
-        view = class_view(report.glue, heatmap=heatmap)  # per-class view (pairs protocol only)
+        try:
+            view = class_view(report.glue, heatmap=heatmap)  # per-class view (pairs protocol only)
+        except Exception as err:  # the per-class view only: the markers above stand
+            if self.strict:
+                raise
+            self._problem(
+                f"class-view:{name}",
+                f"GeometryMonitor skipped the per-class view of layer {name!r} at epoch "
+                f"{trainer.current_epoch} ({error_reason(err)}); the markers are logged as usual.",
+            )
+            view = None
         self._log_tensorboard(trainer, name, report.spectrum, view)
         return values, ses, (view.to_dict() if view is not None and values else None)
 

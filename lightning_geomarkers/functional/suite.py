@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.errors import GeomarkersWarning
+from lightning_geomarkers.errors import GeomarkersWarning, error_reason
 from lightning_geomarkers.functional.distances import _within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult
 from lightning_geomarkers.functional.intrinsic_dimension import _local_intrinsic_dimension
@@ -327,11 +327,11 @@ def _compute(
         start = time.perf_counter()
         try:
             out = fn()
-        except (ValueError, RuntimeError) as err:
+        except Exception as err:  # one marker's failure (out of memory included) leaves the others
             if strict:
                 raise
             for key in keys:
-                part.skipped[key] = str(err)
+                part.skipped[key] = error_reason(err)
             return
         finally:
             part.seconds[timer] = time.perf_counter() - start
