@@ -1168,3 +1168,24 @@ def test_a_failing_per_class_view_leaves_the_markers_logged(tmp_path, monkeypatc
         tr, _ = fit(tmp_path, [monitor])
     assert {"geometry/glue_dimension", "geometry/participation_ratio"} <= set(tr.callback_metrics)
     assert len(monitor.history) == 1 and monitor.per_class_history == []
+
+
+def test_a_marker_beyond_float32_is_kept_in_the_history_not_logged_as_inf(tmp_path):
+    """A float64 model with features near 1e40: Lightning logs float32, so the within-class distance
+    (3e40) was logged as inf, and the monitor then blamed a key collision that did not happen."""
+
+    class Huge(TinyMLP):
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            return super().features(x) * 1e40
+
+    monitor = GeometryMonitor(markers=["participation_ratio", "within_class_distance"], samples_per_class=50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = trainer(tmp_path, [monitor], logger=False, precision="64-true")
+        tr.validate(Huge(), loaders(*gaussian_classes())[1], verbose=False)  # no training: no overflow there
+    said = [str(w.message) for w in caught if issubclass(w.category, MonitorWarning)]
+    assert [m for m in said if "did not log 'geometry/within_class_distance'" in m and "float32" in m]
+    assert not [m for m in said if "Lightning reports" in m]  # no false collision
+    assert "geometry/within_class_distance" not in tr.callback_metrics
+    assert monitor.history[0]["within_class_distance"] > 1e38  # kept, in float64
+    assert math.isfinite(float(tr.callback_metrics["geometry/participation_ratio"]))  # scale-free: logged

@@ -1097,6 +1097,16 @@ class GeometryMonitor(L.Callback):
                         "or rename the other metric.",
                     )
                     return
+        f32 = torch.finfo(torch.float32)
+        if math.isfinite(value) and (abs(value) > f32.max or 0 < abs(value) < f32.tiny):
+            self._problem(
+                f"float32:{key}",
+                f"GeometryMonitor did not log {key!r} = {value:.6g}: Lightning logs float32, which cannot hold "
+                f"it (normal range {f32.tiny:.3g} to {f32.max:.3g}; it would become {'inf' if abs(value) > 1 else '0'}"
+                " or lose its digits). The value is kept in the monitor's history. Features of such magnitudes "
+                "usually mean the training diverged (or vanished); rescale them if they are expected.",
+            )
+            return
         pl_module.log(key, value, on_epoch=True, on_step=False, sync_dist=False)
         fresh.add(key)
         self._logged_now[key] = value
