@@ -308,7 +308,10 @@ def test_without_matplotlib_the_png_is_skipped_with_the_install_hint(run, tmp_pa
         (["--model", MODEL, "--data", "tests.test_cli:needs_args"], "callable without arguments"),
         (["--model", MODEL, "--data", "tests.test_cli:GeometryMonitor"], "not a LightningDataModule"),
         (["--model", MODEL, "--data", DATA, "--floor", "glue_dimension"], "MARKER=NUMBER"),
-        (["--model", MODEL, "--data", DATA, "--floor", "glue_dim=2"], "no such marker was computed"),
+        (
+            ["--model", MODEL, "--data", DATA, "--floor", "glue_dim=2"],
+            "computes no marker 'glue_dim' (did you mean",
+        ),
         (["--model", MODEL, "--data", DATA, "--samples-per-class", "1"], "Invalid monitor settings"),
         (["--model", MODEL, "--data", DATA, "--layers", "body.9"], "no submodule named 'body.9'"),
         (["--model", MODEL, "--data", "tests.test_cli:needs_keyword"], "callable without arguments"),
@@ -386,12 +389,14 @@ def test_ranking_rules_against_brute_force():
         u = rng.integers(0, 4, n).astype(float)
         if trial % 4 == 0 and n > 1:
             d[0] = math.nan
+        if trial % 4 == 1 and n > 1:  # an infinite value counts as not measured, as NaN does
+            d[0] = math.inf
         wins, losses = both_higher_counts(d, u)
         front = pareto_front(d, u)
+        finite = [j for j in range(n) if math.isfinite(d[j]) and math.isfinite(u[j])]
         for i in range(n):
-            assert wins[i] == sum(d[i] > d[j] and u[i] > u[j] for j in range(n))
-            assert losses[i] == sum(d[j] > d[i] and u[j] > u[i] for j in range(n))
-            finite = [j for j in range(n) if not (math.isnan(d[j]) or math.isnan(u[j]))]
+            assert wins[i] == sum(d[i] > d[j] and u[i] > u[j] for j in finite if i in finite)
+            assert losses[i] == sum(d[j] > d[i] and u[j] > u[i] for j in finite if i in finite)
             dominated = any(d[j] >= d[i] and u[j] >= u[i] and (d[j] > d[i] or u[j] > u[i]) for j in finite)
             assert front[i] == (i in finite and not dominated)
         ranked = rank_scores(
@@ -727,3 +732,70 @@ def test_ranking_measures_a_true_precision_checkpoint_in_its_own_dtype(tmp_path,
     (score,) = result.scores
     for marker in ("glue_dimension", "glue_utility"):
         assert score.values[f"geometry/{marker}"] == pytest.approx(monitor.history[-1][marker], rel=1e-9)
+
+
+def test_misspelt_thresholds_and_unusable_devices_are_refused_before_measuring(run, monkeypatch):
+    """A misspelt threshold was refused only after every checkpoint was measured; --device cuda on a
+    machine without CUDA was reported as a checkpoint that --model could not load."""
+    paths, _ = run
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a checkpoint was measured")
+
+    monkeypatch.setattr(rank_module, "evaluate_model", must_not_run)
+    monitor = GeometryMonitor(**SETTINGS)
+    with pytest.raises(CLIError, match=r"Threshold on 'glue_utilty'.*did you mean \['glue_utility',"):
+        rank_checkpoints(paths, TinyMLP, val_loader, monitor=monitor, floors={"glue_utilty": 0.3}, out=None)
+    with pytest.raises(CLIError, match=r"computes no marker 'nc1'"):
+        glue_only = GeometryMonitor(markers="glue", **SETTINGS)
+        rank_checkpoints(
+            paths, TinyMLP, val_loader, monitor=glue_only, ceilings={"geometry/nc1": 1}, out=None
+        )
+    absent = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(CLIError, match=rf"--device '{absent}' cannot be used on this machine.*--device cpu"):
+        rank_checkpoints(paths, TinyMLP, val_loader, monitor=monitor, out=None, device=absent)
+
+
+def test_equivalent_layer_spellings_and_a_list_of_batches_give_no_false_warning(run):
+    """layers="fc:input" measures what the run's layers=None logged, and a list of batches (what the
+    generator error recommends) is one loader: both were warned about as if the values were off."""
+    paths, live = run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = rank_checkpoints(
+            paths[:1],
+            TinyMLP,
+            lambda: list(val_loader()),
+            monitor=GeometryMonitor("fc:input", **SETTINGS),
+            out=None,
+            progress=False,
+        )
+    (score,) = result.scores
+    assert score.values["geometry/glue_dimension"] == pytest.approx(
+        live[score.epoch]["glue_dimension"], rel=1e-9
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"other settings than this ranking's \(layer_ids: logged \['fc:input'\], here \['body.2:input'\]\)",
+    ):
+        rank_checkpoints(
+            paths[:1],
+            TinyMLP,
+            val_loader,
+            monitor=GeometryMonitor("body.2:input", **SETTINGS),
+            out=None,
+            progress=False,
+        )
+
+
+def test_when_every_checkpoint_fails_the_error_points_at_the_batches(run):
+    paths, _ = run
+    swapped = lambda: [(y, x) for x, y in val_loader()]  # noqa: E731  (labels first: a common slip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            CLIError, match=r"No checkpoint could be measured.*look at --data: batches of \(inputs, labels\)"
+        ):
+            rank_checkpoints(
+                paths[:2], TinyMLP, swapped, monitor=GeometryMonitor(**SETTINGS), out=None, progress=False
+            )

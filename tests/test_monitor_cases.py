@@ -474,8 +474,13 @@ def test_resume_with_an_equivalent_layer_spec_keeps_the_history(tmp_path):
     L.seed_everything(0, verbose=False)
     x, y = gaussian_classes()
     tr = trainer(tmp_path / "b", [resumed], max_epochs=3, logger=False)
-    tr.fit(TinyMLP(), *loaders(x, y), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(TinyMLP(), *loaders(x, y), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert not [
+        w for w in caught if "other value settings" in str(w.message)
+    ]  # the same layer, spelt otherwise
 
 
 def test_a_checkpoint_saved_after_fit_keeps_the_resolved_state_key(tmp_path):

@@ -305,15 +305,23 @@ class GeometryMonitor(L.Callback):
         glue = {k: v for k, v in self.glue_kwargs.items() if k != "max_classes"}
         return {
             "layers": layers,
+            # The watched layers as resolved on the model ("<module>:<input|output>"; None before set-up):
+            # layers=None and layers="fc:input" watch the same layer.
+            "layer_ids": sorted(self._layer_ids.values()) or None,
             "pooling": self.pooling if isinstance(self.pooling, str) else "callable",
             "samples_per_class": self.samples_per_class,
             "max_classes": self.max_classes,
             **glue,
         }
 
-    def settings_differences(self, logged: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    def settings_differences(
+        self, logged: Mapping[str, Any] | None, model: nn.Module | None = None
+    ) -> list[tuple[str, Any, Any]]:
         """``(name, logged value, value here)`` for every :meth:`value_settings` entry that differs from
-        ``logged`` (the ``"settings"`` a checkpoint of a monitor holds); none without a record.
+        ``logged`` (the ``"settings"`` a checkpoint of a monitor holds); none without a record. The layers
+        are compared as resolved (``layer_ids``) where both sides know them (this monitor once set up, or
+        resolved on ``model``), so ``layers=None`` and ``layers="fc:input"`` do not differ; as spelt
+        otherwise.
 
         Example:
             >>> GeometryMonitor(n_t=50).settings_differences(GeometryMonitor().value_settings())
@@ -332,6 +340,15 @@ class GeometryMonitor(L.Callback):
             return bool(a == b)
 
         here = self.value_settings()
+        if here["layer_ids"] is None and model is not None:
+            try:
+                here["layer_ids"] = sorted(self._layer_id_map(model).values())
+            except Exception:  # a layer the model lacks: evaluating it says so
+                pass
+        if logged.get("layer_ids") is not None and here["layer_ids"] is not None:
+            del here["layers"]  # the resolved layers decide
+        else:
+            del here["layer_ids"]
         return [(k, logged[k], v) for k, v in here.items() if k in logged and not same(logged[k], v)]
 
     def state_dict(self) -> dict[str, Any]:

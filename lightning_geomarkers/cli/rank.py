@@ -25,6 +25,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 import yaml  # type: ignore[import-untyped]
+from torch.utils.data import DataLoader
 
 from lightning_geomarkers.callbacks.monitor import GeometryMonitor
 from lightning_geomarkers.callbacks.offline import ForwardFn, evaluate_model
@@ -474,11 +475,28 @@ def rank_checkpoints(
             f"The ranking needs D_eff and Psi_eff, but the monitor's markers {list(monitor.markers)} lack "
             f"{missing}: --markers must include glue_dimension and glue_utility (or 'glue'/'all')."
         )
+    for name in [*(floors or {}), *(ceilings or {})]:  # before measuring: a misspelt marker wastes them all
+        base = str(name).rsplit("/", 1)[-1]
+        known = [*monitor.markers, *(f"{m}_se" for m in monitor.markers)]
+        if base not in known:
+            close = difflib.get_close_matches(base, known, n=3)
+            raise CLIError(
+                f"Threshold on {name!r}, but the monitor computes no marker {base!r}"
+                + (f" (did you mean {close}?)" if close else "")
+                + f"; its markers: {list(monitor.markers)}."
+            )
     try:
         run_device = torch.device(device) if device is not None else _default_device()
     except (RuntimeError, TypeError) as err:
         raise CLIError(
             f"--device {device!r} is not a torch device ({err}); e.g. cpu, cuda or cuda:1."
+        ) from err
+    try:
+        torch.empty(0, device=run_device)
+    except Exception as err:  # e.g. cuda on a machine without a GPU: before blaming the checkpoints
+        raise CLIError(
+            f"--device {device!r} cannot be used on this machine ({type(err).__name__}: {err}); use --device cpu "
+            "or a device that exists here."
         ) from err
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:  # before measuring: a bad --out must not waste every checkpoint's evaluation
@@ -487,7 +505,11 @@ def rank_checkpoints(
         except OSError as err:
             raise CLIError(f"--out {out_dir} cannot be used as the output directory ({err}).") from err
     loader = load_dataloader(data)
-    if isinstance(loader, (list, tuple)) and len(loader) > 1:
+    if (
+        isinstance(loader, (list, tuple))
+        and len(loader) > 1
+        and all(isinstance(d, DataLoader) for d in loader)
+    ):
         warnings.warn(
             f"--data gave {len(loader)} loaders (a list or tuple counts as several validation loaders); the "
             f"markers are measured on loader {monitor.dataloader_idx} (--dataloader-idx). If the function "
@@ -507,18 +529,6 @@ def rank_checkpoints(
     for path, label in zip(bar, labels, strict=True):
         bar.set_postfix_str(label[-40:])
         epoch, step, run_seed, run_settings = _checkpoint_info(path, monitor.prefix)
-        differ = monitor.settings_differences(run_settings)
-        if differ and not settings_warned:
-            settings_warned = True
-            warnings.warn(
-                f"{path} was logged by a GeometryMonitor with other settings than this ranking's ("
-                + "; ".join(f"{k}: logged {a!r}, here {b!r}" for k, a, b in differ)
-                + "): the values measured here are not the logged ones, and rankings or thresholds taken "
-                "from the run do not apply. Pass the run's settings (--config, or the options of the same "
-                "names) to reproduce them.",
-                UserWarning,
-                stacklevel=2,
-            )
         if run_seed is not None and run_seed != monitor.seed and not seed_warned:
             seed_warned = True
             warnings.warn(
@@ -536,6 +546,18 @@ def rank_checkpoints(
                 f"Could not load {path} with {model_cls.__name__}.load_from_checkpoint ({type(err).__name__}: {err}). "
                 "Is --model the class the checkpoint was saved from?"
             ) from err
+        differ = monitor.settings_differences(run_settings, model=net)
+        if differ and not settings_warned:
+            settings_warned = True
+            warnings.warn(
+                f"{path} was logged by a GeometryMonitor with other settings than this ranking's ("
+                + "; ".join(f"{k}: logged {a!r}, here {b!r}" for k, a, b in differ)
+                + "): the values measured here are not the logged ones, and rankings or thresholds taken "
+                "from the run do not apply. Pass the run's settings (--config, or the options of the same "
+                "names) to reproduce them.",
+                UserWarning,
+                stacklevel=2,
+            )
         if not key_order:  # the monitor's layer order: D_eff and Psi_eff are the first layer's
             try:
                 key_order = monitor.logged_keys(net)
@@ -559,7 +581,11 @@ def rank_checkpoints(
         scores.append(CheckpointScore(path=str(path), values=values, epoch=epoch, step=step, label=label))
         del net
     if len(failures) == len(paths):
-        raise CLIError(f"No checkpoint could be measured: {failures}")
+        raise CLIError(
+            f"No checkpoint could be measured: {failures}. Where every checkpoint failed alike in the forward "
+            "pass (e.g. 'mat1 and mat2 must have the same dtype' or shapes that do not fit), look at --data: "
+            "batches of (inputs, labels) in that order, inputs in the model's dtype."
+        )
     result = rank_scores(
         scores,
         prefix=monitor.prefix,

@@ -97,7 +97,7 @@ class RankingResult:
         rows = [
             [
                 str(s.rank),
-                s.label,
+                s.label or s.path,
                 _fmt(s.get(self.dimension_key)),
                 _fmt(s.get(self.utility_key)),
                 str(s.wins),
@@ -123,7 +123,8 @@ def both_higher_counts(dimension: Sequence[float], utility: Sequence[float]) -> 
     """Pairwise "both higher" counts.
 
     ``wins[i] = #{j : D[i] > D[j] and U[i] > U[j]}`` and ``losses[i] = #{j : D[j] > D[i] and U[j] > U[i]}``
-    (strict; a NaN value never wins or loses).
+    (strict; a pair with a value that is not finite, NaN or infinite, never wins or loses, as in the
+    ranking, where it counts as not measured).
 
     Example:
         >>> wins, losses = both_higher_counts([1.0, 2.0, 3.0], [0.5, 0.4, 0.6])
@@ -136,8 +137,10 @@ def both_higher_counts(dimension: Sequence[float], utility: Sequence[float]) -> 
         raise ValueError(
             f"`dimension` and `utility` must be 1-D of equal length, got {d.shape} and {u.shape}."
         )
+    finite = np.isfinite(d) & np.isfinite(u)
     with np.errstate(invalid="ignore"):
         beats = (d[:, None] > d[None, :]) & (u[:, None] > u[None, :])  # beats[i, j]: i beats j
+    beats &= finite[:, None] & finite[None, :]
     return beats.sum(axis=1), beats.sum(axis=0)
 
 
