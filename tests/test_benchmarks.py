@@ -58,18 +58,21 @@ def test_gpu_check_fails_when_the_second_side_differs(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_gpu_check_self_test_runs_the_glue_cases():
+def _run_script(name: str, *args: str) -> list[str]:
+    """Run ``benchmarks/<name>`` with ``args``; its stdout lines, after checking it succeeded and printed
+    the machine line first."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--self-test", "--skip-monitor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, str(BENCHMARKS / name), *args], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "load average" in lines[0]
+    return lines
+
+
+def test_gpu_check_self_test_runs_the_glue_cases():
+    lines = _run_script("gpu_check.py", "--self-test", "--skip-monitor")
     assert lines[1].startswith("device: CPU (self-test)")
     assert sum(line.strip().endswith(": OK") for line in lines) == 2  # cases (a) and (b)
     assert lines[-1] == "all CPU self-test results equal the CPU results"
@@ -115,18 +118,8 @@ def test_bench_scale_runs_a_case_with_its_environment_setting(monkeypatch):
 
 @pytest.mark.slow
 def test_bench_sync_runs_both_gathers_and_checks_them_against_one_process():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
     args = ["--world", "2", "--classes", "6", "--per-class", "5", "--width", "16", "--repeats", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_sync.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0].startswith("machine: ") and "load average" in lines[0]
+    lines = _run_script("bench_sync.py", *args)
     rows = [line.split() for line in lines if line.startswith(("this package", "torchmetrics cat"))]
     assert len(rows) == 2 and all(row[-1] == "True" for row in rows)  # both equal the single process
     assert lines[-1].startswith("ratio (torchmetrics cat / this package): time ")
