@@ -3,6 +3,8 @@ of different scales on one axis, and a text table describing every logged marker
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as L
 from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -14,6 +16,20 @@ from tests.lightning_helpers import TinyMLP, gaussian_classes, loaders, read_eve
 WATCHED = ["glue_dimension", "glue_capacity", "glue_center_alignment", "glue_axis_alignment"]
 WATCHED += ["participation_ratio", "numerical_rank", "nc1"]
 SMALL = dict(markers=WATCHED, n_t=20, n_pairs=4, samples_per_class=20, lid_k=5)
+
+
+def _plotted(layout, scalars) -> dict[str, list[str]]:
+    """What TensorBoard's Custom Scalars tab draws per chart (keyed by its title, prefixed with the
+    category's where several categories hold charts of one title): its tags are regular expressions
+    matched (``re.match``) against the run's scalar keys."""
+    titles = [chart.title for cat in layout.category for chart in cat.chart]
+    return {
+        (chart.title if titles.count(chart.title) == 1 else f"{cat.title} / {chart.title}"): sorted(
+            k for k in scalars if any(re.match(t, k) for t in chart.multiline.tag)
+        )
+        for cat in layout.category
+        for chart in cat.chart
+    }
 
 
 def _fit(tmp_path, monitor: GeometryMonitor | list[GeometryMonitor]):
@@ -28,7 +44,7 @@ def test_custom_scalar_charts_do_not_mix_scales_and_markers_are_described(tmp_pa
     acc = _fit(tmp_path, GeometryMonitor(**SMALL))
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    charts = _plotted(layout, acc.Tags()["scalars"])
     # Every monitored marker is laid out exactly once.
     laid_out = sorted(t for tags in charts.values() for t in tags)
     assert laid_out == sorted(f"geometry/{m}" for m in WATCHED)
@@ -76,7 +92,7 @@ def test_two_monitors_on_one_logger_share_one_layout_and_extras_follow_the_scala
     layout.ParseFromString(configs[-1].tensor_proto.string_val[0])  # the one TensorBoard shows
     categories = [c.title for c in layout.category]
     assert {"head: GLUE", "both fc_input: GLUE", "both body.1: GLUE"} <= set(categories), categories
-    tags = {t for c in layout.category for chart in c.chart for t in chart.multiline.tag}
+    tags = {k for keys in _plotted(layout, acc.Tags()["scalars"]).values() for k in keys}
     assert {"head/glue_dimension", "both/fc_input/glue_dimension"} <= tags
     histograms = set(acc.Tags()["histograms"])
     assert {
@@ -85,3 +101,56 @@ def test_two_monitors_on_one_logger_share_one_layout_and_extras_follow_the_scala
         "both/body.1/feature_spectrum",
     } <= histograms
     assert "both/fc_input/glue_dimension" in acc.Tags()["scalars"]
+
+
+def test_every_chart_draws_exactly_its_own_keys(tmp_path):
+    """Chart tags are regular expressions matched at the start: 'geometry/lid' also drew 'lid_twonn', each
+    GLUE chart its standard error ('_se'), and a prefix with regex characters ('geo(val)') drew nothing."""
+    markers = ["glue_dimension", "glue_capacity", "lid", "lid_twonn", "participation_ratio"]
+    monitor = GeometryMonitor(**{**SMALL, "markers": markers}, prefix="geo(val)", log_standard_errors=True)
+    acc = _fit(tmp_path, monitor)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    scalars = acc.Tags()["scalars"]
+    assert "geo(val)/glue_dimension_se" in scalars and "geo(val)/lid_twonn" in scalars
+    plotted = _plotted(layout, scalars)
+    assert sorted(plotted.values()) == sorted([f"geo(val)/{m}"] for m in markers)
+
+
+def test_two_monitors_with_one_prefix_keep_both_charts_and_one_table(tmp_path):
+    """The merged layout was keyed by the prefix, so a second monitor with the same prefix (other layers)
+    replaced the first one's charts, and each wrote its own text table under one tag."""
+    head = GeometryMonitor(layers="fc:input", **SMALL)
+    body = GeometryMonitor(layers=["body.1", "body.3"], **SMALL)
+    acc = _fit(tmp_path, [head, body])
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    drawn = {k for keys in _plotted(layout, acc.Tags()["scalars"]).values() for k in keys}
+    assert {"geometry/glue_dimension", "geometry/body.1/glue_dimension", "geometry/body.3/nc1"} <= drawn
+    text = acc.Tensors("geometry/markers/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "| `geometry/glue_dimension` |" in text and "| `geometry/body.3/nc1` |" in text
+
+
+def test_every_tensorboard_logger_gets_the_extras(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.lightning_helpers import read_events
+
+    L.seed_everything(0, verbose=False)
+    x, y = gaussian_classes(per_class=20)
+    loggers = [TensorBoardLogger(tmp_path, name=n) for n in ("a", "b")]
+    tr = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        callbacks=[GeometryMonitor(**SMALL)],
+        logger=loggers,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    tr.fit(TinyMLP(), *loaders(x, y))
+    for logger in loggers:
+        tags = read_events(logger.log_dir).Tags()
+        assert (
+            "geometry/feature_spectrum" in tags["histograms"]
+            and "custom_scalars__config__" in tags["tensors"]
+        )

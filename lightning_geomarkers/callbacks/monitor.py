@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -50,6 +51,13 @@ _SIGN = {True: "higher", False: "lower", None: "sign varies"}
 
 #: Attribute of a TensorBoard writer holding each monitor's custom-scalars layout (by prefix), merged.
 _LAYOUTS_ATTR = "_lightning_geomarkers_layouts"
+
+
+def _exact(key: str) -> str:
+    """A custom-scalars chart tag for exactly ``key``: TensorBoard reads chart tags as regular expressions
+    matched at the start, so ``geometry/lid`` would also draw ``geometry/lid_twonn`` and
+    ``geometry/glue_dimension`` its ``_se``, and a prefix such as ``geo(val)`` would match nothing."""
+    return re.escape(key) + "$"
 
 
 def _stops(alert: MarkerAlert) -> bool:
@@ -1165,7 +1173,7 @@ class GeometryMonitor(L.Callback):
             labels,
             device=pl_module.device,
             layer=name,
-            return_spectrum=self.log_spectrum and self._tensorboard(trainer) is not None,
+            return_spectrum=self.log_spectrum and bool(self._tensorboards(trainer)),
         )
         values = {m: float(v) for m, v in report.values.items()}
         ses = {
@@ -1173,7 +1181,7 @@ class GeometryMonitor(L.Callback):
             for m, se in report.standard_errors.items()
             if m in values and se is not None and math.isfinite(float(se))
         }
-        heatmap = self.log_class_heatmap and self._tensorboard(trainer) is not None
+        heatmap = self.log_class_heatmap and bool(self._tensorboards(trainer))
         try:
             view = class_view(report.glue, heatmap=heatmap)  # per-class view (pairs protocol only)
         except Exception as err:  # the per-class view only: the markers above stand
@@ -1377,13 +1385,11 @@ class GeometryMonitor(L.Callback):
         return fired
 
     # ------------------------------------------------------------------ TensorBoard extras
-    def _tensorboard(self, trainer: L.Trainer) -> Any | None:
+    def _tensorboards(self, trainer: L.Trainer) -> list[Any]:
+        """The writers of every ``TensorBoardLogger`` of the trainer (rank 0 only; none elsewhere)."""
         if not trainer.is_global_zero:
-            return None
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
+            return []
+        return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
     def _log_tensorboard(
         self,
@@ -1395,8 +1401,8 @@ class GeometryMonitor(L.Callback):
         """Write the TensorBoard extras (spectrum histogram, heat map, layout and text table). Each extra
         runs on its own: one that raises (a writer without Pillow for images, a full disk) is skipped with
         one ``MonitorWarning`` per epoch, and the markers, history and alerts of the epoch are kept."""
-        writer = self._tensorboard(trainer)
-        if writer is None:
+        writers = self._tensorboards(trainer)
+        if not writers:
             return
         failed: list[str] = []
 
@@ -1413,14 +1419,22 @@ class GeometryMonitor(L.Callback):
 
         step = self._log_step(trainer)
         single = len(self._hooks) == 1
-        if self.log_spectrum and spectrum is not None:  # the markers' own decomposition, shared
-            tag = self._key(layer, "feature_spectrum", single=single)  # the scalars' section
-            guarded("feature spectrum", lambda: writer.add_histogram(tag, spectrum.cpu(), step))
-        if self.log_class_heatmap and view is not None:
-            heat = self._key(layer, "pairwise_capacity", single=single)
-            guarded("pairwise-capacity heat map", lambda: write_class_heatmap(writer, heat, view, step))
-        if self.custom_scalars and not self._layout_written:
-            guarded("custom-scalars layout", lambda: self._write_layout(writer, step))
+        tag = self._key(layer, "feature_spectrum", single=single)  # the scalars' section
+        heat = self._key(layer, "pairwise_capacity", single=single)
+        for writer in writers:  # every TensorBoardLogger of the trainer gets the extras
+            if self.log_spectrum and spectrum is not None:  # the markers' own decomposition, shared
+                guarded(
+                    "feature spectrum", functools.partial(writer.add_histogram, tag, spectrum.cpu(), step)
+                )
+            if self.log_class_heatmap and view is not None:
+                guarded(
+                    "pairwise-capacity heat map",
+                    functools.partial(write_class_heatmap, writer, heat, view, step),
+                )
+            if self.custom_scalars and not self._layout_written:
+                guarded("custom-scalars layout", functools.partial(self._write_layout, writer, step))
+        if self.custom_scalars and not any(f.startswith("custom-scalars layout") for f in failed):
+            self._layout_written = True  # (a failed layout is tried again at the next computation)
         if failed:
             self._problem(
                 f"tensorboard:{layer}",
@@ -1436,19 +1450,24 @@ class GeometryMonitor(L.Callback):
         if not isinstance(layouts, dict):
             layouts = {}
             setattr(writer, _LAYOUTS_ATTR, layouts)
-        layouts[self.prefix] = self._layout()
+        # Keyed by the monitor's checkpoint key (prefix and resolved layers): two monitors with one prefix
+        # on different layers each keep their charts.
+        layouts[self.state_key] = (self.prefix, self._layout(), self._marker_rows())
         writer.add_custom_scalars(
-            {category: charts for layout in layouts.values() for category, charts in layout.items()}
+            {category: charts for _, layout, _ in layouts.values() for category, charts in layout.items()}
         )
-        # What each marker measures, readable in TensorBoard's Text tab next to the charts.
-        rows = [
+        # What each marker measures, readable in TensorBoard's Text tab next to the charts: one table per
+        # prefix, with the rows of every monitor using it.
+        rows = [row for prefix, _, mine in layouts.values() if prefix == self.prefix for row in mine]
+        table = "| tag | what it measures | better transfer in the literature |\n|---|---|---|\n"
+        writer.add_text(f"{self.prefix}/markers", table + "\n".join(rows), step)
+
+    def _marker_rows(self) -> list[str]:
+        return [
             f"| `{self._key(layer, m)}` | {MARKERS[m].description} | {_SIGN[MARKERS[m].higher_is_better]} |"
             for layer in self._hooks
             for m in self.markers
         ]
-        table = "| tag | what it measures | better transfer in the literature |\n|---|---|---|\n"
-        writer.add_text(f"{self.prefix}/markers", table + "\n".join(rows), step)
-        self._layout_written = True
 
     def _layout(self) -> dict[str, dict[str, list[Any]]]:
         """One chart per marker (markers differ in scale: a numerical rank of ~100 next to a participation
@@ -1469,18 +1488,19 @@ class GeometryMonitor(L.Callback):
             for group, names in groups.items():
                 if names:
                     layout[f"{head}: {group}"] = {
-                        f"{m}: {MARKERS[m].description}": ["Multiline", [self._key(layer, m)]] for m in names
+                        f"{m}: {MARKERS[m].description}": ["Multiline", [_exact(self._key(layer, m))]]
+                        for m in names
                     }
             if alignments:
                 layout.setdefault(f"{head}: GLUE", {})["GLUE alignments (mean |cos|, 0 to 1)"] = [
                     "Multiline",
-                    [self._key(layer, m) for m in alignments],
+                    [_exact(self._key(layer, m)) for m in alignments],
                 ]
         if self.alerts:
             layout[f"{self.prefix} alerts"] = {
                 "alerts": [
                     "Multiline",
-                    sorted({self._alert_key(a.marker) for a in self.alerts}),
+                    [_exact(k) for k in sorted({self._alert_key(a.marker) for a in self.alerts})],
                 ]
             }
         return layout
