@@ -66,7 +66,7 @@ def test_tensorboard_event_file_has_markers_spectrum_and_layout(tmp_path):
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     tags = {t for cat in layout.category for chart in cat.chart for t in chart.multiline.tag}
-    assert "geometry/glue_dimension" in tags and "geometry/participation_ratio" in tags
+    assert "geometry/glue_dimension$" in tags and "geometry/participation_ratio$" in tags  # exact regexes
 
 
 def test_sanity_check_and_every_n_epochs_with_a_plain_model_checkpoint(tmp_path):

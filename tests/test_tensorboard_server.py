@@ -166,11 +166,21 @@ def test_tensorboard_serves_marker_scalars_and_layout(server):
         if title.startswith("geometry:")
         for chart in cat["chart"]
     }
-    by_tag = {tuple(tags): title for title, tags in charts.items()}
-    assert by_tag[("geometry/glue_dimension",)].startswith("glue_dimension: GLUE effective dimension")
-    assert ("geometry/participation_ratio",) in by_tag  # a chart of its own, not next to the ranks
-    laid_out = {tag for chart_tags in charts.values() for tag in chart_tags}
-    assert laid_out <= served  # every chart of the layout points at a served tag
+    # What each chart draws, as the Custom Scalars tab asks for it (chart tags are regular expressions).
+    drawn = {
+        title: sorted(
+            key
+            for tag in tags
+            for key in _get_json(server, "/data/plugin/custom_scalars/scalars", run=run, tag=tag)[
+                "tag_to_events"
+            ]
+        )
+        for title, tags in charts.items()
+    }
+    by_keys = {tuple(keys): title for title, keys in drawn.items()}
+    assert by_keys[("geometry/glue_dimension",)].startswith("glue_dimension: GLUE effective dimension")
+    assert ("geometry/participation_ratio",) in by_keys  # a chart of its own, not next to the ranks
+    assert all(keys for keys in drawn.values()), drawn  # every chart draws a served tag
     assert "geometry alerts" in categories
 
     plugins = _get_json(server, "/data/plugins_listing")
