@@ -999,6 +999,7 @@ def test_validate_with_a_checkpoint_after_fit_keeps_the_record_and_tags_the_chec
     assert monitor.alert_history == fired and alert.state_dict() == alert_state
     (entry,) = monitor.history[4:]
     assert entry["stage"] == "validate" and entry["epoch"] == best_epoch
+    assert entry["step"] == before[best_epoch]["step"]  # the fit's x-axis for those weights
     assert entry["glue_dimension"] == pytest.approx(before[best_epoch]["glue_dimension"], rel=1e-9)
     assert monitor.per_class_history[4]["epoch"] == best_epoch
 

@@ -524,6 +524,12 @@ class GeometryMonitor(L.Callback):
         self._loading_for_fit = trainer.state.fn == TrainerFn.FITTING
         if not self._loading_for_fit:  # trainer.validate(ckpt_path=...): the weights are this checkpoint's
             epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+            # The step the fit logged these weights' markers at (its charts' x-axis), from this monitor's
+            # saved history; the checkpoint's global_step (optimizer steps) where there is none.
+            state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+            logged = [h.get("step") for h in state.get("history", []) if h.get("epoch") == epoch]
+            if logged and isinstance(logged[-1], int):
+                step = logged[-1]
             if isinstance(epoch, int) and isinstance(step, int):
                 self._weights_from = (epoch, step)
 
