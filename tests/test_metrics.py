@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from lightning_geomarkers.errors import GeomarkersWarning
 from lightning_geomarkers.functional import (
     effective_rank,
     geometry_markers,
@@ -452,3 +453,141 @@ def test_loading_a_state_saved_with_other_arguments_is_refused():
     assert other.num_stored == 0 and other.samples_per_class == 8
     other.update(x, y)  # still usable with its own arguments
     assert other.num_stored == 24
+
+
+# --------------------------------------------------------------- found by a review of the metric layer
+
+
+def _batches(n_classes=4, per_class=30, dim=6, seed=0):
+    x, y = gaussian_classes(n_classes=n_classes, per_class=per_class, dim=dim, seed=seed)
+    keys = sample_keys(x, y, 0)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return x[order], y[order], keys[order]
+
+
+def test_a_collection_never_shares_the_sample_of_metrics_with_close_large_seeds():
+    """MetricCollection shares state between metrics whose states are allclose (rtol 1e-5): the
+    configuration [k, max_classes, seed] made seeds 1_700_000_000 and 1_700_000_001 'equal', and the
+    second metric read the first one's sample through its own class subset (one class, a wrong value)."""
+    x, y, k = _batches(n_classes=8)
+    first = torch.argsort(y, stable=True)  # a first batch of fewer classes than max_classes: equal states
+    x, y, k = x[first], y[first], k[first]
+    seeds = (1_700_000_000, 1_700_000_001)
+    make = {
+        f"s{i}": (lambda s=s: ParticipationRatio(samples_per_class=10, max_classes=3, seed=s))
+        for i, s in enumerate(seeds)
+    }
+    collection = MetricCollection({name: fn() for name, fn in make.items()}, compute_groups=True)
+    separate = {name: fn() for name, fn in make.items()}
+    for part in torch.arange(len(y)).split(7):
+        collection.update(x[part], y[part], k[part])
+        for metric in separate.values():
+            metric.update(x[part], y[part], k[part])
+    assert all(len(group) == 1 for group in collection.compute_groups.values())
+    got = collection.compute()
+    for name, metric in separate.items():
+        assert torch.equal(got[name], metric.compute())
+
+
+def test_chunks_of_different_dtypes_are_merged_instead_of_crashing():
+    """merge_state of a float32 and a float16 sample (and torchmetrics' forward of PerClassSample) joined
+    chunks of two dtypes, and the compaction's copy raised until reset()."""
+    x, y, k = _batches()
+    a, b, whole = (ParticipationRatio(samples_per_class=10) for _ in range(3))
+    a.update(x[:60], y[:60], k[:60])
+    b.update(x[60:].half(), y[60:], k[60:])
+    whole.update(x[:60], y[:60], k[:60])
+    whole.update(x[60:].half(), y[60:], k[60:])
+    a.merge_state(b)
+    assert torch.equal(a.compute(), whole.compute())
+    sample = PerClassSample(10)
+    sample(x[:60], y[:60], k[:60])  # torchmetrics' own forward: the batch state, then a merge
+    sample(x[60:].half(), y[60:], k[60:])
+    assert sample.state()[0].dtype == torch.float32 and sample.num_stored == whole.num_stored
+
+
+def test_set_dtype_applies_from_the_first_batch():
+    x, y, k = _batches()
+    one, two = ParticipationRatio(samples_per_class=10), ParticipationRatio(samples_per_class=10)
+    for metric in (one, two):
+        metric.set_dtype(torch.float16)
+    one.update(x, y, k)
+    two.update(x[:50], y[:50], k[:50])
+    two.update(x[50:], y[50:], k[50:])
+    assert one.state()[0].dtype == two.state()[0].dtype == torch.float16
+    assert torch.equal(one.compute(), two.compute())
+
+
+def test_collection_forward_after_update_counts_each_batch_once():
+    """The members of a compute group share their list states; the collection's forward calls every
+    member, so each batch was appended once per member (n_seen tripled)."""
+    x, y, k = _batches()
+    collection = MetricCollection(
+        {"pr": ParticipationRatio(samples_per_class=10), "nc": NeuralCollapse(samples_per_class=10)},
+        compute_groups=True,
+    )
+    collection.update(x[:30], y[:30], k[:30])
+    for part in torch.arange(30, len(y)).split(30):
+        collection(x[part], y[part], k[part])
+    alone = ParticipationRatio(samples_per_class=10)
+    alone.update(x, y, k)
+    assert collection["pr"].n_seen == collection["nc"].n_seen == alone.n_seen
+    assert torch.equal(collection.compute()["pr"], alone.compute())
+
+
+def test_merge_state_refuses_a_sample_with_other_arguments():
+    a, b = PerClassSample(6, max_classes=3, seed=0), PerClassSample(20, max_classes=None, seed=9)
+    b.update(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match=r"Cannot merge a sample with .*\(20, None, 9\).*\(6, 3, 0\)"):
+        a.merge_state(b)
+
+
+def test_a_state_saved_with_the_three_number_configuration_still_loads():
+    sample = PerClassSample(5, max_classes=3, seed=7)
+    sample.persistent(True)
+    sample.update(torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2]))
+    state = sample.state_dict()
+    state["sample_config"] = torch.tensor([5, 3, 7])  # the form earlier versions wrote
+    loaded = PerClassSample(5, max_classes=3, seed=7)
+    loaded.persistent(True)
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.state()[0], sample.state()[0])
+    other = PerClassSample(5, max_classes=3, seed=8)
+    other.persistent(True)
+    with pytest.raises(ValueError, match="saved by a sample with samples_per_class=5, max_classes=3, seed=7"):
+        other.load_state_dict(state)
+
+
+def test_default_keys_that_repeat_and_negative_labels_are_warned_once():
+    """Without `keys` a row's key hashes its features: all-zero ReLU rows were merged into one sample
+    without a word (97 of 200 rows kept), and -100 labels became a class (NC1 24.1 against 14.5)."""
+    x, y = gaussian_classes(n_classes=4, per_class=50, dim=6)
+    x = x.relu() * (torch.arange(len(y)) % 2 == 0)[:, None]  # half the rows all zero
+    metric = ParticipationRatio(samples_per_class=50)
+    with pytest.warns(
+        GeomarkersWarning, match=r"of 200 rows of a batch have the same features.*keys=sample_keys"
+    ) as record:
+        metric.update(x, y)
+    assert record[0].filename == __file__  # pointed at the caller, not at torchmetrics or this package
+    metric.update(x, y)  # once per metric
+    labelled = NeuralCollapse(samples_per_class=50)
+    with pytest.warns(GeomarkersWarning, match=r"negative labels \[-100\] are kept as classes"):
+        labelled.update(torch.randn(4, 3), torch.tensor([0, 1, -100, 1]))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: LocalIntrinsicDimension(method="two_nn"), "`method` must be one of"),
+        (lambda: LocalIntrinsicDimension(k=0), "`k` must be"),
+        (lambda: NumericalRank(rtol=-1), r"`rtol` must be in \(0, 1\]"),
+        (lambda: NeuralCollapse(rtol=2.0), r"`rtol` must be in \(0, 1\]"),
+        (lambda: EffectiveRank(centered="yes"), "`centered` must be a bool"),
+        (lambda: GeometryMarkers(n_t=-5), "`n_t` must be"),
+        (lambda: GlueMarkers(glue_protocol="bogus"), "`glue_protocol` must be 'pairs' or 'joint'"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(make, match):
+    """They were accepted and failed only at compute(), at the end of the epoch."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()

@@ -17,12 +17,11 @@ from lightning_geomarkers.functional.preprocessing import (
     _times_pow2,
     _times_pow2_,
 )
-from lightning_geomarkers.utilities.checks import check_features, check_positive_int
+from lightning_geomarkers.utilities.checks import check_features, check_lid
 from lightning_geomarkers.utilities.threads import ieee_float32_matmul
 
 __all__ = ["local_intrinsic_dimension"]
 
-_METHODS = ("mle", "twonn")
 # Extra neighbour candidates whose distances are recomputed exactly (guards against Gram round-off at ties).
 _EXTRA_CANDIDATES = 8
 
@@ -88,10 +87,7 @@ def local_intrinsic_dimension(features: Any, k: int = 20, method: str = "mle") -
         True
     """
     x = check_features(features)
-    if not isinstance(method, str) or method.lower() not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-    method = method.lower()
-    k = check_positive_int(k, "k", minimum=2)
+    k, method = check_lid(k, method)
     return _local_intrinsic_dimension(x, k, method)
 
 

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 
 from lightning_geomarkers.functional.preprocessing import _Blocks, _rows_per_block, _scaled64, _times_pow2
-from lightning_geomarkers.functional.spectral import _check_rtol
-from lightning_geomarkers.utilities.checks import check_features_labels
+from lightning_geomarkers.utilities.checks import check_features_labels, check_rtol
 
 __all__ = ["neural_collapse"]
 
@@ -55,7 +54,7 @@ def neural_collapse(features: Any, labels: Any, rtol: float = 1e-3) -> torch.Ten
         0.125
     """
     x, y = check_features_labels(features, labels, min_classes=2)
-    return _neural_collapse(x, y, _check_rtol(rtol))
+    return _neural_collapse(x, y, check_rtol(rtol))
 
 
 def _neural_collapse(x: torch.Tensor, y: torch.Tensor, rtol: float) -> torch.Tensor:

@@ -24,8 +24,6 @@ checks all of this against ``numpy.linalg.svd``.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
@@ -37,7 +35,7 @@ from lightning_geomarkers.functional.preprocessing import (
     _pow2_shift,
     _times_pow2,
 )
-from lightning_geomarkers.utilities.checks import check_features
+from lightning_geomarkers.utilities.checks import check_bool, check_features, check_rtol
 
 __all__ = ["feature_spectrum", "participation_ratio", "numerical_rank", "effective_rank"]
 
@@ -80,7 +78,7 @@ def feature_spectrum(features: Any, centered: bool = True) -> torch.Tensor:
         [4.242640687119, 1.414213562373]
     """
     x = check_features(features)
-    _check_centered(centered)
+    check_bool(centered, "centered")
     return _feature_spectrum(x, centered)
 
 
@@ -132,11 +130,6 @@ def _as_spectrum(spectrum: Any, x: torch.Tensor) -> torch.Tensor:
         )
     peak = float(s.max())
     return _times_pow2(s.sort(descending=True).values, _pow2_shift(peak))
-
-
-def _check_centered(centered: Any) -> None:
-    if not isinstance(centered, bool):
-        raise TypeError(f"`centered` must be a bool, got {centered!r}.")
 
 
 def participation_ratio(features: Any, *, spectrum: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,7 +216,7 @@ def numerical_rank(
         >>> int(numerical_rank(x))
         3
     """
-    return _numerical_rank(check_features(features), _check_rtol(rtol), spectrum)
+    return _numerical_rank(check_features(features), check_rtol(rtol), spectrum)
 
 
 def _numerical_rank(x: torch.Tensor, rtol: float, spectrum: torch.Tensor | None) -> torch.Tensor:
@@ -275,7 +268,7 @@ def effective_rank(
         4.0
     """
     x = check_features(features)
-    _check_centered(centered)
+    check_bool(centered, "centered")
     return _effective_rank(x, centered, spectrum)
 
 
@@ -288,13 +281,3 @@ def _effective_rank(x: torch.Tensor, centered: bool, spectrum: torch.Tensor | No
     p = sv / total
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
     return torch.exp(-plogp.sum())
-
-
-def _check_rtol(rtol: Any) -> float:
-    """Validate a relative threshold in ``(0, 1]``."""
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real):
-        raise TypeError(f"`rtol` must be a float in (0, 1], got {rtol!r}.")
-    value = float(rtol)
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"`rtol` must be in (0, 1] (e.g. 1e-3), got {rtol!r}.")
-    return value

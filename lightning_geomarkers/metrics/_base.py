@@ -67,6 +67,13 @@ class LabelledFeatureMetric(PerClassSample):
             raise TorchMetricsUserError(
                 f"{type(self).__name__} is synced: call `unsync()` before passing more batches."
             )
+        # In a MetricCollection's compute group the members share their list states; its forward calls
+        # every member, so appending to the shared lists would add the batch once per member (n_seen
+        # counted it that often). Each member appends to its own lists (the tensors stay shared).
+        for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, list(value))
         self.update(features, labels, keys)
         self._forward_cache = None
 

@@ -18,6 +18,7 @@ from lightning_geomarkers.functional.neural_collapse import neural_collapse
 from lightning_geomarkers.functional.spectral import effective_rank, numerical_rank, participation_ratio
 from lightning_geomarkers.functional.suite import MARKERS
 from lightning_geomarkers.metrics._base import LabelledFeatureMetric
+from lightning_geomarkers.utilities.checks import check_bool, check_lid, check_rtol
 
 __all__ = [
     "ParticipationRatio",
@@ -58,7 +59,7 @@ class NumericalRank(LabelledFeatureMetric):
 
     def __init__(self, rtol: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.rtol = rtol
+        self.rtol = check_rtol(rtol)  # at construction, not at the epoch's end
 
     def _compute(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return numerical_rank(features, rtol=self.rtol)
@@ -72,7 +73,7 @@ class EffectiveRank(LabelledFeatureMetric):
 
     def __init__(self, centered: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.centered = centered
+        self.centered = check_bool(centered, "centered")
 
     def _compute(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return effective_rank(features, centered=self.centered)
@@ -86,7 +87,7 @@ class NeuralCollapse(LabelledFeatureMetric):
 
     def __init__(self, rtol: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.rtol = rtol
+        self.rtol = check_rtol(rtol)  # at construction, not at the epoch's end
 
     def _compute(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return neural_collapse(features, labels, rtol=self.rtol)
@@ -100,7 +101,7 @@ class LocalIntrinsicDimension(LabelledFeatureMetric):
 
     def __init__(self, k: int = 20, method: str = "mle", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.k, self.method = k, method
+        self.k, self.method = check_lid(k, method)
 
     def _compute(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return local_intrinsic_dimension(features, k=self.k, method=self.method)

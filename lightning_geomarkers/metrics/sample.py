@@ -21,7 +21,12 @@ metric classes of this package accumulate into it, and ``GeometryMonitor`` holds
 from __future__ import annotations
 
 import functools
+import os
+import struct
+import sys
+import warnings
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -29,6 +34,7 @@ from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from lightning_geomarkers.errors import GeomarkersWarning
 from lightning_geomarkers.functional._hashing import (
     _MASK63,
     class_priority,
@@ -79,6 +85,19 @@ def _bottom_k(labels: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
     order = _lexsort(labels, keys)
     order = order[_first_of_duplicates(labels[order], keys[order])]
     return order[_rank_in_run(labels[order]) < k]
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package and torchmetrics
+    (whose wrapper sits between a user's ``update()`` call and ours), for the caller of the warning."""
+    frame: FrameType | None = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame is not None and any(p in frame.f_code.co_filename for p in _INTERNAL_PATHS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INTERNAL_PATHS = (f"lightning_geomarkers{os.sep}", f"torchmetrics{os.sep}")
 
 
 def _pair_member(
@@ -222,10 +241,25 @@ class PerClassSample(Metric):
         self._admit_cache: tuple[tuple[Any, int, Any], torch.Tensor] | None = None
         # The features' dtype fixed by set_dtype() (None: the widest dtype offered).
         self._fixed_dtype: torch.dtype | None = None
+        self._warned_keys = False  # said once per metric: rows sharing their default key, negative labels
+        self._warned_negative = False
 
     def _config_tensor(self) -> torch.Tensor:
+        """The arguments as the 24 bytes of three int64 (one int64 element per byte, 0..255):
+        torchmetrics' ``MetricCollection`` shares state between metrics whose states are
+        ``torch.allclose`` (relative tolerance 1e-5), which took seeds 1_700_000_000 and 1_700_000_001
+        (or any two large, close arguments) as equal; bytes differ by at least 1 or not at all."""
         mc = -1 if self.max_classes is None else self.max_classes
-        return torch.tensor([self.samples_per_class, mc, self.seed % (1 << 63)], dtype=torch.int64)
+        raw = struct.pack("<qqq", self.samples_per_class, mc, self.seed % (1 << 63))
+        return torch.tensor(list(raw), dtype=torch.int64)
+
+    @staticmethod
+    def _decode_config(config: Sequence[int]) -> tuple[int, int | None, int]:
+        """(samples_per_class, max_classes, seed) of a configuration state (also the three-number form
+        written by earlier versions)."""
+        values = list(config)
+        k, mc, seed = values if len(values) == 3 else struct.unpack("<qqq", bytes(values))
+        return int(k), None if mc < 0 else int(mc), int(seed)
 
     # ------------------------------------------------------------------------------------ reading
     @property
@@ -344,7 +378,7 @@ class PerClassSample(Metric):
                 f"`features` has no columns (shape {tuple(features.shape)}); pass at least one feature per row."
             )
         raw = features.detach()
-        f, widen = raw, None
+        f, widen = (raw if self._fixed_dtype is None else raw.to(self._fixed_dtype)), None
         if self.features:
             store = self.features[0]
             if n != store.shape[1]:
@@ -358,10 +392,30 @@ class PerClassSample(Metric):
             widen = target if target != store.dtype else None
             f = raw.to(device=store.device, dtype=target)
         y = check_labels(labels, b, device=f.device)
+        if b and not self._warned_negative and bool((y < 0).any()):
+            self._warned_negative = True
+            warnings.warn(
+                f"{type(self).__name__}: negative labels {y[y < 0].unique().tolist()[:5]} are kept as classes. If "
+                "they mark samples to ignore (an ignore index such as -100), drop those rows before update(), "
+                "as GeometryMonitor does.",
+                GeomarkersWarning,
+                stacklevel=_outside_stacklevel(),
+            )
         if keys is None:
             # From the batch as given, not as stored: the same rows get the same keys whatever the
             # store's dtype is at the time (duplicated (label, key) pairs count once).
             k = sample_keys(raw, y.to(raw.device), self.seed).to(f.device)
+            repeated = b - int(torch.unique(k).numel()) if b > 1 else 0
+            if repeated >= 2 and 10 * repeated >= b and not self._warned_keys:
+                self._warned_keys = True
+                warnings.warn(
+                    f"{type(self).__name__}: {repeated} of {b} rows of a batch have the same features and label "
+                    "as another row, so they count once (without `keys`, a row's key is the hash of its "
+                    "features; equal rows, e.g. all-zero ReLU features, are one sample). If they are different "
+                    "samples, pass keys=sample_keys(inputs, labels, seed) computed from the inputs.",
+                    GeomarkersWarning,
+                    stacklevel=_outside_stacklevel(),
+                )
         else:
             if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
                 raise TypeError(
@@ -467,6 +521,10 @@ class PerClassSample(Metric):
             force = True
         if not self.features:
             return
+        dtypes = {t.dtype for t in self.features}
+        if len(dtypes) > 1:  # chunks joined without update() (merge_state, torchmetrics' forward): unify
+            target = self._fixed_dtype or functools.reduce(torch.promote_types, dtypes)
+            self.features = [t.to(target) for t in self.features]
         admitted = self._admitted()
         if not force and len(self.features) == 1:
             cache = self._valid_cache()
@@ -499,19 +557,37 @@ class PerClassSample(Metric):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Load the states (saved after ``persistent(True)``); a loaded sample counts as updated."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        saved = self.sample_config.cpu().tolist()
-        if saved != self._config_tensor().tolist():
-            self.sample_config = self._config_tensor().to(self.sample_config.device)
+        saved = self._decode_config(self.sample_config.cpu().tolist())
+        mine = self._decode_config(self._config_tensor().tolist())
+        self.sample_config = self._config_tensor().to(self.sample_config.device)  # (an old form, too)
+        if saved != mine:
             self.reset()
             k, mc, seed = saved
             raise ValueError(
-                f"The loaded state was saved by a sample with samples_per_class={k}, "
-                f"max_classes={None if mc < 0 else mc}, seed={seed}, but this {type(self).__name__} has "
-                f"samples_per_class={self.samples_per_class}, max_classes={self.max_classes}, seed={self.seed}. "
-                "Construct it with the saved arguments."
+                f"The loaded state was saved by a sample with samples_per_class={k}, max_classes={mc}, "
+                f"seed={seed}, but this {type(self).__name__} has samples_per_class={self.samples_per_class}, "
+                f"max_classes={self.max_classes}, seed={self.seed}. Construct it with the saved arguments."
             )
         if self.features:
             self._update_count = max(self._update_count, 1)
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """torchmetrics' ``merge_state``, refused for a sample with other arguments (its rows were chosen by
+        another rule; the merged state took over the incoming configuration)."""
+        other = (
+            incoming_state.sample_config
+            if isinstance(incoming_state, Metric)
+            else incoming_state.get("sample_config", self.sample_config)
+        )
+        theirs = self._decode_config(torch.as_tensor(other).cpu().tolist())
+        mine = self._decode_config(self._config_tensor().tolist())
+        if theirs != mine:
+            raise ValueError(
+                f"Cannot merge a sample with (samples_per_class, max_classes, seed) = {theirs} into one with "
+                f"{mine}: construct both with the same arguments."
+            )
+        super().merge_state(incoming_state)
+        self.sample_config = self._config_tensor().to(self.sample_config.device)
 
     def set_dtype(self, dst_type: str | torch.dtype) -> Metric:
         """Convert the stored features to ``dst_type`` and keep later batches in it (instead of the widest
@@ -576,7 +652,7 @@ class PerClassSample(Metric):
                 f"Feature dimensions differ across processes: {sorted(dims)}; every rank must feed the same "
                 "layer's features to this sample."
             )
-        configs = sorted({tuple(m[2:]) for m in metas})
+        configs = sorted({self._decode_config(m[2:]) for m in metas}, key=str)
         if len(configs) > 1:
             raise RuntimeError(
                 f"The ranks' samples have different (samples_per_class, max_classes, seed): {configs}; "

@@ -10,6 +10,7 @@ import torch
 
 from lightning_geomarkers.functional.suite import MARKERS, geometry_markers, resolve_marker_names
 from lightning_geomarkers.metrics._base import LabelledFeatureMetric
+from lightning_geomarkers.utilities.checks import check_protocol
 
 _METRIC_OPTIONS = frozenset(
     {
@@ -99,6 +100,8 @@ class GeometryMarkers(LabelledFeatureMetric):
                 f"{sorted(allowed | {'samples_per_class', 'max_classes', 'seed'} | _METRIC_OPTIONS)}."
             )
         self.protocol.setdefault("points_per_class", self.samples_per_class)
+        checked = set(inspect.signature(check_protocol).parameters)  # at construction, not at compute()
+        check_protocol(**{k: v for k, v in self.protocol.items() if k in checked})
 
     @property
     def higher_is_better_per_marker(self) -> dict[str, bool | None]:

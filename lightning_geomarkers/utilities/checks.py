@@ -8,6 +8,7 @@ rules, so two entry points never accept different inputs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,13 @@ __all__ = [
     "check_positive_int",
     "check_seed",
     "check_eigen_cutoff",
+    "check_rtol",
+    "check_bool",
+    "check_lid",
 ]
+
+#: The local intrinsic dimension estimators of ``local_intrinsic_dimension``.
+LID_METHODS: tuple[str, ...] = ("mle", "twonn")
 
 
 def as_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -385,3 +392,38 @@ def check_protocol(
         else check_positive_int(projection_dim, "projection_dim"),
         lid_k=check_positive_int(lid_k, "lid_k", minimum=2),
     )
+
+
+def check_rtol(rtol: Any) -> float:
+    """Validate a relative threshold in ``(0, 1]`` (``numerical_rank``, ``neural_collapse``).
+
+    Example:
+        >>> check_rtol(1e-3)
+        0.001
+    """
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real):
+        raise TypeError(f"`rtol` must be a float in (0, 1], got {rtol!r}.")
+    value = float(rtol)
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"`rtol` must be in (0, 1] (e.g. 1e-3), got {rtol!r}.")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Validate a flag that must be a real ``bool`` (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    return value
+
+
+def check_lid(k: Any, method: Any) -> tuple[int, str]:
+    """Validate ``local_intrinsic_dimension``'s neighbour count (>= 2) and estimator name; returns
+    ``(k, method)`` with the name in lower case.
+
+    Example:
+        >>> check_lid(20, "TwoNN")
+        (20, 'twonn')
+    """
+    if not isinstance(method, str) or method.lower() not in LID_METHODS:
+        raise ValueError(f"`method` must be one of {LID_METHODS}, got {method!r}.")
+    return check_positive_int(k, "k", minimum=2), method.lower()
