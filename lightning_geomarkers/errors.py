@@ -20,8 +20,8 @@ class GeomarkersWarning(UserWarning):
 class NonSeparableWarning(GeomarkersWarning):
     """Some GLUE probes were degenerate: the manifolds were not linearly separable for their dichotomy.
 
-    Fix: use fewer points per class, fewer classes, or a larger feature dimension (roughly
-    ``P * M <= 2 * N`` is needed for generic points).
+    Fix: use fewer points per class or fewer classes (roughly ``P * M <= 2 * r`` is needed for generic
+    points, ``r`` the rank of the features: the feature dimension ``N`` at most).
     """
 
 

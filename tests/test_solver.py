@@ -1016,3 +1016,25 @@ def test_pairs_drawn_by_index_are_those_of_the_combinations_order():
         assert _pairs_at(torch.arange(len(every)), n) == every
         pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(n))[: max(1, n // 2)]
         assert _pairs_at(pick.sort().values, n) == [every[k] for k in pick.sort().values.tolist()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_probes_of_one_dichotomy_get_one_separability_verdict(seed):
+    """All probes share the dichotomy (+1, +1), separable with a unit margin of 9.4e-6 (scipy's linprog
+    finds a separating direction). Some probes' own solutions certified it and the others went to the
+    exact test, whose threshold calls margins below ~3e-5 non-separable: 9, 10 or 14 of the 20 probes
+    were counted degenerate, with a NonSeparableWarning."""
+    rng = np.random.default_rng(1)
+    x1, x2, x3 = rng.standard_normal((3, 6))
+    mans = [np.stack([x1, x2]), np.stack([-(x1 + x2) + 1e-4 * x3, x3])]
+    signed = np.concatenate(mans)
+    signed /= np.linalg.norm(signed, axis=1, keepdims=True)
+    lp = linprog(np.zeros(6), A_ub=-signed, b_ub=-np.ones(4), bounds=[(None, None)] * 6, method="highs")
+    assert lp.status == 0  # separable
+    probes = torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSeparableWarning)
+        result = glue(
+            [torch.tensor(m) for m in mans], probes=probes, dichotomies=torch.ones(20, 2, dtype=torch.float64)
+        )
+    assert result.n_degenerate == 0

@@ -351,7 +351,10 @@ def _residual_certificate(
     margins = base + eps[:, None] * lift
     weight = t_norm + (norm_d * (coef_u.abs() + eps[:, None] * coef_d.abs())).sum(1)
     slack = 1e-12 * n_points * norm_d * weight[:, None]
-    return torch.where(real, margins > slack, True).all(1) & factored & (eps > 0)
+    # An exactly-zero point is never strictly separated (sigma <v, 0> = 0). Its margin here is round-off
+    # of h, not 0, where h = X t was drawn by the symmetric square root of a dependent group's Gram (its
+    # zero row carries ~eps sqrt(lambda_max) of error); that certified dichotomies with a zero point.
+    return torch.where(real, (margins > slack) & (norm_d > 0), True).all(1) & factored & (eps > 0)
 
 
 def _sign_patterns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,6 +540,18 @@ def _separable_probes(
                     break
                 excess = margins - targets
                 targets = targets + (excess + excess.abs()) * part[2]
+    # Separability depends on the dichotomy (up to sign), not on the probe: a certificate found for one
+    # probe (its own GLUE solution) holds for every probe of the group with that sign pattern. Without
+    # this, probes of one dichotomy could get different verdicts (the exact test below calls margins
+    # under ~3e-5 non-separable).
+    if not bool(certified.all()):
+        y_dep = labels[dep]
+        canon = (y_dep * y_dep[..., :1]).reshape(n_dep * n_t, -1)
+        owner = torch.arange(n_dep, device=labels.device).repeat_interleave(n_t)[:, None].to(canon.dtype)
+        _, pattern = torch.unique(torch.cat([owner, canon], 1), dim=0, return_inverse=True)
+        any_certified = torch.zeros(int(pattern.max()) + 1, dtype=torch.int64, device=labels.device)
+        any_certified.scatter_reduce_(0, pattern, certified.reshape(-1).long(), "amax")
+        certified = any_certified[pattern].bool().reshape(n_dep, n_t)
     open_rows = (~certified).nonzero()
     if open_rows.shape[0] == 0:
         return separable.reshape(-1)
@@ -842,10 +857,11 @@ def warn_diagnostics(
             f" {n_zero} point(s) are exactly zero (at the origin): no hyperplane through the origin separates "
             "them strictly, so dichotomies of their problems count as degenerate, although such points add "
             "nothing to the cone. Drop all-zero rows (e.g. samples whose ReLU features are all dead) or centre "
-            "the features (center_features=True)."
+            "the features (geometry_markers' center_features=True)."
             if n_zero
-            else " Use fewer points per class or fewer classes, or a larger feature dimension (roughly "
-            "P * M <= 2 N is needed for generic points)."
+            else " Use fewer points per class or fewer classes (roughly P * M <= 2 r is needed for generic "
+            "points, r the rank of the features: the feature dimension N at most, less where units are dead "
+            "or a bottleneck narrows the layer)."
         )
         warnings.warn(
             f"GLUE{where}: {n_degenerate} of {n_probes} probes were degenerate (the manifolds are not linearly "
