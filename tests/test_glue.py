@@ -652,3 +652,17 @@ def test_the_degenerate_warning_names_exactly_zero_points():
     y = torch.arange(2).repeat_interleave(5)
     with pytest.warns(NonSeparableWarning, match=r"pairs protocol.*1 point\(s\) are exactly zero"):
         glue_pairs(pts.reshape(10, 20), y, n_t=30, generator=0)
+
+
+@pytest.mark.parametrize(
+    ("scale", "match"),
+    [(0.0, "rows .* are zero"), (1e160, "too large or too small"), (1e-170, "too large or too small")],
+)
+def test_explicit_probes_without_a_usable_norm_are_refused(scale, match):
+    """All-zero probes gave capacity inf, dimension 0 and utility 0 without a word, and probes of 1e160
+    the same through overflow."""
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    t = torch.randn(10, 8, generator=g, dtype=torch.float64) * scale
+    with pytest.raises(ValueError, match=match):
+        glue(pts, probes=t)

@@ -911,6 +911,19 @@ def _prepare_probes(
                 "probe every anchor is its manifold's center: dimension, radius and utility would be 0)."
             )
         check_finite(t, "probes")
+        sq = (t * t).sum(1)
+        zero = torch.nonzero((t == 0).all(1)).flatten().tolist()
+        if zero:
+            raise ValueError(
+                f"`probes` rows {zero[:10]} are zero: a zero probe has no projection to measure (the capacity "
+                "would come out infinite). Pass non-zero probes, e.g. standard Gaussian rows."
+            )
+        if not bool(torch.isfinite(sq).all()) or bool((sq < torch.finfo(torch.float64).tiny).any()):
+            raise ValueError(
+                "`probes` rows are too large or too small for their squared norms in float64 (the markers "
+                "would overflow to capacity inf, dimension 0): pass probes of moderate norm, e.g. standard "
+                "Gaussian rows."
+            )
         n_t = t.shape[0]
     y = make_dichotomies(dichotomies, n_t, n_man, g_y)
     if y.shape[0] != n_t:
