@@ -1038,3 +1038,22 @@ def test_probes_of_one_dichotomy_get_one_separability_verdict(seed):
             [torch.tensor(m) for m in mans], probes=probes, dichotomies=torch.ones(20, 2, dtype=torch.float64)
         )
     assert result.n_degenerate == 0
+
+
+def test_marker_algebra_in_probe_chunks_equals_one_pass(monkeypatch):
+    """The algebra after the NNLS (a, b, c and the alignments' sums) runs a bounded number of probes at a
+    time: the (probes, P, P) arrays grew as n_t P^2 (+1.5 GB at P = 300, M = 2). One probe per chunk,
+    across the pairs' groups and within one joint group, gives the same markers."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(6).repeat_interleave(20)
+    x = 2 * torch.randn(6, 48, generator=g)[y] + torch.randn(120, 48, generator=g)
+    pairs = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4)
+    joint = glue(x.reshape(6, 20, 48), n_t=40, generator=4)
+    monkeypatch.setattr(glue_module, "_ALGEBRA_ELEMENTS", 1)  # one probe at a time, the pairs in one chunk
+    chunked_pairs = glue_pairs(x, y, points_per_class=15, n_pairs=None, n_t=30, generator=4)
+    chunked_joint = glue(x.reshape(6, 20, 48), n_t=40, generator=4)
+    for name in GLUE_MARKERS:
+        np.testing.assert_allclose(
+            chunked_pairs.per_pair[name].numpy(), pairs.per_pair[name].numpy(), rtol=1e-12
+        )
+        assert float(getattr(chunked_joint, name)) == pytest.approx(float(getattr(joint, name)), rel=1e-12)

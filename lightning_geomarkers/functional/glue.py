@@ -230,11 +230,24 @@ def _mean_abs_cos(
     below ``cutoff`` have no direction and are skipped. Returns (B,): the mean over pairs that were
     valid at least once (NaN if none).
     """
+    num, cnt = _abs_cos_sums(dots, sq_u, sq_v, valid, cutoff)
+    return _pair_mean(num.sum(1), cnt.sum(1))
+
+
+def _abs_cos_sums(
+    dots: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor, valid: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per entry of ``dots`` (..., P, P): |cos| where it counts (valid, both vectors above the cut-off,
+    mu != nu; 0 elsewhere) and whether it counts, for :func:`_mean_abs_cos`'s sums over probes."""
     ok = valid & (sq_u[..., :, None] > cutoff) & (sq_v[..., None, :] > cutoff)
     ok = ok & ~torch.eye(dots.shape[-1], dtype=torch.bool, device=dots.device)
     cos = dots.abs() / (sq_u[..., :, None] * sq_v[..., None, :]).clamp_min(cutoff * cutoff).sqrt()
-    num = torch.where(ok, cos, torch.zeros_like(cos)).sum(1)
-    cnt = ok.sum(1)
+    return torch.where(ok, cos, torch.zeros_like(cos)), ok.to(cos.dtype)
+
+
+def _pair_mean(num: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over pairs of the per-pair means num / cnt ((B, P, P) sums over probes), over the pairs
+    counted at least once (NaN if none)."""
     per_pair = torch.where(cnt > 0, num / cnt.clamp_min(1), torch.full_like(num, math.nan))
     return torch.nanmean(per_pair.flatten(-2), dim=-1)
 
@@ -778,34 +791,48 @@ def _glue_from_gram(
     c0_blocks = c0.reshape(n_groups, n_man, m_max)
     c0k = torch.einsum("bpm,bpmt->bpt", c0_blocks, gram.reshape(n_groups, n_man, m_max, n_man * m_max))
     c_c = (c0k.reshape(n_groups, n_man, n_man, m_max) * c0_blocks[:, None]).sum(-1)  # (B, P, P) = S0 S0^T
-    # S S^T and S S0^T (unmasked centers) from each probe's support, a bounded number of probes at a
-    # time (the (probes, |F|, |F|) Gram blocks are the largest temporary of the marker algebra).
+    # The rest per probe, a bounded number of probes at a time: S S^T and S S0^T (unmasked centers) from
+    # each probe's support (its (|F|, |F|) Gram block), then a, b, c and the alignments' sums from the
+    # (P, P) products. Unchunked, the (probes, P, P) arrays grew as n_t P^2 (+1.5 GB at P = 300).
     lam_flat = sol.lam
     n_sup_all = max(1, int((lam_flat > 0).sum(1).max()))
-    step = max(1, _ALGEBRA_ELEMENTS // (n_sup_all * (n_sup_all + 2 * n_man)))
-    s_s = lam_flat.new_empty((q_all, n_man, n_man))
-    s_c = lam_flat.new_empty((q_all, n_man, n_man))
-    s_t = lam_flat.new_empty((q_all, n_man))  # S t
+    step = max(1, _ALGEBRA_ELEMENTS // max(n_sup_all * (n_sup_all + 2 * n_man), 12 * n_man * n_man))
     weight_flat = weight.reshape(q_all, n_man)
+    c_t = (h.reshape(n_groups, n_t, n_man, m_max) * c0[:, None]).sum(-1).reshape(q_all, n_man)  # S0 t
+    act_all = active.to(lam_flat.dtype)
+    a = lam_flat.new_empty(q_all)
+    b, c = torch.empty_like(a), torch.empty_like(a)
+    sums = [lam_flat.new_zeros((n_groups, n_man, n_man)) for _ in range(4)]  # |cos| and counts, 2 kinds
+    c_diag = c_c.diagonal(dim1=-2, dim2=-1)
     for k0 in range(0, q_all, step):
         sl = slice(k0, k0 + step)
-        s_s[sl], s_c[sl], s_t[sl] = _support_products(
-            gram, group[sl], lam_flat[sl], weight_flat[sl], c0k, h[sl], m_max
-        )
-    c_t = (h.reshape(n_groups, n_t, n_man, m_max) * c0[:, None]).sum(-1).reshape(q_all, n_man)  # S0 t
-
-    act = active.to(s_s.dtype)
-    pair_act = act[:, :, None] * act[:, None, :]
-    c_c_k = c_c[group] * pair_act  # centers of the active manifolds only
-    s_c = s_c * act[:, None, :]
-    s1_s1 = s_s - s_c - s_c.transpose(-1, -2) + c_c_k  # S1 S1^T with S1 = S - S0 on active rows
-    s1_t = s_t - c_t * act
-
-    # Points have mean squared norm 1 here, so the cut-off is absolute in the data's own scale.
-    a = _quad_pinv(s_s, s_t, eigen_cutoff, active)
-    b, s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, active, return_kept=True)
-    # c only sees the axis directions that survived the cut-off in b: round-off is not a dimension.
-    c = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff, active)
+        rows = group[sl]
+        s_s, s_c, s_t = _support_products(gram, rows, lam_flat[sl], weight_flat[sl], c0k, h[sl], m_max)
+        act = act_all[sl]
+        active_k = active[sl]
+        pair_act = act[:, :, None] * act[:, None, :]
+        c_c_k = c_c[rows] * pair_act  # centers of the active manifolds only
+        s_c = s_c * act[:, None, :]
+        s1_s1 = s_s - s_c - s_c.transpose(-1, -2) + c_c_k  # S1 S1^T with S1 = S - S0 on active rows
+        s1_t = s_t - c_t[sl] * act
+        # Points have mean squared norm 1 here, so the cut-off is absolute in the data's own scale.
+        a[sl] = _quad_pinv(s_s, s_t, eigen_cutoff, active_k)
+        b[sl], s1_t_kept = _quad_pinv(s1_s1, s1_t, eigen_cutoff, active_k, return_kept=True)
+        # c only sees the axis directions that survived the cut-off in b: round-off is not a dimension.
+        c[sl] = _quad_pinv(c_c_k + s1_s1, s1_t_kept, eigen_cutoff, active_k)
+        both = pair_act.bool()
+        s1_sq = s1_s1.diagonal(dim1=-2, dim2=-1)
+        for num, cnt, (cos, ok) in (
+            (sums[0], sums[1], _abs_cos_sums(s1_s1, s1_sq, s1_sq, both, eigen_cutoff)),
+            # s0_mu . s1_nu = s0_mu . s_nu - s0_mu . s0_nu
+            (
+                sums[2],
+                sums[3],
+                _abs_cos_sums(s_c.transpose(-1, -2) - c_c_k, c_diag[rows], s1_sq, both, eigen_cutoff),
+            ),
+        ):
+            num.index_add_(0, rows, cos)
+            cnt.index_add_(0, rows, ok)
     a, b, c = (v.reshape(n_groups, n_t) for v in (a, b, c))
     active = active.reshape(n_groups, n_t, n_man)
 
@@ -817,14 +844,15 @@ def _glue_from_gram(
     radius = torch.where(ec > 0, (ec / spread).sqrt(), torch.zeros_like(ec))
     utility = torch.where(ea > 0, ec / ea, torch.zeros_like(ea))
 
-    both = pair_act.bool().reshape(n_groups, n_t, n_man, n_man)
-    c_diag = c_c.diagonal(dim1=-2, dim2=-1)[:, None]
-    center_al = _mean_abs_cos(c_c[:, None], c_diag, c_diag, torch.ones_like(both[:, :1]), eigen_cutoff)
-    s1_sq = s1_s1.diagonal(dim1=-2, dim2=-1).reshape(n_groups, n_t, n_man)
-    axis_al = _mean_abs_cos(s1_s1.reshape(n_groups, n_t, n_man, n_man), s1_sq, s1_sq, both, eigen_cutoff)
-    # s0_mu . s1_nu = s0_mu . s_nu - s0_mu . s0_nu
-    c_s1 = (s_c.transpose(-1, -2) - c_c_k).reshape(n_groups, n_t, n_man, n_man)
-    center_axis_al = _mean_abs_cos(c_s1, c_diag.expand(-1, n_t, -1), s1_sq, both, eigen_cutoff)
+    center_al = _mean_abs_cos(
+        c_c[:, None],
+        c_diag[:, None],
+        c_diag[:, None],
+        torch.ones_like(c_c[:, None], dtype=torch.bool),
+        eigen_cutoff,
+    )
+    axis_al = _pair_mean(sums[0], sums[1])
+    center_axis_al = _pair_mean(sums[2], sums[3])
     separable = _separable_probes(gram, mask, labels, factor, (sol.lam, h, t_norm), n_feat=n_feat)
     degenerate = ~separable.reshape(n_groups, n_t)
     return {
