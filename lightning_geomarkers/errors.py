@@ -3,6 +3,10 @@ module: imports nothing of ours)."""
 
 from __future__ import annotations
 
+import os
+import sys
+from types import FrameType
+
 __all__ = [
     "GeomarkersWarning",
     "NonSeparableWarning",
@@ -10,6 +14,7 @@ __all__ = [
     "GeometryWarning",
     "MonitorWarning",
     "error_reason",
+    "outside_stacklevel",
 ]
 
 
@@ -50,3 +55,24 @@ def error_reason(err: BaseException) -> str:
     if type(err) in (ValueError, RuntimeError) and text:
         return text
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+#: Paths of the frames :func:`outside_stacklevel` skips: this package and torchmetrics (whose wrapper
+#: sits between a user's ``update()`` and the metric's).
+_INTERNAL_PATHS = (f"lightning_geomarkers{os.sep}", f"torchmetrics{os.sep}")
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that points at the first frame
+    outside this package (the user's call), however deep the package's own calls go (``glue_pairs`` ->
+    the engine -> the diagnostics).
+
+    Example:
+        >>> outside_stacklevel() >= 1
+        True
+    """
+    frame: FrameType | None = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame is not None and any(p in frame.f_code.co_filename for p in _INTERNAL_PATHS):
+        frame, level = frame.f_back, level + 1
+    return level

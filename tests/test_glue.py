@@ -666,3 +666,26 @@ def test_explicit_probes_without_a_usable_norm_are_refused(scale, match):
     t = torch.randn(10, 8, generator=g, dtype=torch.float64) * scale
     with pytest.raises(ValueError, match=match):
         glue(pts, probes=t)
+
+
+def test_glue_warnings_point_at_the_callers_line():
+    """They pointed at protocols.py (and, under the default filter, showed once per process there)."""
+    import warnings
+
+    from lightning_geomarkers.errors import NonSeparableWarning
+    from lightning_geomarkers.functional import glue_joint
+
+    g = torch.Generator().manual_seed(3)
+    pts = torch.randn(2, 5, 20, generator=g, dtype=torch.float64)
+    pts[0, 2] = 0  # a zero point: every dichotomy is degenerate
+    y = torch.arange(2).repeat_interleave(5)
+    for call in (
+        lambda: glue(pts, n_t=20, generator=0),
+        lambda: glue_pairs(pts.reshape(10, 20), y, n_t=20, generator=0),
+        lambda: glue_joint(pts.reshape(10, 20), y, n_t=20, generator=0),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        (said,) = [w for w in caught if issubclass(w.category, NonSeparableWarning)]
+        assert said.filename == __file__, said.filename

@@ -26,7 +26,12 @@ from typing import Any, Literal, overload
 import numpy as np
 import torch
 
-from lightning_geomarkers.errors import GeomarkersWarning, NonSeparableWarning, SolverWarning
+from lightning_geomarkers.errors import (
+    GeomarkersWarning,
+    NonSeparableWarning,
+    SolverWarning,
+    outside_stacklevel,
+)
 from lightning_geomarkers.functional._nnls import (
     KKT_CERTIFIED,
     _gram_times,
@@ -884,8 +889,9 @@ def warn_diagnostics(
         advice = (
             f" {n_zero} point(s) are exactly zero (at the origin): no hyperplane through the origin separates "
             "them strictly, so dichotomies of their problems count as degenerate, although such points add "
-            "nothing to the cone. Drop all-zero rows (e.g. samples whose ReLU features are all dead) or centre "
-            "the features (geometry_markers' center_features=True)."
+            "nothing to the cone. Drop all-zero rows (e.g. samples whose ReLU features are all dead), centre "
+            "the features (geometry_markers' center_features=True), or, for manifolds of unequal sizes, pass "
+            "a list of (M_mu, N) tensors instead of a zero-padded stack."
             if n_zero
             else " Use fewer points per class or fewer classes (roughly P * M <= 2 r is needed for generic "
             "points, r the rank of the features: the feature dimension N at most, less where units are dead "
@@ -896,7 +902,7 @@ def warn_diagnostics(
             "separable by a hyperplane through the origin for that probe's dichotomy), so dimension, radius and "
             "utility are unreliable." + advice,
             NonSeparableWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
     if not converged:
         warnings.warn(
@@ -905,7 +911,7 @@ def warn_diagnostics(
             f"{KKT_CERTIFIED:g}). Raise `max_iter`; if the violation stays, the features are numerically "
             "rank-deficient (e.g. duplicated or collinear points): use fewer points per class.",
             SolverWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
 
 
@@ -1032,7 +1038,7 @@ def glue(
             "(P M)^2 per probe. Use fewer classes (`max_classes`) or fewer points per class so that "
             f"P * M <= {JOINT_POINTS_PER_FEATURE * n_feat}, or the pairs protocol.",
             GeomarkersWarning,
-            stacklevel=2,
+            stacklevel=outside_stacklevel(),
         )
     with limit_threads(num_threads if device.type == "cpu" else None):
         pts = points.double()[None]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.errors import GeomarkersWarning
+from lightning_geomarkers.errors import GeomarkersWarning, outside_stacklevel
 from lightning_geomarkers.functional.preprocessing import (
     _block_elements,
     _Blocks,
@@ -125,7 +125,7 @@ def _local_intrinsic_dimension(x: torch.Tensor, k: int, method: str) -> torch.Te
             "biases it low (TwoNN most: 4.6 -> 2.1 with 1% such points in a review). Merge them first, e.g. "
             "round the features.",
             GeomarkersWarning,
-            stacklevel=2,
+            stacklevel=outside_stacklevel(),
         )
     if method == "mle":
         mean_log = _log_ratio(dist[:, -1:], dist[:, :-1]).sum(dim=1) / (k - 1)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_geomarkers.errors import GeomarkersWarning, error_reason
+from lightning_geomarkers.errors import GeomarkersWarning, error_reason, outside_stacklevel
 from lightning_geomarkers.functional.distances import _within_class_distance
 from lightning_geomarkers.functional.glue import GLUE_MARKERS, GlueResult
 from lightning_geomarkers.functional.intrinsic_dimension import _local_intrinsic_dimension
@@ -284,7 +284,7 @@ def _joint_class_cap(
         "points per class) to choose this yourself, use the pairs protocol for all classes, or call "
         "`glue_joint` directly for the uncapped computation.",
         GeomarkersWarning,
-        stacklevel=2,
+        stacklevel=outside_stacklevel(),
     )
     return cap
 

@@ -21,12 +21,9 @@ metric classes of this package accumulate into it, and ``GeometryMonitor`` holds
 from __future__ import annotations
 
 import functools
-import os
 import struct
-import sys
 import warnings
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import Any
 
 import torch
@@ -34,7 +31,7 @@ from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_geomarkers.errors import GeomarkersWarning
+from lightning_geomarkers.errors import GeomarkersWarning, outside_stacklevel
 from lightning_geomarkers.functional._hashing import (
     _MASK63,
     class_priority,
@@ -85,19 +82,6 @@ def _bottom_k(labels: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
     order = _lexsort(labels, keys)
     order = order[_first_of_duplicates(labels[order], keys[order])]
     return order[_rank_in_run(labels[order]) < k]
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside this package and torchmetrics
-    (whose wrapper sits between a user's ``update()`` call and ours), for the caller of the warning."""
-    frame: FrameType | None = sys._getframe(1)  # the function that warns: stacklevel 1
-    level = 1
-    while frame is not None and any(p in frame.f_code.co_filename for p in _INTERNAL_PATHS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_INTERNAL_PATHS = (f"lightning_geomarkers{os.sep}", f"torchmetrics{os.sep}")
 
 
 def _pair_member(
@@ -399,7 +383,7 @@ class PerClassSample(Metric):
                 "they mark samples to ignore (an ignore index such as -100), drop those rows before update(), "
                 "as GeometryMonitor does.",
                 GeomarkersWarning,
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
         if keys is None:
             # From the batch as given, not as stored: the same rows get the same keys whatever the
@@ -414,7 +398,7 @@ class PerClassSample(Metric):
                     "features; equal rows, e.g. all-zero ReLU features, are one sample). If they are different "
                     "samples, pass keys=sample_keys(inputs, labels, seed) computed from the inputs.",
                     GeomarkersWarning,
-                    stacklevel=_outside_stacklevel(),
+                    stacklevel=outside_stacklevel(),
                 )
         else:
             if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
