@@ -59,13 +59,20 @@ def error_reason(err: BaseException) -> str:
 
 #: Paths of the frames :func:`outside_stacklevel` skips: this package and torchmetrics (whose wrapper
 #: sits between a user's ``update()`` and the metric's).
-_INTERNAL_PATHS = (f"lightning_geomarkers{os.sep}", f"torchmetrics{os.sep}")
+_INTERNAL_PATHS = (
+    f"lightning_geomarkers{os.sep}",
+    f"torchmetrics{os.sep}",
+    f"torch{os.sep}nn{os.sep}modules{os.sep}",  # Module.__call__ of metric(x, y)
+)
+#: Where a helper thread's stack ends (its caller is not on it).
+_THREAD_PATHS = (f"{os.sep}threading.py", f"concurrent{os.sep}futures{os.sep}")
 
 
 def outside_stacklevel() -> int:
     """The ``stacklevel`` of a warning issued by the caller of this function that points at the first frame
     outside this package (the user's call), however deep the package's own calls go (``glue_pairs`` ->
-    the engine -> the diagnostics).
+    the engine -> the diagnostics; torchmetrics' and ``nn.Module``'s call wrappers are skipped too). On a
+    helper thread of ``workers``, whose stack does not hold the user's call, the warning's own line.
 
     Example:
         >>> outside_stacklevel() >= 1
@@ -75,4 +82,6 @@ def outside_stacklevel() -> int:
     level = 1
     while frame is not None and any(p in frame.f_code.co_filename for p in _INTERNAL_PATHS):
         frame, level = frame.f_back, level + 1
+    if frame is None or any(p in frame.f_code.co_filename for p in _THREAD_PATHS):
+        return 1  # a helper thread (``workers``): the user's call is on another stack; the package's line
     return level

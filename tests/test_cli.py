@@ -799,3 +799,50 @@ def test_when_every_checkpoint_fails_the_error_points_at_the_batches(run):
             rank_checkpoints(
                 paths[:2], TinyMLP, swapped, monitor=GeometryMonitor(**SETTINGS), out=None, progress=False
             )
+
+
+class CastsToItsDtype(TinyMLP):
+    """A model that casts its inputs to its own dtype (LightningModule.dtype)."""
+
+    def forward(self, x):
+        return super().forward(x.to(self.dtype))
+
+
+def test_ranking_keeps_lightning_dtype_in_step_with_the_weights(tmp_path):
+    """Weights assigned as float64 left LightningModule.dtype at float32, so a model casting its inputs
+    to self.dtype failed on every 64-true checkpoint."""
+    L.seed_everything(0, verbose=False)
+    settings = dict(markers=["glue_dimension", "glue_utility"], samples_per_class=20, n_t=30, n_pairs=None)
+    monitor = GeometryMonitor(**settings)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    tr = trainer(tmp_path, [monitor, ckpt], max_epochs=1, logger=False, precision="64-true")
+    tr.fit(CastsToItsDtype(), *loaders(*gaussian_classes(per_class=30)))
+    (score,) = rank_checkpoints(
+        [tmp_path / "ckpt" / "last.ckpt"],
+        CastsToItsDtype,
+        val_loader,
+        monitor=GeometryMonitor(**settings),
+        out=None,
+        progress=False,
+    ).scores
+    assert score.values["geometry/glue_dimension"] == pytest.approx(
+        monitor.history[-1]["glue_dimension"], rel=1e-9
+    )
+
+
+def test_a_threshold_on_a_standard_error_is_refused_before_measuring(run, monkeypatch):
+    paths, _ = run
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a checkpoint was measured")
+
+    monkeypatch.setattr(rank_module, "evaluate_model", must_not_run)
+    with pytest.raises(CLIError, match="computes no marker 'glue_dimension_se'"):
+        rank_checkpoints(
+            paths,
+            TinyMLP,
+            val_loader,
+            monitor=GeometryMonitor(**SETTINGS),
+            floors={"glue_dimension_se": 0.1},
+            out=None,
+        )

@@ -591,3 +591,62 @@ def test_bad_arguments_are_refused_at_construction(make, match):
     """They were accepted and failed only at compute(), at the end of the epoch."""
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_a_subclass_state_is_still_gathered_by_the_sync():
+    """The sample's own two-phase sync replaced torchmetrics' gather, so a state a subclass adds was no
+    longer synced (each rank kept its own sum)."""
+    from tests.test_sample_metric import _sync_as_ranks
+
+    class Counting(PerClassSample):
+        def __init__(self) -> None:
+            super().__init__(5, max_classes=None, seed=0)
+            self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+        def update(self, features, labels, keys=None):
+            super().update(features, labels, keys)
+            self.total += float(features.shape[0])
+
+    x, y, k = _batches()
+    ranks = [Counting(), Counting()]
+    ranks[0].update(x[:50], y[:50], k[:50])
+    ranks[1].update(x[50:], y[50:], k[50:])
+    _sync_as_ranks(ranks)
+    assert [float(r.total) for r in ranks] == [float(len(y))] * 2
+
+
+def test_merge_state_then_a_narrower_batch_keeps_the_widest_dtype():
+    x, y, k = _batches()
+    for first, second in ((torch.float16, torch.float64), (torch.float64, torch.float16)):
+        a, b = PerClassSample(10), PerClassSample(10)
+        a.update(x[:40].to(first), y[:40], k[:40])
+        b.update(x[40:80].to(second), y[40:80], k[40:80])
+        a.merge_state(b)  # chunks of both dtypes, in either order
+        a.update(x[80:], y[80:], k[80:])  # float32
+        assert a.state()[0].dtype == torch.float64
+
+
+def test_set_dtype_by_name_holds_from_the_first_batch():
+    x, y, k = _batches()
+    sample = PerClassSample(10)
+    sample.set_dtype("torch.HalfTensor")
+    sample.update(x, y, k)
+    assert sample.state()[0].dtype == torch.float16
+
+
+def test_seeds_that_differ_in_the_top_bit_are_different_arguments():
+    """The keys use all 64 bits of the seed; the stored configuration kept it modulo 2**63, so seeds 0 and
+    2**63 (different samples) passed the merge and DDP checks as equal."""
+    a, b = PerClassSample(5, seed=0), PerClassSample(5, seed=1 << 63)
+    b.update(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="Cannot merge"):
+        a.merge_state(b)
+
+
+def test_forward_warnings_point_at_the_callers_line():
+    x, y = gaussian_classes(n_classes=4, per_class=50, dim=6)
+    x = x.relu() * (torch.arange(len(y)) % 2 == 0)[:, None]
+    metric = ParticipationRatio(samples_per_class=50)
+    with pytest.warns(GeomarkersWarning, match="have the same features") as record:
+        metric(x, y)  # through nn.Module.__call__ and torchmetrics' wrappers
+    assert record[0].filename == __file__

@@ -159,7 +159,9 @@ def test_labels_beyond_the_head_say_wrong_head_not_only_ignore_index(tmp_path):
             return super().training_step((batch[0], batch[1] % 2), batch_idx)
 
     model = TwoWay(n_classes=2)
-    with pytest.warns(MonitorWarning, match=r"head 'fc' \(2 outputs.*not the classifier of these labels"):
+    with pytest.warns(
+        MonitorWarning, match=r"head 'fc' \(2 classes: 0..1.*not the classifier of these labels"
+    ):
         fit(tmp_path, [GeometryMonitor(**CHEAP)], model=model, data=(x, y))
 
 
@@ -1195,3 +1197,20 @@ def test_a_marker_beyond_float32_is_kept_in_the_history_not_logged_as_inf(tmp_pa
     assert "geometry/within_class_distance" not in tr.callback_metrics
     assert monitor.history[0]["within_class_distance"] > 1e38  # kept, in float64
     assert math.isfinite(float(tr.callback_metrics["geometry/participation_ratio"]))  # scale-free: logged
+
+
+def test_a_checkpoint_is_matched_to_the_step_its_own_weights_were_logged_at():
+    """The step of trainer.validate(ckpt_path=...) came from the last computation of the checkpoint's
+    epoch, also for a checkpoint saved later in that epoch (every_n_train_steps with val_check_interval
+    < 1): the entry was filed where the fit had measured other weights."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    monitor = GeometryMonitor(**CHEAP)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    state = {"computed_at": [[0, 2, 1], [0, 4, 3]]}  # (epoch, global_step, logged step)
+    for global_step, expected in ((2, 1), (4, 3), (3, 3)):  # 3: saved between two computations
+        checkpoint = {"epoch": 0, "global_step": global_step, "callbacks": {monitor.state_key: state}}
+        monitor.on_load_checkpoint(trainer, None, checkpoint)
+        assert monitor._weights_from == (0, expected)

@@ -451,3 +451,17 @@ def test_per_class_view_builds_the_capacity_matrix_only_for_a_heat_map(tmp_path,
     tr = trainer(tmp_path, [monitor], max_epochs=1, logger=False)  # no TensorBoard: no heat map
     tr.fit(TinyMLP(), *loaders(x, y))
     assert monitor.per_class_history and not built
+
+
+def test_an_error_without_a_message_is_named_in_the_skip_reason(monkeypatch):
+    import lightning_geomarkers.callbacks.offline as offline_module
+
+    def failing(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(offline_module, "_compute", failing)
+    x, y = gaussian_classes()
+    monitor = GeometryMonitor(markers=["participation_ratio"], samples_per_class=50)
+    with pytest.warns(MonitorWarning, match=r"evaluate skipped layer 'fc': MemoryError"):
+        with pytest.raises(ValueError, match=r"\(fc: MemoryError\)"):
+            monitor.evaluate(TinyMLP(), loaders(x, y)[1])

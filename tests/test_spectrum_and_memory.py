@@ -951,3 +951,16 @@ def test_any_error_of_one_marker_skips_that_marker_only_and_says_what_it_was(mon
         }
         with pytest.raises(type(error)):
             geometry_markers(x, y, markers=names, n_t=20, strict=True, workers=workers)
+
+
+def test_a_warning_turned_into_an_error_still_raises_with_strict_false():
+    """strict=False records a marker's failure; a warning the caller turned into an error (the route the
+    troubleshooting page recommends) must still raise, not become a skip reason."""
+    from lightning_geomarkers.errors import NonSeparableWarning
+
+    x, y = _labelled_clouds()
+    x[0] = 0  # a zero point: every GLUE dichotomy of its problems is degenerate (a NonSeparableWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSeparableWarning)
+        with pytest.raises(NonSeparableWarning):
+            geometry_markers(x, y, markers=["glue_dimension"], n_t=20, strict=False, center_features=False)

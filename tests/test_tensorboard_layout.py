@@ -154,3 +154,15 @@ def test_every_tensorboard_logger_gets_the_extras(tmp_path):
             "geometry/feature_spectrum" in tags["histograms"]
             and "custom_scalars__config__" in tags["tensors"]
         )
+
+
+def test_single_layer_monitors_with_one_prefix_merge_their_charts_per_category(tmp_path):
+    """Their categories have the same names ('geometry: Spectrum'): the merge kept only the last
+    monitor's charts of each."""
+    a = GeometryMonitor(layers="fc:input", **{**SMALL, "markers": ["participation_ratio"]})
+    b = GeometryMonitor(layers="body.1", **{**SMALL, "markers": ["effective_rank"]})
+    acc = _fit(tmp_path, [a, b])
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    drawn = {k for keys in _plotted(layout, acc.Tags()["scalars"]).values() for k in keys}
+    assert {"geometry/participation_ratio", "geometry/effective_rank"} <= drawn

@@ -242,6 +242,7 @@ class GeometryMonitor(L.Callback):
         #: Pairs protocol: one ``{"epoch", "step", "layer", "per_class": {class_id: {...}}}`` per computation.
         self.per_class_history: list[dict[str, Any]] = []
         self.last_computed_step: int | None = None
+        self._computed_at: list[tuple[int, int, int]] = []  # (epoch, global_step, logged step) in fit
         self._hooks: dict[str, FeatureHook] = {}
         self._samplers: dict[str, PerClassSample] = {}
         self._layer_ids: dict[str, str] = {}  # display name -> "<module name>:<input|output>"
@@ -368,6 +369,9 @@ class GeometryMonitor(L.Callback):
             "seed": self.seed,
             "settings": self.value_settings(),
             "last_computed_step": self.last_computed_step,
+            # (epoch, global_step, logged step) of each computation: a checkpoint's weights are then
+            # matched to the step their markers were logged at (trainer.validate(ckpt_path=...)).
+            "computed_at": [list(c) for c in self._computed_at],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -398,6 +402,7 @@ class GeometryMonitor(L.Callback):
         self.alert_history = [dict(a) for a in state_dict.get("alert_history", [])]
         self.per_class_history = [dict(h) for h in state_dict.get("per_class_history", [])]
         self.last_computed_step = state_dict.get("last_computed_step")
+        self._computed_at = [tuple(c) for c in state_dict.get("computed_at", [])]
         # Alerts are matched to saved state by marker (in order among alerts on the same marker), never
         # by position: adding or reordering alerts must not hand one alert another's best value.
         saved: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -443,6 +448,7 @@ class GeometryMonitor(L.Callback):
         self.alert_history = []
         self.per_class_history = []
         self.last_computed_step = None
+        self._computed_at = []
         for alert in self.alerts:
             alert.reset()
         self._layout_written = False
@@ -524,11 +530,12 @@ class GeometryMonitor(L.Callback):
         self._loading_for_fit = trainer.state.fn == TrainerFn.FITTING
         if not self._loading_for_fit:  # trainer.validate(ckpt_path=...): the weights are this checkpoint's
             epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
-            # The step the fit logged these weights' markers at (its charts' x-axis), from this monitor's
-            # saved history; the checkpoint's global_step (optimizer steps) where there is none.
+            # The step the fit logged these weights' markers at (its charts' x-axis): that of the saved
+            # computation made at this checkpoint's global_step (a checkpoint saved at a validation);
+            # the checkpoint's global_step (optimizer steps) where none was (e.g. saved between them).
             state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-            logged = [h.get("step") for h in state.get("history", []) if h.get("epoch") == epoch]
-            if logged and isinstance(logged[-1], int):
+            logged = [s for e, g, s in state.get("computed_at", []) if e == epoch and g == step]
+            if logged:
                 step = logged[-1]
             if isinstance(epoch, int) and isinstance(step, int):
                 self._weights_from = (epoch, step)
@@ -877,7 +884,7 @@ class GeometryMonitor(L.Callback):
             self._problem(
                 "labels-range",
                 f"GeometryMonitor ignored samples with labels {bad} outside the class range of the watched "
-                f"head {self._head_name!r} ({self._num_classes} outputs: classes 0..{self._num_classes - 1}; "
+                f"head {self._head_name!r} ({self._num_classes} classes: 0..{self._num_classes - 1}; "
                 f"{share:.0%} of this batch). If that head is not the classifier of these labels (a "
                 "multi-task model, an auxiliary head), pass layers='<classifier>:input'; if the labels are "
                 "an ignore index (e.g. -100) or extra classes, this is expected."
@@ -1053,6 +1060,8 @@ class GeometryMonitor(L.Callback):
         self._no_fresh_values(trainer, fresh)
         if computed_any:
             self.last_computed_step = trainer.global_step
+            if fitting:
+                self._computed_at.append((epoch, trainer.global_step, step))
         if fitting and any(_stops(a) for a in self.alerts):
             # Decided by the alerts themselves: a callable action whose name is "stop" does not stop.
             stop = any(_stops(alert) for alert, _ in fired)
@@ -1459,9 +1468,11 @@ class GeometryMonitor(L.Callback):
         # Keyed by the monitor's checkpoint key (prefix and resolved layers): two monitors with one prefix
         # on different layers each keep their charts.
         layouts[self.state_key] = (self.prefix, self._layout(), self._marker_rows())
-        writer.add_custom_scalars(
-            {category: charts for _, layout, _ in layouts.values() for category, charts in layout.items()}
-        )
+        merged: dict[str, dict[str, list[Any]]] = {}
+        for _, layout, _ in layouts.values():  # one category name may hold charts of several monitors
+            for category, charts in layout.items():
+                merged.setdefault(category, {}).update(charts)
+        writer.add_custom_scalars(merged)
         # What each marker measures, readable in TensorBoard's Text tab next to the charts: one table per
         # prefix, with the rows of every monitor using it.
         rows = [row for prefix, _, mine in layouts.values() if prefix == self.prefix for row in mine]

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_geomarkers.callbacks._labels import INPUT_KEYS, batch_inputs
-from lightning_geomarkers.errors import MonitorWarning
+from lightning_geomarkers.errors import MonitorWarning, error_reason
 from lightning_geomarkers.functional.suite import MarkerReport
 
 if TYPE_CHECKING:
@@ -232,9 +232,11 @@ def evaluate_model(
             except Exception as err:
                 if shadow.strict:
                     raise
-                result.skipped[name] = str(err)
+                result.skipped[name] = error_reason(err)
                 warnings.warn(
-                    f"GeometryMonitor.evaluate skipped layer {name!r}: {err}", MonitorWarning, stacklevel=3
+                    f"GeometryMonitor.evaluate skipped layer {name!r}: {error_reason(err)}",
+                    MonitorWarning,
+                    stacklevel=3,
                 )
                 continue
             result.reports[name] = report

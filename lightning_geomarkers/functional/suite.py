@@ -328,7 +328,7 @@ def _compute(
         try:
             out = fn()
         except Exception as err:  # one marker's failure (out of memory included) leaves the others
-            if strict:
+            if strict or isinstance(err, Warning):  # a warning turned into an error is the caller's choice
                 raise
             for key in keys:
                 part.skipped[key] = error_reason(err)

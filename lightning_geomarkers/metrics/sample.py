@@ -44,6 +44,8 @@ __all__ = ["PerClassSample", "sample_keys", "class_priority"]
 _DTYPE_CODES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NO_THRESHOLD = _MASK63
 _INT_STATES = ("labels", "keys", "seen_classes", "seen_counts", "sample_config")
+#: The states the sample's own two-phase sync gathers (a subclass's others go through torchmetrics').
+_SAMPLE_STATES = ("features", *_INT_STATES)
 
 
 def _lexsort(labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ class PerClassSample(Metric):
         ``torch.allclose`` (relative tolerance 1e-5), which took seeds 1_700_000_000 and 1_700_000_001
         (or any two large, close arguments) as equal; bytes differ by at least 1 or not at all."""
         mc = -1 if self.max_classes is None else self.max_classes
-        raw = struct.pack("<qqq", self.samples_per_class, mc, self.seed % (1 << 63))
+        raw = struct.pack("<qqQ", self.samples_per_class, mc, self.seed % (1 << 64))  # the keys use 64 bits
         return torch.tensor(list(raw), dtype=torch.int64)
 
     @staticmethod
@@ -242,7 +244,7 @@ class PerClassSample(Metric):
         """(samples_per_class, max_classes, seed) of a configuration state (also the three-number form
         written by earlier versions)."""
         values = list(config)
-        k, mc, seed = values if len(values) == 3 else struct.unpack("<qqq", bytes(values))
+        k, mc, seed = values if len(values) == 3 else struct.unpack("<qqQ", bytes(values))
         return int(k), None if mc < 0 else int(mc), int(seed)
 
     # ------------------------------------------------------------------------------------ reading
@@ -372,8 +374,9 @@ class PerClassSample(Metric):
                 )
             # The widest dtype offered, unless set_dtype() fixed one: a wider batch after narrower ones
             # widens what is kept (after the batch is validated below), so nothing is rounded.
-            target = self._fixed_dtype or torch.promote_types(store.dtype, raw.dtype)
-            widen = target if target != store.dtype else None
+            stored = functools.reduce(torch.promote_types, {t.dtype for t in self.features})  # (merge_state)
+            target = self._fixed_dtype or torch.promote_types(stored, raw.dtype)
+            widen = target if any(t.dtype != target for t in self.features) else None
             f = raw.to(device=store.device, dtype=target)
         y = check_labels(labels, b, device=f.device)
         if b and not self._warned_negative and bool((y < 0).any()):
@@ -541,8 +544,11 @@ class PerClassSample(Metric):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Load the states (saved after ``persistent(True)``); a loaded sample counts as updated."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        saved = self._decode_config(self.sample_config.cpu().tolist())
+        raw = self.sample_config.cpu().tolist()
+        saved = self._decode_config(raw)
         mine = self._decode_config(self._config_tensor().tolist())
+        if len(raw) == 3:  # the earlier three-number form kept the seed modulo 2**63
+            mine = (mine[0], mine[1], mine[2] % (1 << 63))
         self.sample_config = self._config_tensor().to(self.sample_config.device)  # (an old form, too)
         if saved != mine:
             self.reset()
@@ -579,8 +585,10 @@ class PerClassSample(Metric):
         out = super().set_dtype(dst_type)
         if self.features:
             self._fixed_dtype = self.features[0].dtype
-        elif isinstance(dst_type, torch.dtype):
-            self._fixed_dtype = dst_type
+        else:  # a dtype or a tensor type name ("torch.HalfTensor"), as Tensor.type() takes
+            self._fixed_dtype = (
+                dst_type if isinstance(dst_type, torch.dtype) else torch.zeros(0).type(dst_type).dtype
+            )
         return out
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> Module:
@@ -620,6 +628,14 @@ class PerClassSample(Metric):
         one store (the gather pads each rank's share to the largest one), not every rank's whole store.
         """
         group = process_group or self.process_group
+        others = {k: v for k, v in self._reductions.items() if k not in _SAMPLE_STATES}
+        if others:  # a subclass's own states: torchmetrics' gather and reduction, on every rank
+            reductions = self._reductions
+            self._reductions = others
+            try:
+                super()._sync_dist(dist_sync_fn, process_group=process_group)
+            finally:
+                self._reductions = reductions
         self._compact()
         local = self.features[0] if self.features else None
         device = local.device if local is not None else self.device
