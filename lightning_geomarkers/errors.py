@@ -60,9 +60,10 @@ def error_reason(err: BaseException) -> str:
 #: Paths of the frames :func:`outside_stacklevel` skips: this package and torchmetrics (whose wrapper
 #: sits between a user's ``update()`` and the metric's).
 _INTERNAL_PATHS = (
-    f"lightning_geomarkers{os.sep}",
-    f"torchmetrics{os.sep}",
-    f"torch{os.sep}nn{os.sep}modules{os.sep}",  # Module.__call__ of metric(x, y)
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # this package's directory (not a user folder
+    # that happens to share its name)
+    f"{os.sep}torchmetrics{os.sep}",
+    f"{os.sep}torch{os.sep}nn{os.sep}modules{os.sep}",  # Module.__call__ of metric(x, y)
 )
 #: Where a helper thread's stack ends (its caller is not on it).
 _THREAD_PATHS = (f"{os.sep}threading.py", f"concurrent{os.sep}futures{os.sep}")

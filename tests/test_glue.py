@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -689,3 +690,32 @@ def test_glue_warnings_point_at_the_callers_line():
             call()
         (said,) = [w for w in caught if issubclass(w.category, NonSeparableWarning)]
         assert said.filename == __file__, said.filename
+
+
+def test_warnings_point_at_a_user_script_in_a_folder_named_like_the_package(tmp_path):
+    """The package's frames were recognised by the substring 'lightning_geomarkers/' anywhere in a path,
+    so a user script under such a folder (a checkout named after it) was taken for package code."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "lightning_geomarkers"
+    folder.mkdir()
+    script = folder / "run.py"
+    script.write_text(
+        "import warnings, torch\n"
+        "from lightning_geomarkers.functional import glue\n"
+        "pts = torch.randn(2, 5, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))\n"
+        "pts[0, 2] = 0\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    glue(pts, n_t=20, generator=0)\n"
+        "print([w.filename for w in caught][-1])\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(script)
