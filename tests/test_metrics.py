@@ -650,3 +650,25 @@ def test_forward_warnings_point_at_the_callers_line():
     with pytest.warns(GeomarkersWarning, match="have the same features") as record:
         metric(x, y)  # through nn.Module.__call__ and torchmetrics' wrappers
     assert record[0].filename == __file__
+
+
+def test_a_refused_sync_leaves_a_subclass_state_as_it_was():
+    """The subclass's states were gathered before the feature widths were compared: a sync refused for
+    different widths left them holding the global values (counted again by a later compute)."""
+    from tests.test_sample_metric import _sync_as_ranks
+
+    class Counting(PerClassSample):
+        def __init__(self) -> None:
+            super().__init__(5, max_classes=None, seed=0)
+            self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+        def update(self, features, labels, keys=None):
+            super().update(features, labels, keys)
+            self.total += float(features.shape[0])
+
+    ranks = [Counting(), Counting()]
+    ranks[0].update(torch.randn(5, 4), torch.tensor([0, 0, 1, 1, 1]))
+    ranks[1].update(torch.randn(5, 5), torch.tensor([0, 0, 1, 1, 1]))
+    with pytest.raises(RuntimeError, match="Feature dimensions differ"):
+        _sync_as_ranks(ranks)
+    assert [float(r.total) for r in ranks] == [5.0, 5.0]

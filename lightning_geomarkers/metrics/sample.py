@@ -628,14 +628,6 @@ class PerClassSample(Metric):
         one store (the gather pads each rank's share to the largest one), not every rank's whole store.
         """
         group = process_group or self.process_group
-        others = {k: v for k, v in self._reductions.items() if k not in _SAMPLE_STATES}
-        if others:  # a subclass's own states: torchmetrics' gather and reduction, on every rank
-            reductions = self._reductions
-            self._reductions = others
-            try:
-                super()._sync_dist(dist_sync_fn, process_group=process_group)
-            finally:
-                self._reductions = reductions
         self._compact()
         local = self.features[0] if self.features else None
         device = local.device if local is not None else self.device
@@ -658,7 +650,17 @@ class PerClassSample(Metric):
                 f"The ranks' samples have different (samples_per_class, max_classes, seed): {configs}; "
                 "construct the sample with the same arguments on every rank."
             )
-        if not dims:  # nobody has anything: no further collective, on any rank
+        # A subclass's own states: torchmetrics' gather and reduction, on every rank, once the checks above
+        # passed (a refused sync must change nothing: torchmetrics restores nothing after a failure).
+        others = {k: v for k, v in self._reductions.items() if k not in _SAMPLE_STATES}
+        if others:
+            reductions = self._reductions
+            self._reductions = others
+            try:
+                super()._sync_dist(dist_sync_fn, process_group=process_group)
+            finally:
+                self._reductions = reductions
+        if not dims:  # nobody has anything: no further collective on the sample, on any rank
             for name in ("features", "labels", "keys", "seen_classes", "seen_counts"):
                 setattr(self, name, [])
             return
