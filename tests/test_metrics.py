@@ -593,22 +593,25 @@ def test_bad_arguments_are_refused_at_construction(make, match):
         make()
 
 
+class _Counting(PerClassSample):
+    """A subclass with a state of its own (rows offered, summed over ranks)."""
+
+    def __init__(self) -> None:
+        super().__init__(5, max_classes=None, seed=0)
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, features, labels, keys=None):
+        super().update(features, labels, keys)
+        self.total += float(features.shape[0])
+
+
 def test_a_subclass_state_is_still_gathered_by_the_sync():
     """The sample's own two-phase sync replaced torchmetrics' gather, so a state a subclass adds was no
     longer synced (each rank kept its own sum)."""
     from tests.test_sample_metric import _sync_as_ranks
 
-    class Counting(PerClassSample):
-        def __init__(self) -> None:
-            super().__init__(5, max_classes=None, seed=0)
-            self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-
-        def update(self, features, labels, keys=None):
-            super().update(features, labels, keys)
-            self.total += float(features.shape[0])
-
     x, y, k = _batches()
-    ranks = [Counting(), Counting()]
+    ranks = [_Counting(), _Counting()]
     ranks[0].update(x[:50], y[:50], k[:50])
     ranks[1].update(x[50:], y[50:], k[50:])
     _sync_as_ranks(ranks)
@@ -657,16 +660,7 @@ def test_a_refused_sync_leaves_a_subclass_state_as_it_was():
     different widths left them holding the global values (counted again by a later compute)."""
     from tests.test_sample_metric import _sync_as_ranks
 
-    class Counting(PerClassSample):
-        def __init__(self) -> None:
-            super().__init__(5, max_classes=None, seed=0)
-            self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-
-        def update(self, features, labels, keys=None):
-            super().update(features, labels, keys)
-            self.total += float(features.shape[0])
-
-    ranks = [Counting(), Counting()]
+    ranks = [_Counting(), _Counting()]
     ranks[0].update(torch.randn(5, 4), torch.tensor([0, 0, 1, 1, 1]))
     ranks[1].update(torch.randn(5, 5), torch.tensor([0, 0, 1, 1, 1]))
     with pytest.raises(RuntimeError, match="Feature dimensions differ"):
