@@ -384,7 +384,7 @@ def _load_model(model_cls: type[L.LightningModule], path: Path, device: torch.de
     module is cast to it (``LightningModule.dtype`` follows, for models that cast their inputs to it)
     and the weights are loaded again, as Lightning does (``on_load_checkpoint`` first), now exactly."""
     net = model_cls.load_from_checkpoint(path, map_location=device)
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # read only where needed
     saved = ckpt.get("state_dict", {})
     here = net.state_dict()
     dtypes = {t.dtype for t in saved.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
